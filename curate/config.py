@@ -1,0 +1,219 @@
+"""Job files: load YAML, apply ``--set`` overrides, validate strictly, fill defaults.
+
+Every key is declared below with its type and default. An unknown or mistyped
+key, a wrong type or a missing input file is a ``ConfigError`` whose message is
+one line naming the key (the CLI prints it and exits with code 2).
+Relative paths are taken from the current working directory.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from curate.io import FORMATS, SourceReadError, detect_format, preflight, resolve_paths
+from curate.records import FORMS, FieldMap
+
+REQUIRED = object()
+
+
+class ConfigError(Exception):
+    """A job file problem, with a one-line message naming the key."""
+
+
+@dataclass(frozen=True)
+class Opt:
+    types: tuple
+    default: Any = None
+    choices: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+@dataclass(frozen=True)
+class ListOf:
+    item: dict
+
+
+class FreeMap:
+    """A mapping whose keys are not checked here (Beam options)."""
+
+
+_FIELDS = {name: Opt((str,), default) for name, default in FieldMap().__dict__.items()}
+
+SCHEMA: dict = {
+    "name": Opt((str,), None),
+    "output": Opt((str,), REQUIRED),
+    "seed": Opt((int,), 0),
+    "inputs": ListOf({
+        "source": Opt((str,), REQUIRED),
+        "path": Opt((str, list), REQUIRED),
+        "format": Opt((str,), "auto", choices=FORMATS),
+        "form": Opt((str,), "auto", choices=FORMS),
+        "id_field": Opt((str,), None),
+        "fields": _FIELDS,
+    }),
+    "sample": {
+        "mode": Opt((str,), "none", choices=("none", "head", "random")),
+        "n": Opt((int,), None, minimum=1),
+        "fraction": Opt((float, int), None, minimum=0.0, maximum=1.0),
+        "seed": Opt((int,), None),
+    },
+    "validate": {
+        "max_chars": Opt((int,), 100_000, minimum=1),
+    },
+    "dedup": {
+        "exact": {
+            "enabled": Opt((bool,), True),
+            "scope": Opt((str,), "global", choices=("global", "source")),
+        },
+    },
+    "batch_size": Opt((int,), 512, minimum=1),
+    "beam": FreeMap(),
+}
+
+DEFAULT_BEAM = {"runner": "FnApiRunner"}
+
+
+def _suggest(key: str, allowed) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check(value: Any, schema: Any, path: str) -> Any:
+    if isinstance(schema, FreeMap):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of option: value")
+        return dict(value)
+    if isinstance(schema, ListOf):
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{path}: expected a non-empty list")
+        return [_check(item, schema.item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if isinstance(schema, dict):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path or 'job file'}: expected a mapping, got {type(value).__name__}")
+        for key in value:
+            if key not in schema:
+                where = f"{path}.{key}" if path else str(key)
+                raise ConfigError(f"unknown key {where!r}{_suggest(str(key), schema)}")
+        return {key: _check(value.get(key), sub, f"{path}.{key}" if path else key)
+                for key, sub in schema.items()}
+    opt: Opt = schema
+    if value is None:
+        if opt.default is REQUIRED:
+            raise ConfigError(f"{path}: required key is missing")
+        return opt.default
+    if isinstance(value, bool) and bool not in opt.types:
+        raise ConfigError(f"{path}: expected {'/'.join(t.__name__ for t in opt.types)}, got {value!r}")
+    if not isinstance(value, opt.types):
+        raise ConfigError(f"{path}: expected {'/'.join(t.__name__ for t in opt.types)}, "
+                          f"got {type(value).__name__} {value!r}")
+    if opt.choices and value not in opt.choices:
+        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(opt.choices)}")
+    if opt.minimum is not None and value < opt.minimum:
+        raise ConfigError(f"{path}: {value!r} is below the minimum {opt.minimum}")
+    if opt.maximum is not None and value > opt.maximum:
+        raise ConfigError(f"{path}: {value!r} is above the maximum {opt.maximum}")
+    return value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (value parsed as YAML); list items by index."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text) if text != "" else None
+        parts = key.split(".")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {part!r} is not an index of the list "
+                                      f"{'.'.join(parts[:i])!r}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            else:
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+                    if node is None:
+                        node = {}
+    return raw
+
+
+def _resolve_inputs(inputs: list[dict]) -> list[dict]:
+    seen = set()
+    for i, spec in enumerate(inputs):
+        if spec["source"] in seen:
+            raise ConfigError(f"inputs[{i}].source: {spec['source']!r} is used twice")
+        seen.add(spec["source"])
+        patterns = spec["path"] if isinstance(spec["path"], list) else [spec["path"]]
+        files = []
+        for pattern in patterns:
+            if not isinstance(pattern, str):
+                raise ConfigError(f"inputs[{i}].path: expected text, got {pattern!r}")
+            matched = resolve_paths(pattern)
+            if not matched:
+                raise ConfigError(f"inputs[{i}].path: no file matches {pattern!r}")
+            files.extend(matched)
+        resolved = []
+        for path in files:
+            try:
+                fmt = detect_format(path, spec["format"])
+                preflight(path, fmt)
+            except SourceReadError as err:
+                raise ConfigError(f"inputs[{i}] ({spec['source']}): {err}") from None
+            resolved.append({"path": os.path.abspath(path), "format": fmt})
+        spec["files"] = resolved
+    return inputs
+
+
+def validate(raw: Any, *, check_files: bool = True) -> dict:
+    """A resolved job config (a plain dict) or ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError("job file: expected a mapping at the top level")
+    cfg = _check(raw, SCHEMA, "")
+    sample = cfg["sample"]
+    if sample["mode"] == "head" and sample["n"] is None:
+        raise ConfigError("sample.n: required when sample.mode is head")
+    if sample["mode"] == "random" and (sample["n"] is None) == (sample["fraction"] is None):
+        raise ConfigError("sample: mode random needs exactly one of n or fraction")
+    if sample["seed"] is None:
+        sample["seed"] = cfg["seed"]
+    cfg["beam"] = {**DEFAULT_BEAM, **cfg["beam"]}
+    if check_files:
+        _resolve_inputs(cfg["inputs"])
+    return cfg
+
+
+def load(path: str, overrides: list[str] | None = None, *, check_files: bool = True) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such job file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    cfg = validate(raw, check_files=check_files)
+    if cfg["name"] is None:
+        cfg["name"] = os.path.splitext(os.path.basename(path))[0]
+    return cfg

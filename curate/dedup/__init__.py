@@ -1,0 +1,1 @@
+"""Duplicate removal: exact (normalized-text hash) and, in later stages, near and semantic."""

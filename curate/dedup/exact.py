@@ -1,0 +1,44 @@
+"""Exact duplicates: same prompt and response after normalization.
+
+Key: blake2b-128 of ``normalize_text(prompt) + "\\x1f" + normalize_text(response)``
+(NFKC, case-folded, white space collapsed), prefixed by the source name when the
+scope is ``source``.
+
+Keep rule (deterministic, independent of input order): among a group, keep the
+row whose source comes first in the job's ``inputs`` list, then the smallest
+``id``. Every other member gets ``exact_dup_of = <kept id>`` and
+``drop_reason = "exact_duplicate"``.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from curate.records import normalize_text
+
+SCOPES = ("global", "source")
+
+
+def dedup_key(prompt: str, response: str, source: str, scope: str = "global") -> str:
+    h = hashlib.blake2b(digest_size=16)
+    if scope == "source":
+        h.update(source.encode("utf-8") + b"\x00")
+    h.update(normalize_text(prompt).encode("utf-8"))
+    h.update(b"\x1f")
+    h.update(normalize_text(response).encode("utf-8"))
+    return h.hexdigest()
+
+
+def keep_order(record: dict, source_rank: dict[str, int]) -> tuple:
+    return (source_rank.get(record["source"], len(source_rank)), record["id"])
+
+
+def resolve_group(records: list[dict], source_rank: dict[str, int]) -> list[dict]:
+    """Mark all but one member of an exact-duplicate group; returns the same dicts."""
+    keeper = min(records, key=lambda r: keep_order(r, source_rank))
+    for rec in records:
+        if rec is keeper:
+            rec["exact_dup_of"] = None
+        else:
+            rec["exact_dup_of"] = keeper["id"]
+            rec["drop_reason"] = "exact_duplicate"
+    return records

@@ -1,0 +1,194 @@
+"""Reading input files into raw rows, sampling them, fingerprinting them.
+
+A file yields ``RawRow`` items in file order. A line that is not JSON or not
+UTF-8 is still yielded, as a bad row with its reason, so it reaches rejects/
+instead of stopping the job. A file that cannot be read at all raises
+``SourceReadError`` with a one-line message naming the file.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import heapq
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+FORMATS = ("auto", "json", "jsonl", "parquet")
+_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class SourceReadError(Exception):
+    """A whole input file cannot be read; the message names the file."""
+
+
+@dataclass
+class RawRow:
+    """One row as read: a parsed object, or the raw text and why it is bad."""
+
+    file: str
+    row_number: int  # 1-based: line number for jsonl, position for json/parquet
+    value: Any = None
+    bad_reason: str | None = None
+    bad_detail: str = ""
+    raw_text: str | None = None
+
+    def sample_key(self) -> bytes:
+        """Content bytes used by seeded sampling (independent of file order)."""
+        if self.raw_text is not None:
+            return self.raw_text.encode("utf-8", "backslashreplace")
+        return json.dumps(self.value, sort_keys=True, ensure_ascii=False, default=str).encode(
+            "utf-8", "backslashreplace")
+
+
+def resolve_paths(pattern: str) -> list[str]:
+    """Files matching a path or glob, sorted; empty list if none."""
+    if glob.has_magic(pattern):
+        return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    return [pattern] if os.path.isfile(pattern) else []
+
+
+def detect_format(path: str, declared: str = "auto") -> str:
+    """json, jsonl or parquet. A ``.json`` file whose first character is ``{`` is JSON lines."""
+    if declared != "auto":
+        return declared
+    ext = os.path.splitext(path)[1].lower()
+    fmt = _SUFFIXES.get(ext)
+    if fmt is None:
+        raise SourceReadError(f"{path}: cannot tell the format from the suffix {ext!r}; "
+                              f"set 'format' to one of json, jsonl, parquet")
+    if fmt == "json":
+        with open(path, "rb") as fh:
+            head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head.startswith(b"{"):
+            return "jsonl"
+    return fmt
+
+
+def preflight(path: str, fmt: str) -> None:
+    """Cheap checks in the driver so an unreadable file fails before the job starts."""
+    if not os.path.isfile(path):
+        raise SourceReadError(f"{path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise SourceReadError(f"{path}: permission denied")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        try:
+            pq.read_metadata(path)
+        except Exception as err:  # noqa: BLE001 - any failure means "not readable"
+            raise SourceReadError(f"{path}: not a readable Parquet file ({_one_line(err)})") from None
+
+
+def fingerprint(path: str) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "bytes": st.st_size, "sha256": h.hexdigest()}
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:300]
+
+
+def iter_jsonl(path: str) -> Iterator[RawRow]:
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            stripped = line.strip()
+            if not stripped:
+                continue  # blank lines are not rows
+            try:
+                text = stripped.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield RawRow(path, number, bad_reason="undecodable_bytes", bad_detail=_one_line(err),
+                             raw_text=stripped.decode("utf-8", "backslashreplace"))
+                continue
+            try:
+                yield RawRow(path, number, value=json.loads(text))
+            except json.JSONDecodeError as err:
+                yield RawRow(path, number, bad_reason="malformed_json", bad_detail=_one_line(err),
+                             raw_text=text)
+
+
+def iter_json(path: str) -> Iterator[RawRow]:
+    with open(path, "rb") as fh:
+        data = fh.read()
+    # surrogateescape keeps undecodable bytes inside strings; records.py rejects those rows.
+    try:
+        rows = json.loads(data.decode("utf-8-sig", "surrogateescape"))
+    except json.JSONDecodeError as err:
+        raise SourceReadError(f"{path}: not valid JSON ({_one_line(err)}); "
+                              f"for one object per line use a .jsonl suffix or format: jsonl") from None
+    if not isinstance(rows, list):
+        raise SourceReadError(f"{path}: expected a JSON list of rows, found a {type(rows).__name__}")
+    for number, row in enumerate(rows, start=1):
+        yield RawRow(path, number, value=row)
+
+
+def iter_parquet(path: str, batch_size: int = 4096) -> Iterator[RawRow]:
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+        number = 0
+        for batch in pf.iter_batches(batch_size=batch_size):
+            for row in batch.to_pylist():
+                number += 1
+                yield RawRow(path, number, value=row)
+    except OSError as err:
+        raise SourceReadError(f"{path}: cannot read Parquet ({_one_line(err)})") from None
+
+
+def iter_file(path: str, fmt: str) -> Iterator[RawRow]:
+    try:
+        if fmt == "jsonl":
+            yield from iter_jsonl(path)
+        elif fmt == "json":
+            yield from iter_json(path)
+        elif fmt == "parquet":
+            yield from iter_parquet(path)
+        else:
+            raise SourceReadError(f"{path}: unknown format {fmt!r}")
+    except OSError as err:
+        raise SourceReadError(f"{path}: {_one_line(err)}") from None
+
+
+def _sample_hash(seed: int, source: str, key: bytes) -> int:
+    h = hashlib.blake2b(digest_size=8, key=str(seed).encode())
+    h.update(source.encode("utf-8"))
+    h.update(b"\x00")
+    h.update(key)
+    return int.from_bytes(h.digest(), "big")
+
+
+def sample_rows(rows: Iterable[RawRow], source: str, mode: str, n: int | None,
+                fraction: float | None, seed: int) -> Iterator[RawRow]:
+    """Apply a job's sampling to one source's rows.
+
+    ``head``: the first n rows (files in sorted order). ``random``: a seeded
+    sample chosen by a hash of each row's content, so the same rows are chosen
+    whatever the file order: with ``n``, the n rows of smallest hash (exactly n);
+    with ``fraction``, each row whose hash falls below the fraction.
+    """
+    if mode == "none":
+        yield from rows
+    elif mode == "head":
+        for i, row in enumerate(rows):
+            if i >= n:
+                return
+            yield row
+    elif fraction is not None:
+        limit = int(fraction * 2**64)
+        for row in rows:
+            if _sample_hash(seed, source, row.sample_key()) < limit:
+                yield row
+    else:
+        heap: list[tuple[int, int, RawRow]] = []  # max-heap on (-hash, -position)
+        for pos, row in enumerate(rows):
+            item = (-_sample_hash(seed, source, row.sample_key()), -pos, row)
+            if len(heap) < n:
+                heapq.heappush(heap, item)
+            elif item[:2] > heap[0][:2]:
+                heapq.heapreplace(heap, item)
+        yield from (row for _, _, row in sorted(heap, key=lambda t: (-t[1])))

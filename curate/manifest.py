@@ -1,0 +1,124 @@
+"""The run manifest: resolved config, versions, inputs, counts per stage and reason, timing.
+
+Built from the summed stage stats (see ``curate.stats``). ``accounting`` checks
+the identity every run must satisfy: rows in = selected + dropped + rejected.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+from collections import defaultdict
+from importlib import metadata
+
+from curate.schema import SCHEMA_VERSION
+from curate.stats import parse_stat_key
+
+MANIFEST_VERSION = "1.0"
+# Pipeline order of the stages, for reports; a stage not listed sorts after these.
+STAGE_ORDER = ("read", "validate", "ids", "exact_dedup", "near_dedup", "embed", "cluster",
+               "semantic_dedup", "score", "rewrite", "select", "write")
+
+
+class AccountingError(Exception):
+    """Rows were lost or counted twice: a bug, never a data problem."""
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("curate", "apache-beam", "pyarrow", "numpy", "torch", "transformers",
+                 "sentence-transformers", "faiss-cpu"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def summarize(stats: dict[str, float]) -> dict:
+    """Nested counts from flat stat keys: stages, totals and per-source breakdown."""
+    stages: dict = defaultdict(lambda: defaultdict(float))
+    by_source: dict = defaultdict(lambda: {"rows_in": 0, "selected": 0, "dropped": {}, "rejected": {}})
+    totals = {"rows_in": 0, "selected": 0, "dropped": defaultdict(int), "rejected": defaultdict(int)}
+    for key, value in stats.items():
+        k = parse_stat_key(key)
+        stage, metric, reason, source = k["stage"], k["metric"], k["reason"], k["source"]
+        name = f"{metric}:{reason}" if reason else metric
+        stages[stage][name] += value
+        if stage == "read" and metric == "rows":
+            totals["rows_in"] += int(value)
+            by_source[source]["rows_in"] += int(value)
+        elif stage == "write" and metric == "selected":
+            totals["selected"] += int(value)
+            by_source[source]["selected"] += int(value)
+        elif stage == "write" and metric in ("dropped", "rejected"):
+            totals[metric][reason] += int(value)
+            bucket = by_source[source][metric]
+            bucket[reason] = bucket.get(reason, 0) + int(value)
+    stage_out = {}
+    order = {name: i for i, name in enumerate(STAGE_ORDER)}
+    for stage in sorted(stages, key=lambda s: (order.get(s, len(order)), s)):
+        metrics = stages[stage]
+        clean = {m: (round(v, 3) if m == "busy_s" else int(v)) for m, v in sorted(metrics.items())}
+        stage_out[stage] = clean
+    return {
+        "rows_in": totals["rows_in"],
+        "selected": totals["selected"],
+        "dropped": dict(sorted(totals["dropped"].items())),
+        "rejected": dict(sorted(totals["rejected"].items())),
+        "by_source": {s: by_source[s] for s in sorted(by_source)},
+        "stages": stage_out,
+    }
+
+
+def accounting(counts: dict) -> dict:
+    dropped = sum(counts["dropped"].values())
+    rejected = sum(counts["rejected"].values())
+    out = counts["selected"] + dropped + rejected
+    return {
+        "rows_in": counts["rows_in"],
+        "selected": counts["selected"],
+        "dropped": dropped,
+        "rejected": rejected,
+        "holds": counts["rows_in"] == out,
+        "identity": "rows_in = selected + dropped + rejected",
+    }
+
+
+def check_accounting(counts: dict) -> dict:
+    acc = accounting(counts)
+    if not acc["holds"]:
+        raise AccountingError(
+            f"rows in ({acc['rows_in']}) != selected ({acc['selected']}) + dropped ({acc['dropped']})"
+            f" + rejected ({acc['rejected']})")
+    for source, c in counts["by_source"].items():
+        total = c["selected"] + sum(c["dropped"].values()) + sum(c["rejected"].values())
+        if total != c["rows_in"]:
+            raise AccountingError(f"source {source!r}: rows in ({c['rows_in']}) != {total} accounted for")
+    return acc
+
+
+def build(cfg: dict, stats: dict, inputs: list[dict], *, beam_options: dict, started: str,
+          finished: str, wall_s: float) -> dict:
+    counts = summarize(stats)
+    acc = check_accounting(counts)
+    stages = counts.pop("stages")
+    for s in stages.values():
+        busy = s.get("busy_s")
+        rows = s.get("rows", s.get("records", 0))
+        if busy and rows:
+            s["rows_per_busy_s"] = round(rows / busy, 1)
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "schema_version": SCHEMA_VERSION,
+        "job": cfg,
+        "seed": cfg["seed"],
+        "versions": package_versions(),
+        "platform": {"system": platform.system(), "machine": platform.machine(),
+                     "python_executable": sys.executable},
+        "beam_options": beam_options,
+        "inputs": inputs,
+        "counts": counts,
+        "accounting": acc,
+        "stages": stages,
+        "timing": {"started": started, "finished": finished, "wall_s": round(wall_s, 3)},
+    }

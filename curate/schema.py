@@ -1,0 +1,97 @@
+"""Arrow schemas of the outputs, versioned; the JSON copies in ``schemas/`` are generated from here.
+
+Parquet files carry ``curate.schema`` (name) and ``curate.schema_version`` in
+their key-value metadata. Bump the version when a column changes meaning or is
+removed; adding a nullable column bumps the minor number.
+
+Regenerate the JSON copies after a change: ``python -m curate.schema schemas/``
+(a test fails while they differ).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1.0"
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+# Every row that passed validation, kept or dropped, with the decision and why.
+ANNOTATED_FIELDS = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("response", pa.string(), nullable=False),
+    pa.field("messages", pa.list_(MESSAGE), nullable=False),
+    pa.field("original", pa.string(), nullable=False),
+    pa.field("exact_dup_of", pa.string()),
+    pa.field("selected", pa.bool_(), nullable=False),
+    pa.field("drop_reason", pa.string()),
+]
+
+REJECT_FIELDS = [
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("file", pa.string(), nullable=False),
+    pa.field("row_number", pa.int64(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("detail", pa.string(), nullable=False),
+    pa.field("raw", pa.string(), nullable=False),
+]
+
+FIELD_DOCS = {
+    "id": "stable row id: the source's id column, else a content hash (see curate.records)",
+    "source": "the input's source name from the job file",
+    "prompt": "prompt text (Alpaca: instruction + blank line + input; chat: turns before the last assistant turn)",
+    "response": "response text (Alpaca output, or the last assistant turn)",
+    "messages": "the conversation in chat form: prompt turns then the response as the last assistant turn",
+    "original": "the input row as canonical JSON (sorted keys)",
+    "exact_dup_of": "id of the kept row this row exactly duplicates, else null",
+    "selected": "true if the row is in selected/",
+    "drop_reason": "why the row is not selected (exact_duplicate, ...), null when selected",
+    "file": "input file the rejected row came from",
+    "row_number": "1-based line (jsonl) or position (json, parquet) in that file",
+    "reason": "reject reason code (see curate.records.REJECT_REASONS)",
+    "detail": "human-readable detail of the reject",
+    "raw": "the rejected row or line as text",
+}
+
+
+def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={"curate.schema": name, "curate.schema_version": SCHEMA_VERSION})
+
+
+ANNOTATED = _schema("annotated", ANNOTATED_FIELDS)
+SELECTED = _schema("selected", ANNOTATED_FIELDS)
+REJECTS = _schema("rejects", REJECT_FIELDS)
+SCHEMAS = {"annotated": ANNOTATED, "selected": SELECTED, "rejects": REJECTS}
+
+
+def describe(schema: pa.Schema) -> dict:
+    """A JSON-friendly description of a schema (what ``schemas/*.json`` hold)."""
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    return {
+        "name": meta["curate.schema"],
+        "version": meta["curate.schema_version"],
+        "fields": [{"name": f.name, "type": str(f.type), "nullable": f.nullable,
+                    "doc": FIELD_DOCS.get(f.name, "")} for f in schema],
+    }
+
+
+def write_json(folder: str) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for name, schema in SCHEMAS.items():
+        path = os.path.join(folder, f"{name}.json")
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(describe(schema), fh, indent=2)
+            fh.write("\n")
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    for p in write_json(sys.argv[1] if len(sys.argv) > 1 else "schemas"):
+        print(p)

@@ -1,0 +1,125 @@
+"""The job: build the Beam graph from a resolved config, run it, write outputs atomically.
+
+Outputs are written into a sibling temporary folder ``<output>.tmp-<random>``;
+only after the run succeeded and the accounting identity holds is
+``manifest.json`` written (last) and the folder renamed to ``<output>``. A crash
+leaves at most a ``.tmp-`` folder, never one that looks complete. An existing
+output is replaced only with ``overwrite``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from curate import manifest as manifest_mod
+from curate.io import fingerprint
+from pipelines import transforms as T
+
+log = logging.getLogger("curate")
+
+
+class OutputExistsError(Exception):
+    pass
+
+
+class InputError(Exception):
+    """An input file could not be read while the job ran (one line, names the file)."""
+
+
+def beam_flags(options: dict, extra: list[str] | None = None) -> list[str]:
+    """Job-file Beam options as command-line flags; an option named in ``extra`` (the CLI) wins."""
+    extra = list(extra or [])
+    named = {f.lstrip("-").split("=", 1)[0] for f in extra}
+    flags = []
+    for key, value in options.items():
+        if key in named:
+            continue
+        if value is True:
+            flags.append(f"--{key}")
+        elif value is False or value is None:
+            continue
+        else:
+            flags.append(f"--{key}={value}")
+    return flags + extra
+
+
+def build(p: beam.Pipeline, cfg: dict, folder: str) -> None:
+    read = p | "Read" >> T.Read(cfg)
+    valid = read["records"] | "Validate" >> T.Validate(cfg)
+    ids = valid["records"] | "UniqueIds" >> T.UniqueIds(cfg)
+    exact = ids["records"] | "ExactDedup" >> T.ExactDedup(cfg)
+    decided = exact["records"] | "Select" >> beam.Map(T.select_all_kept)
+    rejects = (valid["rejects"], ids["rejects"]) | "AllRejects" >> beam.Flatten()
+    written = {"annotated": decided, "rejects": rejects} | "Write" >> T.WriteOutputs(folder)
+    stats = (read["stats"], valid["stats"], ids["stats"], exact["stats"], written["stats"])
+    stats | "FlattenStats" >> beam.Flatten() | "Stats" >> T.WriteStats(os.path.join(folder, "_stats.json"))
+
+
+def _input_error(exc: BaseException) -> str | None:
+    m = re.search(re.escape(T.INPUT_ERROR) + r"([^\n]*)", str(exc))
+    return m.group(1).strip().rstrip("'\"") if m else None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run(cfg: dict, beam_args: list[str] | None = None, overwrite: bool = False) -> dict:
+    """Run a job; returns the manifest (also written to ``<output>/manifest.json``)."""
+    out = os.path.abspath(cfg["output"])
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
+        raise OutputExistsError(f"output {cfg['output']} already exists; pass --overwrite to replace it")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    flags = beam_flags(cfg["beam"], beam_args)
+    options = PipelineOptions(flags)
+    inputs = [{"source": s["source"], "format": f["format"], **fingerprint(f["path"])}
+              for s in cfg["inputs"] for f in s["files"]]
+    started, t0 = _now(), time.monotonic()
+    log.info("curate: running job %r with %s", cfg["name"], " ".join(flags))
+    try:
+        p = beam.Pipeline(options=options)
+        build(p, cfg, tmp)
+        result = p.run()
+        state = result.wait_until_finish()
+        if state not in (None, "DONE", beam.runners.runner.PipelineState.DONE):
+            raise RuntimeError(f"pipeline ended in state {state}")
+        stats_path = os.path.join(tmp, "_stats.json")
+        with open(stats_path, encoding="utf-8") as fh:
+            stats = json.load(fh)
+        os.remove(stats_path)
+        man = manifest_mod.build(cfg, stats, inputs, beam_options=options.get_all_options(drop_default=True),
+                                 started=started, finished=_now(), wall_s=time.monotonic() - t0)
+        man["outputs"] = {name: os.path.join(out, name) for name in ("annotated", "selected", "rejects")}
+        man["outputs"]["manifest"] = os.path.join(out, "manifest.json")
+        for name in ("annotated", "selected", "rejects"):
+            os.makedirs(os.path.join(tmp, name), exist_ok=True)
+            man["outputs"][f"{name}_files"] = len(glob.glob(os.path.join(tmp, name, "*.parquet")))
+        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as fh:
+            json.dump(man, fh, indent=2, default=str)
+            fh.write("\n")
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        message = _input_error(exc)
+        if message:
+            raise InputError(message) from None
+        raise
+    if os.path.exists(out):
+        old = f"{out}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+    return man

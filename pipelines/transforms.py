@@ -1,0 +1,276 @@
+"""Composite PTransforms, one per stage. Thin wrappers: the rules live in ``curate``.
+
+Each stage returns a dict of PCollections: ``records`` (rows going on),
+``rejects`` (rows leaving for rejects/, when the stage can reject) and ``stats``
+(stat key, number) pairs, see ``pipelines.stage``.
+"""
+from __future__ import annotations
+
+import apache_beam as beam
+
+from curate.dedup.exact import dedup_key, resolve_group
+from curate.ids import resolve_ids
+from curate.io import SourceReadError, iter_file, sample_rows
+from curate.records import FieldMap, RowSpec, convert, make_reject
+from pipelines.stage import STATS, StageFn
+
+REJECTS = "rejects"
+INPUT_ERROR = "curate-input-error: "
+
+
+def _batches(items, size):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def read_units(cfg: dict) -> list[dict]:
+    """What the Read stage reads in parallel: one file, or a whole source when sampling
+    (a sample is taken over a source's rows, so its files are read in one place)."""
+    units = []
+    for spec in cfg["inputs"]:
+        files = [f for f in spec["files"]]
+        groups = [files] if cfg["sample"]["mode"] != "none" else [[f] for f in files]
+        for group in groups:
+            units.append({"source": spec["source"], "files": group})
+    return units
+
+
+class ReadFn(StageFn):
+    stage = "read"
+
+    def __init__(self, sample: dict, batch_size: int):
+        self.sample, self.batch_size = sample, batch_size
+
+    def handle(self, unit):
+        source = unit["source"]
+        seen = 0
+
+        def rows():
+            nonlocal seen
+            for f in unit["files"]:
+                self.count("files", source=source)
+                for row in iter_file(f["path"], f["format"]):
+                    seen += 1
+                    yield row
+
+        s = self.sample
+        try:
+            chosen = sample_rows(rows(), source, s["mode"], s["n"], s["fraction"], s["seed"])
+            for batch in _batches(chosen, self.batch_size):
+                self.count("rows", len(batch), source=source, progress=True)
+                yield source, batch
+        except SourceReadError as err:
+            raise SourceReadError(INPUT_ERROR + str(err)) from None
+        self.count("rows_seen", seen, source=source)
+
+
+class Read(beam.PTransform):
+    """Input files to batches of raw rows, ``(source, [RawRow, ...])``."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, pbegin):
+        out = (pbegin
+               | "Units" >> beam.Create(read_units(self.cfg), reshuffle=True)
+               | "ReadFiles" >> beam.ParDo(ReadFn(self.cfg["sample"], self.cfg["batch_size"]))
+               .with_outputs(STATS, main="records"))
+        return {"records": out.records, "stats": out[STATS]}
+
+
+def row_specs(cfg: dict) -> dict[str, RowSpec]:
+    return {s["source"]: RowSpec(source=s["source"], form=s["form"], fields=FieldMap(**s["fields"]),
+                                 id_field=s["id_field"], max_chars=cfg["validate"]["max_chars"])
+            for s in cfg["inputs"]}
+
+
+class ValidateFn(StageFn):
+    stage = "validate"
+
+    def __init__(self, specs: dict[str, RowSpec]):
+        self.specs = specs
+
+    def handle(self, element):
+        source, batch = element
+        spec = self.specs[source]
+        for raw in batch:
+            if raw.bad_reason:
+                kind, item = "reject", make_reject(source, raw.file, raw.row_number, raw.bad_reason,
+                                                   raw.bad_detail, raw.raw_text)
+            else:
+                kind, item = convert(raw.value, spec, raw.file, raw.row_number)
+            if kind == "reject":
+                self.count("rejected", reason=item["reason"], source=source)
+                yield beam.pvalue.TaggedOutput(REJECTS, item)
+            else:
+                item["_file"], item["_row"] = raw.file, raw.row_number
+                self.count("records", source=source)
+                yield item
+        self._progress.add(len(batch))
+
+
+class Validate(beam.PTransform):
+    """Raw rows to records; bad rows to rejects with a reason code."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.specs = row_specs(cfg)
+
+    def expand(self, batches):
+        out = batches | "Convert" >> beam.ParDo(ValidateFn(self.specs)).with_outputs(
+            REJECTS, STATS, main="records")
+        return {"records": out.records, "rejects": out[REJECTS], "stats": out[STATS]}
+
+
+class UniqueIdsFn(StageFn):
+    stage = "ids"
+
+    def __init__(self, user_id_sources: frozenset[str]):
+        self.user_id_sources = user_id_sources
+
+    def handle(self, element):
+        _, records = element
+        records = list(records)
+        self.count("rows", len(records))
+        kept, rejects = resolve_ids(records, records[0]["source"] in self.user_id_sources)
+        if len(kept) > 1:
+            self.count("renumbered", len(kept) - 1)
+        for rej in rejects:
+            self.count("rejected", reason=rej["reason"], source=rej["source"])
+            yield beam.pvalue.TaggedOutput(REJECTS, rej)
+        yield from kept
+
+
+class UniqueIds(beam.PTransform):
+    """Group by id so every id names one row (see ``curate.ids``)."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.user = frozenset(s["source"] for s in cfg["inputs"] if s["id_field"])
+
+    def expand(self, records):
+        # user ids may repeat across sources: key by (source, id) there, by id otherwise
+        out = (records
+               | "KeyById" >> beam.Map(lambda r: ((r["source"], r["id"]), r))
+               | "GroupById" >> beam.GroupByKey()
+               | "Resolve" >> beam.ParDo(UniqueIdsFn(self.user)).with_outputs(REJECTS, STATS, main="records"))
+        return {"records": out.records, "rejects": out[REJECTS], "stats": out[STATS]}
+
+
+class ExactDedupFn(StageFn):
+    stage = "exact_dedup"
+
+    def __init__(self, source_rank: dict[str, int]):
+        self.source_rank = source_rank
+
+    def handle(self, element):
+        _, records = element
+        records = resolve_group(list(records), self.source_rank)
+        self.count("rows", len(records))
+        self.count("groups")
+        for rec in records:
+            if rec.get("drop_reason") == "exact_duplicate":
+                self.count("dropped", source=rec["source"])
+        self._progress.add(len(records))
+        yield from records
+
+
+class ExactDedup(beam.PTransform):
+    """Mark exact duplicates (normalized prompt + response); keep one per group."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.enabled = cfg["dedup"]["exact"]["enabled"]
+        self.scope = cfg["dedup"]["exact"]["scope"]
+        self.rank = {s["source"]: i for i, s in enumerate(cfg["inputs"])}
+
+    def expand(self, records):
+        if not self.enabled:
+            marked = records | "NoExactDedup" >> beam.Map(lambda r: {**r, "exact_dup_of": None})
+            return {"records": marked, "stats": marked.pipeline | "NoStats" >> beam.Create([])}
+        scope = self.scope
+        out = (records
+               | "Key" >> beam.Map(lambda r: (dedup_key(r["prompt"], r["response"], r["source"], scope), r))
+               | "Group" >> beam.GroupByKey()
+               | "Resolve" >> beam.ParDo(ExactDedupFn(self.rank)).with_outputs(STATS, main="records"))
+        return {"records": out.records, "stats": out[STATS]}
+
+
+def select_all_kept(record: dict) -> dict:
+    """Until a policy stage exists: every row not dropped by dedup is selected."""
+    record["drop_reason"] = record.get("drop_reason")
+    record["selected"] = record["drop_reason"] is None
+    return record
+
+
+class TallyFn(StageFn):
+    """Counts rows handed to a writer, by decision, reason and source."""
+
+    stage = "write"
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def handle(self, row):
+        if self.kind == "rejects":
+            self.count("rejected", reason=row["reason"], source=row["source"])
+        elif row["selected"]:
+            self.count("selected", source=row["source"])
+        else:
+            self.count("dropped", reason=row["drop_reason"], source=row["source"])
+        yield row
+
+
+def to_output_row(record: dict, fields: list[str]) -> dict:
+    return {name: record.get(name) for name in fields}
+
+
+class WriteOutputs(beam.PTransform):
+    """annotated/, selected/ and rejects/ as Parquet with the declared schemas."""
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def expand(self, pcolls):
+        from curate import schema
+
+        annotated, rejects = pcolls["annotated"], pcolls["rejects"]
+        names = schema.ANNOTATED.names
+        rows = (annotated
+                | "AnnotatedRow" >> beam.Map(to_output_row, names)
+                | "TallyAnnotated" >> beam.ParDo(TallyFn("annotated")).with_outputs(STATS, main="rows"))
+        rej = rejects | "TallyRejects" >> beam.ParDo(TallyFn("rejects")).with_outputs(STATS, main="rows")
+        parquet = dict(file_name_suffix=".parquet", codec="zstd")
+        rows.rows | "WriteAnnotated" >> beam.io.WriteToParquet(
+            f"{self.folder}/annotated/part", schema.ANNOTATED, **parquet)
+        (rows.rows
+         | "OnlySelected" >> beam.Filter(lambda r: r["selected"])
+         | "WriteSelected" >> beam.io.WriteToParquet(f"{self.folder}/selected/part", schema.SELECTED, **parquet))
+        rej.rows | "WriteRejects" >> beam.io.WriteToParquet(
+            f"{self.folder}/rejects/part", schema.REJECTS, **parquet)
+        return {"stats": (rows[STATS], rej[STATS]) | "FlattenWriteStats" >> beam.Flatten()}
+
+
+class WriteStats(beam.PTransform):
+    """Sums every stage's stats into one JSON file the driver reads after the run."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def expand(self, stats):
+        import json
+
+        return (stats
+                | "Sum" >> beam.CombinePerKey(sum)
+                | "All" >> beam.combiners.ToList()
+                | "Json" >> beam.Map(lambda items: json.dumps(dict(sorted(items))))
+                | "Write" >> beam.io.WriteToText(self.path, num_shards=1, shard_name_template=""))

