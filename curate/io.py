@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import heapq
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -96,14 +97,14 @@ def _one_line(err: Exception) -> str:
 def iter_jsonl(path: str) -> Iterator[RawRow]:
     with open(path, "rb") as fh:
         for number, line in enumerate(fh, start=1):
-            stripped = line.strip()
-            if not stripped:
+            line = line.rstrip(b"\r\n")  # the raw row kept in rejects/ is the line as written
+            if not line.strip():
                 continue  # blank lines are not rows
             try:
-                text = stripped.decode("utf-8")
+                text = line.decode("utf-8")
             except UnicodeDecodeError as err:
                 yield RawRow(path, number, bad_reason="undecodable_bytes", bad_detail=_one_line(err),
-                             raw_text=stripped.decode("utf-8", "backslashreplace"))
+                             raw_text=line.decode("utf-8", "backslashreplace"))
                 continue
             try:
                 yield RawRow(path, number, value=json.loads(text))
@@ -174,10 +175,7 @@ def sample_rows(rows: Iterable[RawRow], source: str, mode: str, n: int | None,
     if mode == "none":
         yield from rows
     elif mode == "head":
-        for i, row in enumerate(rows):
-            if i >= n:
-                return
-            yield row
+        yield from itertools.islice(rows, n)
     elif fraction is not None:
         limit = int(fraction * 2**64)
         for row in rows:

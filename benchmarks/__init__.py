@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks NAME... [--quick]``; each prints one JSON line per case."""

@@ -1,0 +1,30 @@
+"""``python -m benchmarks NAME... [--quick]`` (``all`` runs every benchmark)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+BENCHMARKS = {
+    "foundation": "benchmarks.foundation",
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    ap.add_argument("names", nargs="+", help=f"benchmarks to run: {', '.join(BENCHMARKS)} or all")
+    ap.add_argument("--quick", action="store_true", help="small sizes, about a minute each on 2 cores")
+    args = ap.parse_args(argv)
+    names = list(BENCHMARKS) if args.names == ["all"] else args.names
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        ap.error(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name in names:
+        importlib.import_module(BENCHMARKS[name]).run(args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

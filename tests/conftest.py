@@ -1,0 +1,56 @@
+import json
+import os
+import sys
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
+EXAMPLES = os.path.join(REPO, "examples", "data")
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def shared(name: str) -> str:
+    path = os.path.join(SHARED_DATA, name)
+    assert os.path.isfile(path), f"shared data file missing: {path} (the repo expects ../shared/data beside it)"
+    return path
+
+
+def write_job(folder, cfg: dict, name: str = "job.yaml") -> str:
+    path = os.path.join(str(folder), name)
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(cfg, fh)
+    return path
+
+
+def run_cli(*argv) -> int:
+    from curate.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def load_manifest(out) -> dict:
+    with open(os.path.join(str(out), "manifest.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def read_table(out, name: str):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(os.path.join(str(out), name))
+
+
+def ids(out, name: str = "selected") -> list[str]:
+    return sorted(read_table(out, name).column("id").to_pylist())
+
+
+@pytest.fixture
+def job_dir(tmp_path, monkeypatch):
+    """A scratch folder that is also the working directory (relative paths resolve there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,47 @@
+"""The command line as a user runs it: a real subprocess, exit codes, one-line errors."""
+import os
+import subprocess
+import sys
+
+from tests.conftest import EXAMPLES, REPO, write_job
+
+CURATE = [sys.executable, "-m", "curate"]
+
+
+def _run(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    return subprocess.run([*CURATE, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_misspelled_key_is_a_one_line_error_with_exit_2(tmp_path):
+    job = write_job(tmp_path, {"output": "o", "inputs": [{"source": "a", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}],
+                               "dedup": {"exact": {"enabeld": True}}})
+    for cmd in ("run", "validate"):
+        res = _run(cmd, job, cwd=tmp_path)
+        assert res.returncode == 2
+        lines = res.stderr.strip().splitlines()
+        assert lines[-1] == "curate: error: unknown key 'dedup.exact.enabeld' (did you mean 'enabled'?)"
+        assert "Traceback" not in res.stderr
+
+
+def test_missing_input_file_is_a_one_line_error_with_exit_2(tmp_path):
+    job = write_job(tmp_path, {"output": "o", "inputs": [{"source": "a", "path": "nowhere/data.jsonl"}]})
+    res = _run("run", job, cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == \
+        "curate: error: inputs[0].path: no file matches 'nowhere/data.jsonl'"
+    assert "Traceback" not in res.stderr
+
+
+def test_run_prints_outputs_and_inspect_reads_them(tmp_path):
+    job = write_job(tmp_path, {"output": "o", "inputs": [{"source": "g", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}]})
+    res = _run("run", job, "--set", "sample.mode=head", "--set", "sample.n=40", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "40 rows in -> 40 selected" in res.stdout
+    assert f"outputs in {tmp_path / 'o'}/" in res.stdout
+    ins = _run("inspect", "o", cwd=tmp_path)
+    assert ins.returncode == 0 and "accounting holds" in ins.stdout and "gsm8k" not in ins.stderr
+    bad = _run("inspect", "nothing-here", cwd=tmp_path)
+    assert bad.returncode == 2 and "not a finished curate run" in bad.stderr
+    val = _run("validate", job, cwd=tmp_path)
+    assert val.returncode == 0 and "valid; 1 source(s), 1 file(s)" in val.stdout

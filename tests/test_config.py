@@ -1,0 +1,53 @@
+import pytest
+
+from curate.config import ConfigError, apply_overrides, load, validate
+from tests.conftest import EXAMPLES, write_job
+
+
+def _job(**extra):
+    cfg = {"output": "out", "inputs": [{"source": "a", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}]}
+    cfg.update(extra)
+    return cfg
+
+
+def test_defaults_filled():
+    cfg = validate(_job())
+    assert cfg["dedup"]["exact"] == {"enabled": True, "scope": "global"}
+    assert cfg["beam"]["runner"] == "FnApiRunner"
+    assert cfg["sample"]["seed"] == 0
+    assert cfg["inputs"][0]["files"][0]["format"] == "jsonl"
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (_job(dedupe={}), "unknown key 'dedupe' (did you mean 'dedup'?)"),
+    (_job(dedup={"exact": {"scop": "global"}}), "unknown key 'dedup.exact.scop' (did you mean 'scope'?)"),
+    (_job(dedup={"exact": {"scope": "world"}}), "dedup.exact.scope: 'world' is not one of global, source"),
+    (_job(seed="x"), "seed: expected int"),
+    (_job(sample={"mode": "random"}), "exactly one of n or fraction"),
+    ({"inputs": _job()["inputs"]}, "output: required key is missing"),
+    (_job(inputs=[{"source": "a", "path": "nope/*.jsonl"}]), "inputs[0].path: no file matches 'nope/*.jsonl'"),
+])
+def test_errors_are_one_line_and_name_the_key(cfg, message):
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_overrides():
+    raw = apply_overrides(_job(), ["sample.mode=head", "sample.n=5", "inputs.0.source=b", "beam.direct_num_workers=2"])
+    cfg = validate(raw)
+    assert cfg["sample"]["n"] == 5 and cfg["inputs"][0]["source"] == "b"
+    assert cfg["beam"]["direct_num_workers"] == 2
+    with pytest.raises(ConfigError, match="not an index"):
+        apply_overrides(_job(), ["inputs.3.source=x"])
+
+
+def test_load_names_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no such job file"):
+        load(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(str(bad))
+    assert load(write_job(tmp_path, _job(), "named.yaml"))["name"] == "named"

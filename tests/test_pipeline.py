@@ -1,0 +1,211 @@
+"""End-to-end runs of the Beam job on the real local runner, real Parquet, real data."""
+import json
+import os
+import random
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from curate import schema
+from tests.conftest import EXAMPLES, REPO, ids, load_manifest, read_table, run_cli, shared, write_job
+
+DEMO_INPUTS = [
+    {"source": "alpaca_cherry", "path": f"{EXAMPLES}/alpaca_cherry_sample.json"},
+    {"source": "gsm8k", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"},
+    {"source": "nq", "path": f"{EXAMPLES}/nq_sharegpt_sample.json", "form": "sharegpt",
+     "id_field": "id", "fields": {"conversations": "items"}},
+]
+
+
+def _accounted_from_files(out) -> dict:
+    """Recount the outcome from the Parquet files themselves, not from the manifest."""
+    ann = read_table(out, "annotated").to_pandas()
+    rej = read_table(out, "rejects").to_pandas()
+    return {"selected": int(ann.selected.sum()),
+            "dropped": ann[~ann.selected].drop_reason.value_counts().to_dict(),
+            "rejected": rej.reason.value_counts().to_dict()}
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two")
+    out = folder / "out"
+    job = write_job(folder, {"output": str(out), "inputs": [
+        {"source": "alpaca_cherry", "path": shared("alpaca_cherry_5pct.json")},
+        {"source": "gsm8k", "path": shared("gsm8k_train.json")}]})
+    assert run_cli("run", job) == 0
+    return out
+
+
+def test_two_source_run_writes_all_outputs_and_accounts_for_every_row(two_sources):
+    for name in ("annotated", "selected", "rejects", "manifest.json"):
+        assert os.path.exists(two_sources / name)
+    man = load_manifest(two_sources)
+    n_in = len(json.load(open(shared("alpaca_cherry_5pct.json")))) + len(json.load(open(shared("gsm8k_train.json"))))
+    acc = man["accounting"]
+    assert acc["holds"] and acc["rows_in"] == n_in == 10584
+    assert acc["rows_in"] == acc["selected"] + acc["dropped"] + acc["rejected"]
+    files = _accounted_from_files(two_sources)
+    assert files["selected"] == acc["selected"] == read_table(two_sources, "selected").num_rows
+    assert files["dropped"] == man["counts"]["dropped"]
+    assert files["rejected"] == man["counts"]["rejected"]
+    assert set(man["counts"]["by_source"]) == {"alpaca_cherry", "gsm8k"}
+    assert man["versions"]["apache-beam"] and man["inputs"][0]["sha256"]
+    assert {"read", "validate", "ids", "exact_dedup", "write"} <= set(man["stages"])
+
+
+def test_outputs_read_back_with_the_documented_schema(two_sources):
+    for name in ("annotated", "selected", "rejects"):
+        with open(os.path.join(REPO, "schemas", f"{name}.json")) as fh:
+            documented = json.load(fh)
+        table = pq.read_table(two_sources / name)
+        assert [f.name for f in table.schema] == [f["name"] for f in documented["fields"]]
+        assert [str(f.type) for f in table.schema] == [f["type"] for f in documented["fields"]]
+        meta = table.schema.metadata
+        assert meta[b"curate.schema"].decode() == name
+        assert meta[b"curate.schema_version"].decode() == schema.SCHEMA_VERSION
+        df = pd.read_parquet(two_sources / name)
+        assert list(df.columns) == [f["name"] for f in documented["fields"]]
+    sel = pd.read_parquet(two_sources / "selected")
+    assert sel.selected.all() and sel.drop_reason.isna().all()
+    assert sel.messages.iloc[0][-1]["role"] == "assistant"
+
+
+def test_bad_rows_go_to_rejects_and_the_job_goes_on(job_dir):
+    good = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}."} for i in range(6)]
+    lines = [json.dumps(r).encode() for r in good[:4]] + [
+        b'{"instruction": "broken", "output": ',                              # malformed_json
+        b'{"instruction": "caf\xe9", "output": "latin-1 bytes"}',             # undecodable_bytes
+        json.dumps({"instruction": "no output"}).encode(),                     # missing_field
+        json.dumps({"instruction": "number", "output": 42}).encode(),          # wrong_type
+        json.dumps({"instruction": "empty", "output": "  "}).encode(),         # empty_response
+        json.dumps({"instruction": "long", "output": "x" * 500}).encode(),     # too_long
+        json.dumps(["a", "list"]).encode(),                                    # not_an_object
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(),  # no_response
+        json.dumps({"messages": [{"speaker": "?"}]}).encode(),                 # bad_messages
+    ]
+    (job_dir / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (job_dir / "more.json").write_text(json.dumps(good[4:]))
+    job = write_job(job_dir, {"output": "out", "validate": {"max_chars": 300}, "inputs": [
+        {"source": "mixed", "path": "mixed.jsonl"}, {"source": "more", "path": "more.json"}]})
+    assert run_cli("run", job) == 0
+    rej = pd.read_parquet("out/rejects")
+    assert sorted(rej.reason) == sorted(["malformed_json", "undecodable_bytes", "missing_field", "wrong_type",
+                                         "empty_response", "too_long", "not_an_object", "no_response",
+                                         "bad_messages"])
+    assert rej.set_index("reason").loc["malformed_json", "raw"] == '{"instruction": "broken", "output": '
+    assert rej.set_index("reason").loc["malformed_json", "row_number"] == 5
+    assert "\\xe9" in rej.set_index("reason").loc["undecodable_bytes", "raw"]
+    assert (rej.detail.str.len() > 0).all()
+    ann = pd.read_parquet("out/annotated")
+    assert sorted(ann.prompt) == sorted(r["instruction"] for r in good)
+    assert load_manifest("out")["accounting"]["holds"]
+
+
+def _shuffled_copies(folder, seed=3) -> list[dict]:
+    rng = random.Random(seed)
+    inputs = []
+    for spec in DEMO_INPUTS:
+        src = spec["path"]
+        name = os.path.basename(src)
+        dst = os.path.join(str(folder), "shuffled_" + name)
+        if src.endswith(".jsonl"):
+            lines = open(src, encoding="utf-8").read().rstrip("\n").split("\n")  # not splitlines(): U+2028 occurs
+            rng.shuffle(lines)
+            open(dst, "w").write("\n".join(lines) + "\n")
+        else:
+            rows = json.load(open(src))
+            rng.shuffle(rows)
+            json.dump(rows, open(dst, "w"))
+        inputs.append({**spec, "path": dst})
+    return inputs
+
+
+def test_shuffled_input_selects_the_same_ids(job_dir):
+    assert run_cli("run", write_job(job_dir, {"output": "a", "inputs": DEMO_INPUTS}, "a.yaml")) == 0
+    assert run_cli("run", write_job(job_dir, {"output": "b", "inputs": _shuffled_copies(job_dir)}, "b.yaml")) == 0
+    assert ids("a") == ids("b")
+    assert ids("a", "annotated") == ids("b", "annotated")
+    ann_a = read_table("a", "annotated").to_pandas().set_index("id").sort_index()
+    ann_b = read_table("b", "annotated").to_pandas().set_index("id").sort_index()
+    assert ann_a.exact_dup_of.fillna("").equals(ann_b.exact_dup_of.fillna(""))
+    assert load_manifest("a")["counts"]["dropped"] == {"exact_duplicate": 5}
+
+
+@pytest.mark.parametrize("flags", [
+    ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+    ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"],
+], ids=["multi_processing", "portable_loopback"])
+def test_other_runners_select_the_same_ids(job_dir, flags):
+    assert run_cli("run", write_job(job_dir, {"output": "ref", "inputs": DEMO_INPUTS}, "ref.yaml")) == 0
+    assert run_cli("run", write_job(job_dir, {"output": "other", "inputs": DEMO_INPUTS}, "o.yaml"), *flags) == 0
+    assert ids("ref") == ids("other") and len(ids("ref")) == 400
+    runner = load_manifest("other")["beam_options"]
+    for flag in flags:
+        key, value = flag[2:].split("=")
+        assert str(runner[key]) == value
+
+
+def test_batch_size_does_not_change_the_selection(job_dir):
+    assert run_cli("run", write_job(job_dir, {"output": "a", "inputs": DEMO_INPUTS, "batch_size": 7})) == 0
+    assert run_cli("run", write_job(job_dir, {"output": "b", "inputs": DEMO_INPUTS, "batch_size": 1000})) == 0
+    assert ids("a") == ids("b")
+
+
+def test_exact_dedup_scope_and_cross_source_keep_rule(job_dir):
+    row = {"instruction": "Name a colour.", "output": "Blue."}
+    (job_dir / "first.json").write_text(json.dumps([row, {"instruction": "x", "output": "y"}]))
+    (job_dir / "second.json").write_text(json.dumps([{"instruction": "NAME a  colour.", "output": "blue."}]))
+    inputs = [{"source": "second", "path": "second.json"}, {"source": "first", "path": "first.json"}]
+    assert run_cli("run", write_job(job_dir, {"output": "g", "inputs": inputs})) == 0
+    ann = pd.read_parquet("g/annotated").set_index("source")
+    assert ann.loc["second", "selected"]  # listed first in inputs, so it is kept
+    dropped = ann[~ann.selected]
+    assert list(dropped.drop_reason) == ["exact_duplicate"]
+    assert dropped.exact_dup_of.iloc[0] == ann.loc["second", "id"]
+    assert run_cli("run", write_job(job_dir, {"output": "s", "inputs": inputs,
+                                              "dedup": {"exact": {"scope": "source"}}})) == 0
+    assert pd.read_parquet("s/annotated").selected.all()
+
+
+def test_user_id_duplicates_are_rejected_and_identical_rows_deduplicated(job_dir):
+    rows = [{"uid": "1", "instruction": "a", "output": "b"}, {"uid": "1", "instruction": "a", "output": "b"},
+            {"uid": "1", "instruction": "other", "output": "c"}, {"uid": "2", "instruction": "d", "output": "e"}]
+    (job_dir / "u.json").write_text(json.dumps(rows))
+    job = write_job(job_dir, {"output": "out", "inputs": [{"source": "u", "path": "u.json", "id_field": "uid"}]})
+    assert run_cli("run", job) == 0
+    assert list(pd.read_parquet("out/rejects").reason) == ["duplicate_id"]
+    ann = pd.read_parquet("out/annotated").set_index("id")
+    assert sorted(ann.index) == ["1", "1#2", "2"]
+    assert ann.loc["1#2", "drop_reason"] == "exact_duplicate" and ann.loc["1#2", "exact_dup_of"] == "1"
+
+
+def test_sampling_head_and_random(job_dir):
+    job = write_job(job_dir, {"output": "h", "inputs": DEMO_INPUTS, "sample": {"mode": "head", "n": 10}})
+    assert run_cli("run", job) == 0
+    man = load_manifest("h")
+    assert man["counts"]["rows_in"] == 30
+    assert man["stages"]["read"]["rows_seen"] == 30  # head stops reading after n rows
+    for seed_out in ("r1", "r2"):
+        job = write_job(job_dir, {"output": seed_out, "seed": 5, "inputs": DEMO_INPUTS,
+                                  "sample": {"mode": "random", "n": 20}})
+        assert run_cli("run", job) == 0
+    assert ids("r1", "annotated") == ids("r2", "annotated") and len(ids("r1", "annotated")) == 60
+
+
+def test_output_is_atomic_and_not_overwritten_by_accident(job_dir, capsys):
+    job = write_job(job_dir, {"output": "out", "inputs": DEMO_INPUTS[:1]})
+    assert run_cli("run", job) == 0
+    first = load_manifest("out")["timing"]["started"]
+    assert run_cli("run", job) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert run_cli("run", job, "--overwrite") == 0
+    assert load_manifest("out")["timing"]["started"] >= first
+    # a file that breaks while the job runs: one-line error, and no folder that looks complete
+    (job_dir / "bad.json").write_text('[{"instruction": "a", "output": "b"}, {')
+    job = write_job(job_dir, {"output": "broken", "inputs": [{"source": "bad", "path": "bad.json"}]})
+    assert run_cli("run", job) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("curate: error: ") and "bad.json: not valid JSON" in err[-1]
+    assert not [p for p in os.listdir(job_dir) if p.startswith("broken")]
