@@ -70,6 +70,22 @@ SCHEMA: dict = {
             "enabled": Opt((bool,), True),
             "scope": Opt((str,), "global", choices=("global", "source")),
         },
+        "near": {
+            "enabled": Opt((bool,), True),
+            "threshold": Opt((float,), 0.8, minimum=0.01, maximum=0.99),
+            "num_perm": Opt((int,), 128, minimum=8, maximum=1024),
+            "ngram": Opt((int,), 5, minimum=1, maximum=64),
+            "unit": Opt((str,), "word", choices=("word", "char")),
+            "text": Opt((str,), "prompt_response", choices=("prompt_response", "response")),
+            "bands": Opt((int,), None, minimum=1),
+            "rows": Opt((int,), None, minimum=1),
+            "fp_weight": Opt((float,), 0.5, minimum=0.0),
+            "fn_weight": Opt((float,), 0.5, minimum=0.0),
+            "verify": Opt((bool,), True),
+            "scope": Opt((str,), "global", choices=("global", "source")),
+            "max_bucket_size": Opt((int,), 1000, minimum=2),
+            "seed": Opt((int,), None),
+        },
     },
     "batch_size": Opt((int,), 512, minimum=1),
     "beam": FreeMap(),
@@ -192,6 +208,22 @@ def validate(raw: Any, *, check_files: bool = True) -> dict:
         raise ConfigError("sample: mode random needs exactly one of n or fraction")
     if sample["seed"] is None:
         sample["seed"] = cfg["seed"]
+    near = cfg["dedup"]["near"]
+    if near["seed"] is None:
+        near["seed"] = cfg["seed"]
+    if (near["bands"] is None) != (near["rows"] is None):
+        raise ConfigError("dedup.near: set both bands and rows, or neither (then they follow the threshold)")
+    if near["bands"] is not None and near["bands"] * near["rows"] > near["num_perm"]:
+        raise ConfigError(f"dedup.near: bands x rows ({near['bands'] * near['rows']}) exceeds "
+                          f"num_perm ({near['num_perm']})")
+    if near["bands"] is None:
+        from curate.dedup.near import optimal_bands_rows
+
+        near["bands"], near["rows"] = optimal_bands_rows(near["threshold"], near["num_perm"],
+                                                         near["fp_weight"], near["fn_weight"])
+        near["bands_rows_from"] = "threshold"
+    else:
+        near["bands_rows_from"] = "job file"
     cfg["beam"] = {**DEFAULT_BEAM, **cfg["beam"]}
     if check_files:
         _resolve_inputs(cfg["inputs"])

@@ -97,8 +97,34 @@ def check_accounting(counts: dict) -> dict:
     return acc
 
 
+def near_dedup_report(cfg: dict, stages: dict, reports: dict) -> dict:
+    """The near-dup section: parameters and S-curve points, removed rows, cluster sizes, examples."""
+    from curate.dedup.near import candidate_probability
+
+    p = cfg["dedup"]["near"]
+    if not p["enabled"]:
+        return {"enabled": False}
+    st = stages.get("near_dedup", {})
+    sizes = {int(k.split("_", 1)[1]): v for k, v in st.items() if k.startswith("clusters:size_")}
+    return {
+        "enabled": True,
+        "bands": p["bands"], "rows": p["rows"], "bands_rows_from": p["bands_rows_from"],
+        "threshold": p["threshold"], "num_perm": p["num_perm"], "shingles": f"{p['unit']} {p['ngram']}-grams",
+        "text": p["text"], "scope": p["scope"], "verify": p["verify"],
+        "candidate_probability": {str(s): round(candidate_probability(s, p["bands"], p["rows"]), 4)
+                                  for s in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)},
+        "removed": int(st.get("dropped", 0)),
+        "clusters": sum(sizes.values()),
+        "cluster_sizes": dict(sorted(sizes.items())),
+        "edges_verified": int(st.get("edges_verified", 0)),
+        "edges_rejected": int(st.get("edges_rejected", 0)),
+        "big_buckets": int(st.get("big_buckets", 0)),
+        "examples": reports.get("near_dedup.examples", []),
+    }
+
+
 def build(cfg: dict, stats: dict, inputs: list[dict], *, beam_options: dict, started: str,
-          finished: str, wall_s: float) -> dict:
+          finished: str, wall_s: float, reports: dict | None = None) -> dict:
     counts = summarize(stats)
     acc = check_accounting(counts)
     stages = counts.pop("stages")
@@ -120,5 +146,6 @@ def build(cfg: dict, stats: dict, inputs: list[dict], *, beam_options: dict, sta
         "counts": counts,
         "accounting": acc,
         "stages": stages,
+        "near_dedup": near_dedup_report(cfg, stages, reports or {}),
         "timing": {"started": started, "finished": finished, "wall_s": round(wall_s, 3)},
     }

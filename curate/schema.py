@@ -15,7 +15,7 @@ import sys
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
@@ -28,6 +28,8 @@ ANNOTATED_FIELDS = [
     pa.field("messages", pa.list_(MESSAGE), nullable=False),
     pa.field("original", pa.string(), nullable=False),
     pa.field("exact_dup_of", pa.string()),
+    pa.field("near_dup_cluster", pa.string()),
+    pa.field("near_dup_of", pa.string()),
     pa.field("selected", pa.bool_(), nullable=False),
     pa.field("drop_reason", pa.string()),
 ]
@@ -49,8 +51,10 @@ FIELD_DOCS = {
     "messages": "the conversation in chat form: prompt turns then the response as the last assistant turn",
     "original": "the input row as canonical JSON (sorted keys)",
     "exact_dup_of": "id of the kept row this row exactly duplicates, else null",
+    "near_dup_cluster": "near-duplicate cluster (its smallest member id) this row belongs to, else null",
+    "near_dup_of": "id of the cluster member kept in place of this row, else null",
     "selected": "true if the row is in selected/",
-    "drop_reason": "why the row is not selected (exact_duplicate, ...), null when selected",
+    "drop_reason": "why the row is not selected (exact_duplicate, near_duplicate, ...), null when selected",
     "file": "input file the rejected row came from",
     "row_number": "1-based line (jsonl) or position (json, parquet) in that file",
     "reason": "reject reason code (see curate.records.REJECT_REASONS)",

@@ -24,6 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from curate import manifest as manifest_mod
 from curate.io import fingerprint
 from pipelines import transforms as T
+from pipelines.near_dedup import NearDedup
 
 log = logging.getLogger("curate")
 
@@ -58,16 +59,27 @@ def build(p: beam.Pipeline, cfg: dict, folder: str) -> None:
     valid = read["records"] | "Validate" >> T.Validate(cfg)
     ids = valid["records"] | "UniqueIds" >> T.UniqueIds(cfg)
     exact = ids["records"] | "ExactDedup" >> T.ExactDedup(cfg)
-    decided = exact["records"] | "Select" >> beam.Map(T.select_all_kept)
+    near = exact["records"] | "NearDedup" >> NearDedup(cfg)
+    decided = near["records"] | "Select" >> beam.Map(T.select_all_kept)
     rejects = (valid["rejects"], ids["rejects"]) | "AllRejects" >> beam.Flatten()
     written = {"annotated": decided, "rejects": rejects} | "Write" >> T.WriteOutputs(folder)
-    stats = (read["stats"], valid["stats"], ids["stats"], exact["stats"], written["stats"])
+    stats = (read["stats"], valid["stats"], ids["stats"], exact["stats"], near["stats"], written["stats"])
     stats | "FlattenStats" >> beam.Flatten() | "Stats" >> T.WriteStats(os.path.join(folder, "_stats.json"))
+    (near["reports"],) | "FlattenReports" >> beam.Flatten() | "Reports" >> T.WriteReports(
+        os.path.join(folder, "_reports.json"))
 
 
 def _input_error(exc: BaseException) -> str | None:
     m = re.search(re.escape(T.INPUT_ERROR) + r"([^\n]*)", str(exc))
     return m.group(1).strip().rstrip("'\"") if m else None
+
+
+def _read_and_remove(folder: str, name: str) -> dict:
+    path = os.path.join(folder, name)
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    os.remove(path)
+    return data
 
 
 def _now() -> str:
@@ -95,12 +107,10 @@ def run(cfg: dict, beam_args: list[str] | None = None, overwrite: bool = False) 
         state = result.wait_until_finish()
         if state not in (None, "DONE", beam.runners.runner.PipelineState.DONE):
             raise RuntimeError(f"pipeline ended in state {state}")
-        stats_path = os.path.join(tmp, "_stats.json")
-        with open(stats_path, encoding="utf-8") as fh:
-            stats = json.load(fh)
-        os.remove(stats_path)
+        stats, reports = _read_and_remove(tmp, "_stats.json"), _read_and_remove(tmp, "_reports.json")
         man = manifest_mod.build(cfg, stats, inputs, beam_options=options.get_all_options(drop_default=True),
-                                 started=started, finished=_now(), wall_s=time.monotonic() - t0)
+                                 started=started, finished=_now(), wall_s=time.monotonic() - t0,
+                                 reports=reports)
         man["outputs"] = {name: os.path.join(out, name) for name in ("annotated", "selected", "rejects")}
         man["outputs"]["manifest"] = os.path.join(out, "manifest.json")
         for name in ("annotated", "selected", "rejects"):

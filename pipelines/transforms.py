@@ -259,6 +259,22 @@ class WriteOutputs(beam.PTransform):
         return {"stats": (rows[STATS], rej[STATS]) | "FlattenWriteStats" >> beam.Flatten()}
 
 
+class WriteReports(beam.PTransform):
+    """(name, JSON-able value) pairs from any stage into one JSON file for the manifest."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def expand(self, reports):
+        import json
+
+        return (reports
+                | "All" >> beam.combiners.ToList()
+                | "Json" >> beam.Map(lambda items: json.dumps(dict(sorted(items)), default=str))
+                | "Write" >> beam.io.WriteToText(self.path, num_shards=1, shard_name_template=""))
+
+
 class WriteStats(beam.PTransform):
     """Sums every stage's stats into one JSON file the driver reads after the run."""
 

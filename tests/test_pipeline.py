@@ -165,8 +165,12 @@ def test_exact_dedup_scope_and_cross_source_keep_rule(job_dir):
     assert list(dropped.drop_reason) == ["exact_duplicate"]
     assert dropped.exact_dup_of.iloc[0] == ann.loc["second", "id"]
     assert run_cli("run", write_job(job_dir, {"output": "s", "inputs": inputs,
-                                              "dedup": {"exact": {"scope": "source"}}})) == 0
+                                              "dedup": {"exact": {"scope": "source"}, "near": {"enabled": False}}})) == 0
     assert pd.read_parquet("s/annotated").selected.all()
+    # with near dedup on (global scope), the cross-source copy is still caught, as a near duplicate
+    assert run_cli("run", write_job(job_dir, {"output": "n", "inputs": inputs,
+                                              "dedup": {"exact": {"scope": "source"}}})) == 0
+    assert sorted(pd.read_parquet("n/annotated").drop_reason.dropna()) == ["near_duplicate"]
 
 
 def test_user_id_duplicates_are_rejected_and_identical_rows_deduplicated(job_dir):

@@ -1,0 +1,214 @@
+"""The near-duplicate stage in Beam: signatures, LSH buckets, verified star edges, union-find.
+
+Graph (rows already dropped upstream go around the stage untouched):
+
+    records -> batches -> signatures --buckets (shard, keys, ids)--> GroupByKey(shard)
+                              |                                       -> star edges -> Distinct
+                              +--(id, signature)--+                                     |
+                                                  +-- CoGroupByKey x2: estimated Jaccard (verify)
+    verified edges -> CombineGlobally(union-find) -> {id: cluster} (side input)
+    records in a cluster -> GroupByKey(cluster) -> keep rule; others pass.
+
+Bucket entries travel in a few shards per batch (numpy arrays), not one element
+per (document, band), since Beam costs tens of microseconds per element.
+"""
+from __future__ import annotations
+
+import logging
+
+import apache_beam as beam
+import numpy as np
+
+from curate.dedup import minhash
+from curate.dedup.near import (UnionFind, band_keys, bucket_edges, resolve_cluster, size_histogram,
+                               source_salt)
+from pipelines.stage import STATS, StageFn
+
+log = logging.getLogger("curate")
+N_SHARDS = 16
+BUCKETS, SIGS, CLUSTERED = "buckets", "sigs", "clustered"
+STAGE = "near_dedup"
+
+
+def near_text(record: dict, which: str) -> str:
+    return record["response"] if which == "response" else record["prompt"] + "\n" + record["response"]
+
+
+class SignatureFn(StageFn):
+    stage = STAGE
+
+    def __init__(self, p: dict):
+        self.p = p
+
+    def handle(self, batch):
+        p = self.p
+        sigs = minhash.signatures([near_text(r, p["text"]) for r in batch], p["num_perm"], p["seed"],
+                                  p["ngram"], p["unit"])
+        salts = (np.array([source_salt(r["source"]) for r in batch], dtype=np.uint64)
+                 if p["scope"] == "source" else None)
+        keys = band_keys(sigs, p["bands"], p["rows"], salts)
+        ids = [r["id"] for r in batch]
+        flat = keys.ravel()
+        owner = np.repeat(np.arange(len(batch)), p["bands"])
+        shard = (flat % np.uint64(N_SHARDS)).astype(np.int64)
+        for s in np.unique(shard):
+            mask = shard == s
+            yield beam.pvalue.TaggedOutput(BUCKETS, (int(s), (flat[mask], [ids[i] for i in owner[mask]])))
+        if p["verify"]:
+            for i, rid in enumerate(ids):
+                yield beam.pvalue.TaggedOutput(SIGS, (rid, sigs[i].tobytes()))
+        self.count("rows", len(batch), progress=True)
+
+
+class BucketEdgesFn(StageFn):
+    stage = STAGE
+
+    def __init__(self, max_bucket: int):
+        self.max_bucket = max_bucket
+
+    def handle(self, element):
+        shard, chunks = element
+        chunks = list(chunks)
+        keys = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.uint64)
+        ids = [i for c in chunks for i in c[1]]
+        edges, big = bucket_edges(keys, ids, self.max_bucket)
+        for size in big:
+            log.warning("near_dedup: a bucket of %d documents (above max_bucket_size %d) in shard %d",
+                        size, self.max_bucket, shard)
+        if big:
+            self.count("big_buckets", len(big))
+        yield from sorted(edges)
+
+
+def _fan_out(element):
+    """(a, {sig: [sig_a], to: [b...]}) -> (b, (a, sig_a)) for each edge a-b."""
+    a, grouped = element
+    if grouped["to"] and grouped["sig"]:
+        sig_a = grouped["sig"][0]
+        for b in grouped["to"]:
+            yield b, (a, sig_a)
+
+
+class VerifyFn(StageFn):
+    stage = STAGE
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def handle(self, element):
+        b, grouped = element
+        if not grouped["sig"]:
+            return
+        sig_b = np.frombuffer(grouped["sig"][0], dtype=np.uint64)
+        for a, sig_a in grouped["from"]:
+            j = minhash.estimate_jaccard(np.frombuffer(sig_a, dtype=np.uint64), sig_b)
+            if j >= self.threshold:
+                self.count("edges_verified")
+                yield a, b, j
+            else:
+                self.count("edges_rejected")
+
+
+class UnionFindFn(beam.CombineFn):
+    """Edges to {id: cluster id}; accumulators merge in any order to the same clusters."""
+
+    def create_accumulator(self):
+        return UnionFind()
+
+    def add_input(self, acc, edge):
+        acc.union(edge[0], edge[1])
+        return acc
+
+    def merge_accumulators(self, accs):
+        accs = iter(accs)
+        first = next(accs)
+        for other in accs:
+            first.merge(other)
+        return first
+
+    def extract_output(self, acc):
+        return acc.clusters()
+
+
+def _with_near_fields(record: dict) -> dict:
+    record.setdefault("near_dup_cluster", None)
+    record.setdefault("near_dup_of", None)
+    return record
+
+
+class RouteFn(beam.DoFn):
+    def process(self, record, clusters):
+        cluster = clusters.get(record["id"])
+        if cluster is None:
+            yield _with_near_fields(record)
+        else:
+            yield beam.pvalue.TaggedOutput(CLUSTERED, (cluster, record))
+
+
+class ResolveClusterFn(StageFn):
+    stage = STAGE
+
+    def handle(self, element):
+        cluster, records = element
+        for rec in resolve_cluster(list(records), cluster):
+            if rec["near_dup_of"] is not None:
+                self.count("dropped", source=rec["source"])
+            yield rec
+
+
+def _histogram_stats(clusters: dict):
+    for size, n in size_histogram(clusters).items():
+        yield f"{STAGE}.clusters:size_{size}", n
+
+
+class NearDedup(beam.PTransform):
+    """Mark near-duplicates (MinHash LSH, see ``curate.dedup.near``); keep one per cluster."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.p = dict(cfg["dedup"]["near"])
+        self.batch_size = cfg["batch_size"]
+
+    def expand(self, records):
+        p = self.p
+        if not p["enabled"]:
+            out = records | "NoNearDedup" >> beam.Map(_with_near_fields)
+            empty = records.pipeline | "NoNearStats" >> beam.Create([])
+            return {"records": out, "stats": empty, "reports": empty}
+        live = records | "Live" >> beam.Filter(lambda r: r.get("drop_reason") is None)
+        done = (records
+                | "AlreadyDropped" >> beam.Filter(lambda r: r.get("drop_reason") is not None)
+                | "PassThrough" >> beam.Map(_with_near_fields))
+        sig = (live
+               | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size)
+               | "Signatures" >> beam.ParDo(SignatureFn(p)).with_outputs(BUCKETS, SIGS, STATS))
+        bucket = (sig[BUCKETS]
+                  | "GroupShards" >> beam.GroupByKey()
+                  | "StarEdges" >> beam.ParDo(BucketEdgesFn(p["max_bucket_size"])).with_outputs(STATS, main="edges"))
+        edges = bucket.edges | "DistinctEdges" >> beam.Distinct()
+        stats = [sig[STATS], bucket[STATS]]
+        if p["verify"]:
+            to_b = ({"sig": sig[SIGS], "to": edges | "ByFirst" >> beam.Map(tuple)}
+                    | "JoinFirst" >> beam.CoGroupByKey() | "FanOut" >> beam.FlatMap(_fan_out))
+            verified = ({"sig": sig[SIGS], "from": to_b}
+                        | "JoinSecond" >> beam.CoGroupByKey()
+                        | "Verify" >> beam.ParDo(VerifyFn(p["threshold"])).with_outputs(STATS, main="edges"))
+            stats.append(verified[STATS])
+            kept_edges = verified.edges
+        else:
+            kept_edges = edges | "Unverified" >> beam.Map(lambda e: (e[0], e[1], None))
+        clusters = kept_edges | "UnionFind" >> beam.CombineGlobally(UnionFindFn())
+        routed = live | "Route" >> beam.ParDo(RouteFn(), beam.pvalue.AsSingleton(clusters)).with_outputs(
+            CLUSTERED, main="single")
+        resolved = (routed[CLUSTERED]
+                    | "GroupClusters" >> beam.GroupByKey()
+                    | "KeepRule" >> beam.ParDo(ResolveClusterFn()).with_outputs(STATS, main="records"))
+        stats += [resolved[STATS], clusters | "Histogram" >> beam.FlatMap(_histogram_stats)]
+        examples = (kept_edges
+                    | "ExampleKeys" >> beam.Map(lambda e: (e[2] if e[2] is not None else -1.0, e[0], e[1]))
+                    | "Examples" >> beam.combiners.Top.Smallest(5)
+                    | "ExampleReport" >> beam.Map(lambda xs: ("near_dedup.examples", [
+                        {"a": a, "b": b, "estimated_jaccard": round(j, 4) if j >= 0 else None}
+                        for j, a, b in xs])))
+        out = (done, routed.single, resolved.records) | "NearOut" >> beam.Flatten()
+        return {"records": out, "stats": stats | "NearStats" >> beam.Flatten(), "reports": examples}
