@@ -8,6 +8,8 @@ import sys
 
 BENCHMARKS = {
     "foundation": "benchmarks.foundation",
+    "minhash": "benchmarks.minhash",
+    "near_quality": "benchmarks.near_quality",
 }
 
 

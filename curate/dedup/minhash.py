@@ -28,6 +28,7 @@ creates no Python object per word or shingle (see the ``minhash`` benchmark for 
 """
 from __future__ import annotations
 
+import re
 import unicodedata
 
 import numpy as np
@@ -53,8 +54,7 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
 
 # Characters Python's str.split() treats as white space that NFKC leaves alone; mapped to a
 # space so splitting the UTF-8 bytes on ASCII white space gives exactly str.split()'s words.
-_EXTRA_SPACE = {c: " " for c in ("\x1c", "\x1d", "\x1e", "\x1f", "\x85", "\u1680", "\u2028", "\u2029")}
-_TRANSLATE = str.maketrans(_EXTRA_SPACE)
+_EXTRA_SPACE = re.compile("[\x1c-\x1f\x85\u1680\u2028\u2029]")
 _ASCII_SPACE = np.zeros(256, dtype=bool)
 _ASCII_SPACE[[9, 10, 11, 12, 13, 32]] = True
 _P = (0x100000001B3 * 0x9E3779B97F4A7C15) % 2**64 | 1  # odd, so invertible mod 2**64
@@ -63,7 +63,7 @@ _P_INV = pow(_P, -1, 2**64)
 
 def normalize_for_shingles(text: str) -> str:
     """NFKC + case fold; white space is handled by the tokenizer (same words as str.split())."""
-    return unicodedata.normalize("NFKC", text).casefold().translate(_TRANSLATE)
+    return _EXTRA_SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold())
 
 
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,12 +77,21 @@ def _ngram_constants(n: int) -> np.ndarray:
     return splitmix64(np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN) | np.uint64(1)
 
 
+_POWERS: dict[int, np.ndarray] = {}
+
+
 def _powers(base: int, n: int) -> np.ndarray:
-    out = np.empty(n + 1, dtype=np.uint64)
-    out[0] = 1
-    with np.errstate(over="ignore"):
-        np.cumprod(np.full(n, base, dtype=np.uint64), out=out[1:])
-    return out
+    """base**0 .. base**n mod 2**64, cached and grown as needed (read-only)."""
+    have = _POWERS.get(base)
+    if have is None or len(have) <= n:
+        size = max(n + 1, 1 << 16, 2 * len(have) if have is not None else 0)
+        out = np.empty(size, dtype=np.uint64)
+        out[0] = 1
+        with np.errstate(over="ignore"):
+            np.cumprod(np.full(size - 1, base, dtype=np.uint64), out=out[1:])
+        out.flags.writeable = False
+        _POWERS[base] = have = out
+    return have
 
 
 def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
