@@ -130,7 +130,8 @@ def test_shuffled_input_selects_the_same_ids(job_dir):
     ann_a = read_table("a", "annotated").to_pandas().set_index("id").sort_index()
     ann_b = read_table("b", "annotated").to_pandas().set_index("id").sort_index()
     assert ann_a.exact_dup_of.fillna("").equals(ann_b.exact_dup_of.fillna(""))
-    assert load_manifest("a")["counts"]["dropped"] == {"exact_duplicate": 5}
+    assert load_manifest("a")["counts"]["dropped"] == {"exact_duplicate": 5, "near_duplicate": 5}
+    assert ann_a.near_dup_of.fillna("").equals(ann_b.near_dup_of.fillna(""))
 
 
 @pytest.mark.parametrize("flags", [
