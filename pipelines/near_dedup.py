@@ -2,15 +2,18 @@
 
 Graph (rows already dropped upstream go around the stage untouched):
 
-    records -> batches -> signatures --buckets (shard, keys, ids)--> GroupByKey(shard)
-                              |                                       -> star edges -> Distinct
-                              +--(id, signature)--+                                     |
-                                                  +-- CoGroupByKey x2: estimated Jaccard (verify)
+    records -> batches -> signatures -> (shard, bucket keys, ids) -> GroupByKey(shard)
+                                     -> star edges -> Distinct
+    verify: ids on an edge (side input) -> signatures again, for those ids only
+            -> CoGroupByKey x2 with the edges -> estimated Jaccard >= threshold
     verified edges -> CombineGlobally(union-find) -> {id: cluster} (side input)
     records in a cluster -> GroupByKey(cluster) -> keep rule; others pass.
 
 Bucket entries travel in a few shards per batch (numpy arrays), not one element
-per (document, band), since Beam costs tens of microseconds per element.
+per (document, band), since Beam costs tens of microseconds per element. Only
+documents that share a bucket with another are verified, so their signatures are
+recomputed (about 50k documents/s) rather than every signature being shuffled:
+the stage's memory then grows with the candidates, not with the input.
 """
 from __future__ import annotations
 
@@ -26,12 +29,17 @@ from pipelines.stage import STATS, StageFn
 
 log = logging.getLogger("curate")
 N_SHARDS = 16
-BUCKETS, SIGS, CLUSTERED = "buckets", "sigs", "clustered"
+BUCKETS, CLUSTERED = "buckets", "clustered"
 STAGE = "near_dedup"
 
 
 def near_text(record: dict, which: str) -> str:
     return record["response"] if which == "response" else record["prompt"] + "\n" + record["response"]
+
+
+def _signatures(batch: list[dict], p: dict) -> np.ndarray:
+    return minhash.signatures([near_text(r, p["text"]) for r in batch], p["num_perm"], p["seed"],
+                              p["ngram"], p["unit"])
 
 
 class SignatureFn(StageFn):
@@ -42,8 +50,7 @@ class SignatureFn(StageFn):
 
     def handle(self, batch):
         p = self.p
-        sigs = minhash.signatures([near_text(r, p["text"]) for r in batch], p["num_perm"], p["seed"],
-                                  p["ngram"], p["unit"])
+        sigs = _signatures(batch, p)
         salts = (np.array([source_salt(r["source"]) for r in batch], dtype=np.uint64)
                  if p["scope"] == "source" else None)
         keys = band_keys(sigs, p["bands"], p["rows"], salts)
@@ -54,10 +61,23 @@ class SignatureFn(StageFn):
         for s in np.unique(shard):
             mask = shard == s
             yield beam.pvalue.TaggedOutput(BUCKETS, (int(s), (flat[mask], [ids[i] for i in owner[mask]])))
-        if p["verify"]:
-            for i, rid in enumerate(ids):
-                yield beam.pvalue.TaggedOutput(SIGS, (rid, sigs[i].tobytes()))
         self.count("rows", len(batch), progress=True)
+
+
+class CandidateSignatureFn(StageFn):
+    """(id, signature bytes) for the records that are on a candidate edge."""
+
+    stage = STAGE
+
+    def __init__(self, p: dict):
+        self.p = p
+
+    def handle(self, batch, candidates):
+        batch = [r for r in batch if r["id"] in candidates]
+        if batch:
+            for rec, sig in zip(batch, _signatures(batch, self.p)):
+                yield rec["id"], sig.tobytes()
+            self.count("candidates", len(batch))
 
 
 class BucketEdgesFn(StageFn):
@@ -179,18 +199,24 @@ class NearDedup(beam.PTransform):
         done = (records
                 | "AlreadyDropped" >> beam.Filter(lambda r: r.get("drop_reason") is not None)
                 | "PassThrough" >> beam.Map(_with_near_fields))
-        sig = (live
-               | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size)
-               | "Signatures" >> beam.ParDo(SignatureFn(p)).with_outputs(BUCKETS, SIGS, STATS))
+        batches = live | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size,
+                                                       max_batch_size=self.batch_size)
+        sig = batches | "Signatures" >> beam.ParDo(SignatureFn(p)).with_outputs(BUCKETS, STATS)
         bucket = (sig[BUCKETS]
                   | "GroupShards" >> beam.GroupByKey()
                   | "StarEdges" >> beam.ParDo(BucketEdgesFn(p["max_bucket_size"])).with_outputs(STATS, main="edges"))
         edges = bucket.edges | "DistinctEdges" >> beam.Distinct()
         stats = [sig[STATS], bucket[STATS]]
         if p["verify"]:
-            to_b = ({"sig": sig[SIGS], "to": edges | "ByFirst" >> beam.Map(tuple)}
+            candidates = (edges
+                          | "EdgeEnds" >> beam.FlatMap(lambda e: e)
+                          | "CandidateSet" >> beam.combiners.ToSet())
+            cand = batches | "CandidateSignatures" >> beam.ParDo(
+                CandidateSignatureFn(p), beam.pvalue.AsSingleton(candidates)).with_outputs(STATS, main="sigs")
+            stats.append(cand[STATS])
+            to_b = ({"sig": cand.sigs, "to": edges | "ByFirst" >> beam.Map(tuple)}
                     | "JoinFirst" >> beam.CoGroupByKey() | "FanOut" >> beam.FlatMap(_fan_out))
-            verified = ({"sig": sig[SIGS], "from": to_b}
+            verified = ({"sig": cand.sigs, "from": to_b}
                         | "JoinSecond" >> beam.CoGroupByKey()
                         | "Verify" >> beam.ParDo(VerifyFn(p["threshold"])).with_outputs(STATS, main="edges"))
             stats.append(verified[STATS])

@@ -45,9 +45,9 @@ class StageFn(beam.DoFn):
     def handle(self, element):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def process(self, element):
+    def process(self, element, *side_inputs):
         start = time.perf_counter()
-        out = list(self.handle(element))
+        out = list(self.handle(element, *side_inputs))
         self._stats[stat_key(self.stage, "busy_s")] += time.perf_counter() - start
         yield from out
 
