@@ -87,6 +87,10 @@ def build(rows: list[dict], n_originals: int, n_unrelated: int, seed: int = 0,
 
 def evaluate(rows: list[dict], labels: dict, annotated: list[dict], threshold: float = 0.8) -> dict:
     """Recall per true-Jaccard bucket, precision of removals, pair-level P/R/F1."""
+    def bare(x):  # annotated ids are "<source>:<id>" for a source with an id column
+        return x.split(":", 1)[1] if isinstance(x, str) else None
+
+    annotated = [{**a, **{k: bare(a[k]) for k in ("id", "near_dup_of", "near_dup_cluster")}} for a in annotated]
     text = {r["id"]: near_text(r) for r in rows}
     shingles = {i: shingle_set(t) for i, t in text.items()}
     ann = {a["id"]: a for a in annotated}

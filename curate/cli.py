@@ -80,9 +80,15 @@ def cmd_run(args, beam_args: list[str]) -> int:
         cfg = config.load(args.job, args.set)
     except ConfigError as err:
         return _fail(str(err))
-    for flag in beam_args:
-        if not flag.startswith("--"):
-            return _fail(f"unexpected argument {flag!r} (Beam options look like --name=value)")
+    flags: list[str] = []
+    for token in beam_args:  # accept "--name value" as well as "--name=value"
+        if token.startswith("--"):
+            flags.append(token)
+        elif flags and "=" not in flags[-1]:
+            flags[-1] = f"{flags[-1]}={token}"
+        else:
+            return _fail(f"unexpected argument {token!r} (Beam options look like --name=value)")
+    beam_args = flags
     try:
         man = job.run(cfg, beam_args, overwrite=args.overwrite)
     except (job.OutputExistsError, job.InputError) as err:

@@ -1,6 +1,7 @@
 """Make record ids unique within the job, deterministically.
 
-Rows sharing an id are ordered by their canonical original JSON. Content-hash
+Ids are grouped per source (a user id is ``<source>:<value>``, so ids never
+collide across sources). Rows sharing an id are ordered by their canonical original JSON. Content-hash
 ids collide only for byte-identical rows: those are numbered ``<id>``,
 ``<id>#2``, ``<id>#3`` ... (interchangeable, so the numbering cannot change any
 result) and the exact-dedup stage then keeps one. A user-given id that names

@@ -17,9 +17,10 @@ joined by blank lines.
 Alpaca rule: prompt = instruction, plus ``"\\n\\n" + input`` when input is not
 blank.
 
-Ids: the configured id column's value (string or integer) when the source names
-one, else a content hash: blake2b-128 of the source name and the canonical JSON
-of the original row. Identical rows in one source therefore share an id; the
+Ids are unique in the whole job: ``<source>:<value>`` of the configured id column
+(string or integer; sources often number their rows alike, so the source name is
+part of the id; the bare value stays in ``original``), else a content hash:
+blake2b-128 of the source name and the canonical JSON of the original row. Identical rows in one source therefore share an id; the
 pipeline's id stage numbers them (``<hash>#2``, ...), and rejects repeats of a
 user-given id whose content differs (reason ``duplicate_id``).
 """
@@ -210,7 +211,7 @@ def _row_id(row: dict, spec: RowSpec, canonical: str) -> str:
         raise RowError("missing_id", f"id field {spec.id_field!r} is missing or empty")
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise RowError("wrong_type", f"id field {spec.id_field!r} is {type(value).__name__}, expected text or integer")
-    return str(value)
+    return f"{spec.source}:{value}"
 
 
 def to_record(row: Any, spec: RowSpec) -> dict:

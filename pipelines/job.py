@@ -65,7 +65,7 @@ def build(p: beam.Pipeline, cfg: dict, folder: str) -> None:
     written = {"annotated": decided, "rejects": rejects} | "Write" >> T.WriteOutputs(folder)
     stats = (read["stats"], valid["stats"], ids["stats"], exact["stats"], near["stats"], written["stats"])
     stats | "FlattenStats" >> beam.Flatten() | "Stats" >> T.WriteStats(os.path.join(folder, "_stats.json"))
-    (near["reports"],) | "FlattenReports" >> beam.Flatten() | "Reports" >> T.WriteReports(
+    (near["reports"],) | "FlattenReports" >> beam.Flatten() | "Reports" >> T.WriteJson(
         os.path.join(folder, "_reports.json"))
 
 

@@ -259,34 +259,28 @@ class WriteOutputs(beam.PTransform):
         return {"stats": (rows[STATS], rej[STATS]) | "FlattenWriteStats" >> beam.Flatten()}
 
 
-class WriteReports(beam.PTransform):
-    """(name, JSON-able value) pairs from any stage into one JSON file for the manifest."""
+class WriteJson(beam.PTransform):
+    """(key, JSON-able value) pairs into one JSON object file, read by the driver after the run."""
 
     def __init__(self, path: str):
         super().__init__()
         self.path = path
 
-    def expand(self, reports):
+    def expand(self, pairs):
         import json
 
-        return (reports
+        return (pairs
                 | "All" >> beam.combiners.ToList()
                 | "Json" >> beam.Map(lambda items: json.dumps(dict(sorted(items)), default=str))
                 | "Write" >> beam.io.WriteToText(self.path, num_shards=1, shard_name_template=""))
 
 
 class WriteStats(beam.PTransform):
-    """Sums every stage's stats into one JSON file the driver reads after the run."""
+    """Sums every stage's stats into one JSON file."""
 
     def __init__(self, path: str):
         super().__init__()
         self.path = path
 
     def expand(self, stats):
-        import json
-
-        return (stats
-                | "Sum" >> beam.CombinePerKey(sum)
-                | "All" >> beam.combiners.ToList()
-                | "Json" >> beam.Map(lambda items: json.dumps(dict(sorted(items))))
-                | "Write" >> beam.io.WriteToText(self.path, num_shards=1, shard_name_template=""))
+        return stats | "Sum" >> beam.CombinePerKey(sum) | "Json" >> WriteJson(self.path)

@@ -35,7 +35,8 @@ def test_missing_input_file_is_a_one_line_error_with_exit_2(tmp_path):
 
 def test_run_prints_outputs_and_inspect_reads_them(tmp_path):
     job = write_job(tmp_path, {"output": "o", "inputs": [{"source": "g", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}]})
-    res = _run("run", job, "--set", "sample.mode=head", "--set", "sample.n=40", cwd=tmp_path)
+    res = _run("run", job, "--set", "sample.mode=head", "--set", "sample.n=40",
+               "--direct_num_workers", "1", cwd=tmp_path)  # a Beam option written "--name value"
     assert res.returncode == 0, res.stderr
     assert "40 rows in -> 40 selected" in res.stdout
     assert f"outputs in {tmp_path / 'o'}/" in res.stdout

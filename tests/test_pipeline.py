@@ -182,8 +182,17 @@ def test_user_id_duplicates_are_rejected_and_identical_rows_deduplicated(job_dir
     assert run_cli("run", job) == 0
     assert list(pd.read_parquet("out/rejects").reason) == ["duplicate_id"]
     ann = pd.read_parquet("out/annotated").set_index("id")
-    assert sorted(ann.index) == ["1", "1#2", "2"]
-    assert ann.loc["1#2", "drop_reason"] == "exact_duplicate" and ann.loc["1#2", "exact_dup_of"] == "1"
+    assert sorted(ann.index) == ["u:1", "u:1#2", "u:2"]
+    assert ann.loc["u:1#2", "drop_reason"] == "exact_duplicate" and ann.loc["u:1#2", "exact_dup_of"] == "u:1"
+
+
+def test_user_ids_may_repeat_across_sources(job_dir):
+    (job_dir / "a.json").write_text(json.dumps([{"n": 0, "instruction": "Say hi.", "output": "Hi."}]))
+    (job_dir / "b.json").write_text(json.dumps([{"n": 0, "instruction": "Count to two.", "output": "1, 2."}]))
+    job = write_job(job_dir, {"output": "out", "inputs": [{"source": "a", "path": "a.json", "id_field": "n"},
+                                                          {"source": "b", "path": "b.json", "id_field": "n"}]})
+    assert run_cli("run", job) == 0
+    assert ids("out") == ["a:0", "b:0"]
 
 
 def test_sampling_head_and_random(job_dir):

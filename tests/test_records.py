@@ -34,7 +34,7 @@ def test_messages_multi_turn_rule_last_assistant_is_response():
 def test_sharegpt_with_mapped_field_and_user_id():
     spec = RowSpec(source="nq", form="sharegpt", fields=FieldMap(conversations="items"), id_field="id")
     rec = to_record({"items": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}], "id": 7}, spec)
-    assert (rec["id"], rec["prompt"], rec["response"]) == ("7", "Q?", "A.")
+    assert (rec["id"], rec["prompt"], rec["response"]) == ("nq:7", "Q?", "A.")
 
 
 def test_content_id_is_stable_and_depends_on_source_and_content():
