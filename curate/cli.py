@@ -31,7 +31,7 @@ def _setup_logging(verbose: bool) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietBeamImports())
     if not verbose:
-        for name in ("apache_beam", "absl"):
+        for name in ("apache_beam", "absl", "faiss", "faiss.loader", "sentence_transformers", "transformers"):
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -89,9 +89,11 @@ def cmd_run(args, beam_args: list[str]) -> int:
         else:
             return _fail(f"unexpected argument {token!r} (Beam options look like --name=value)")
     beam_args = flags
+    from curate.models import ModelNotFound
+
     try:
         man = job.run(cfg, beam_args, overwrite=args.overwrite)
-    except (job.OutputExistsError, job.InputError) as err:
+    except (job.OutputExistsError, job.InputError, ModelNotFound) as err:
         return _fail(str(err))
     print(summary(man))
     out = os.path.dirname(man["outputs"]["manifest"])

@@ -18,6 +18,7 @@ from curate.io import FORMATS, SourceReadError, detect_format, preflight, resolv
 from curate.records import FORMS, FieldMap
 
 REQUIRED = object()
+SEMANTIC_KEEP = ("least_similar_to_centroid", "most_similar_to_centroid", "longest_response")
 
 
 class ConfigError(Exception):
@@ -86,6 +87,32 @@ SCHEMA: dict = {
             "max_bucket_size": Opt((int,), 1000, minimum=2),
             "seed": Opt((int,), None),
         },
+        "semantic": {
+            "enabled": Opt((bool,), True),
+            "eps": Opt((float,), 0.01, minimum=0.0, maximum=1.0),
+            "keep": Opt((str,), "least_similar_to_centroid", choices=SEMANTIC_KEEP),
+            "block_size": Opt((int,), 2048, minimum=16),
+        },
+    },
+    "embed": {
+        "enabled": Opt((bool,), True),
+        "model": Opt((str,), "all-MiniLM-L6-v2"),
+        "text": Opt((str,), "whole", choices=("whole", "instruction", "response")),
+        "max_seq_length": Opt((int,), 256, minimum=8),
+        "batch_size": Opt((int,), 64, minimum=1),
+        "device": Opt((str,), "auto", choices=("auto", "cpu", "cuda")),
+        "dtype": Opt((str,), "auto", choices=("auto", "float32", "bfloat16", "float16")),
+    },
+    "cluster": {
+        "enabled": Opt((bool,), True),
+        "k": Opt((int,), None, minimum=1),
+        "k_min": Opt((int,), 2, minimum=1),
+        "k_max": Opt((int,), 1024, minimum=1),
+        "niter": Opt((int,), 20, minimum=1),
+        "sample_per_centroid": Opt((int,), 256, minimum=1),
+        "max_sample": Opt((int,), 100_000, minimum=1),
+        "seed": Opt((int,), None),
+        "device": Opt((str,), "auto", choices=("auto", "cpu", "cuda")),
     },
     "batch_size": Opt((int,), 512, minimum=1),
     "beam": FreeMap(),
@@ -216,6 +243,12 @@ def validate(raw: Any, *, check_files: bool = True) -> dict:
     if near["bands"] is not None and near["bands"] * near["rows"] > near["num_perm"]:
         raise ConfigError(f"dedup.near: bands x rows ({near['bands'] * near['rows']}) exceeds "
                           f"num_perm ({near['num_perm']})")
+    if cfg["cluster"]["seed"] is None:
+        cfg["cluster"]["seed"] = cfg["seed"]
+    if cfg["cluster"]["enabled"] and not cfg["embed"]["enabled"]:
+        raise ConfigError("cluster.enabled needs embed.enabled (clusters are built on the embeddings)")
+    if cfg["dedup"]["semantic"]["enabled"] and not cfg["cluster"]["enabled"]:
+        raise ConfigError("dedup.semantic.enabled needs cluster.enabled (SemDeDup compares rows inside clusters)")
     if near["bands"] is None:
         from curate.dedup.near import optimal_bands_rows
 

@@ -58,7 +58,7 @@ def summarize(stats: dict[str, float]) -> dict:
     order = {name: i for i, name in enumerate(STAGE_ORDER)}
     for stage in sorted(stages, key=lambda s: (order.get(s, len(order)), s)):
         metrics = stages[stage]
-        clean = {m: (round(v, 3) if m == "busy_s" else int(v)) for m, v in sorted(metrics.items())}
+        clean = {m: (round(v, 3) if m.endswith("_s") else int(v)) for m, v in sorted(metrics.items())}
         stage_out[stage] = clean
     return {
         "rows_in": totals["rows_in"],
@@ -123,13 +123,40 @@ def near_dedup_report(cfg: dict, stages: dict, reports: dict) -> dict:
     }
 
 
+def embed_cluster_report(cfg: dict, stages: dict, reports: dict, runtime: dict) -> dict:
+    """Embedding model and device, k-means summary, semantic dedup with its eps sweep."""
+    out: dict = {"embed": {"enabled": cfg["embed"]["enabled"]}}
+    if cfg["embed"]["enabled"]:
+        out["embed"].update({**runtime.get("embed", {}), "text": cfg["embed"]["text"],
+                             "max_seq_length": cfg["embed"]["max_seq_length"],
+                             "batch_size": cfg["embed"]["batch_size"]})
+    c = cfg["cluster"]
+    out["cluster"] = {"enabled": c["enabled"]}
+    if c["enabled"]:
+        sizes = reports.get("cluster.sizes", [])
+        model = reports.get("cluster.model", {})
+        out["cluster"].update({
+            "k": model.get("k"), "sample": model.get("sample"), "niter": c["niter"], "seed": c["seed"],
+            "faiss_gpu": runtime.get("cluster", {}).get("faiss_gpu"),
+            "nonempty_clusters": len(sizes),
+            "size_min": min(sizes) if sizes else None, "size_max": max(sizes) if sizes else None,
+            "size_median": sorted(sizes)[len(sizes) // 2] if sizes else None})
+        sd = cfg["dedup"]["semantic"]
+        st = stages.get("semantic_dedup", {})
+        out["semantic_dedup"] = {
+            "enabled": sd["enabled"], "eps": sd["eps"], "keep": sd["keep"], "removed": int(st.get("dropped", 0)),
+            "sweep_would_remove": {k.split("eps_", 1)[1]: int(v) for k, v in sorted(st.items())
+                                   if k.startswith("sweep:")}}
+    return out
+
+
 def build(cfg: dict, stats: dict, inputs: list[dict], *, beam_options: dict, started: str,
-          finished: str, wall_s: float, reports: dict | None = None) -> dict:
+          finished: str, wall_s: float, reports: dict | None = None, runtime: dict | None = None) -> dict:
     counts = summarize(stats)
     acc = check_accounting(counts)
     stages = counts.pop("stages")
     for s in stages.values():
-        busy = s.get("busy_s")
+        busy = s.get("busy_s", 0) + s.get("model_s", 0)
         rows = s.get("rows", s.get("records", 0))
         if busy and rows:
             s["rows_per_busy_s"] = round(rows / busy, 1)
@@ -147,5 +174,6 @@ def build(cfg: dict, stats: dict, inputs: list[dict], *, beam_options: dict, sta
         "accounting": acc,
         "stages": stages,
         "near_dedup": near_dedup_report(cfg, stages, reports or {}),
+        **embed_cluster_report(cfg, stages, reports or {}, runtime or {}),
         "timing": {"started": started, "finished": finished, "wall_s": round(wall_s, 3)},
     }

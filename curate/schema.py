@@ -15,7 +15,7 @@ import sys
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
@@ -30,6 +30,9 @@ ANNOTATED_FIELDS = [
     pa.field("exact_dup_of", pa.string()),
     pa.field("near_dup_cluster", pa.string()),
     pa.field("near_dup_of", pa.string()),
+    pa.field("cluster_id", pa.int32()),
+    pa.field("cluster_sim", pa.float32()),
+    pa.field("semantic_dup_of", pa.string()),
     pa.field("selected", pa.bool_(), nullable=False),
     pa.field("drop_reason", pa.string()),
 ]
@@ -53,8 +56,12 @@ FIELD_DOCS = {
     "exact_dup_of": "id of the kept row this row exactly duplicates, else null",
     "near_dup_cluster": "near-duplicate cluster (its smallest member id) this row belongs to, else null",
     "near_dup_of": "id of the cluster member kept in place of this row, else null",
+    "cluster_id": "k-means cluster of the row's embedding, null for rows dropped before embedding",
+    "cluster_sim": "cosine similarity of the row's embedding to its cluster centroid",
+    "semantic_dup_of": "id of the row kept in place of this semantic duplicate (SemDeDup), else null",
+    "embedding": "L2-normalized float32 sentence embedding (dimension in the schema metadata)",
     "selected": "true if the row is in selected/",
-    "drop_reason": "why the row is not selected (exact_duplicate, near_duplicate, ...), null when selected",
+    "drop_reason": "why the row is not selected (exact_duplicate, near_duplicate, semantic_duplicate, ...), null when selected",
     "file": "input file the rejected row came from",
     "row_number": "1-based line (jsonl) or position (json, parquet) in that file",
     "reason": "reject reason code (see curate.records.REJECT_REASONS)",
@@ -67,10 +74,19 @@ def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
     return pa.schema(fields, metadata={"curate.schema": name, "curate.schema_version": SCHEMA_VERSION})
 
 
+def embeddings_schema(dim: int) -> pa.Schema:
+    """embeddings/: one row per embedded id; the vector as a fixed-size float32 list."""
+    sch = _schema("embeddings", [pa.field("id", pa.string(), nullable=False),
+                                 pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False)])
+    return sch.with_metadata({**{k.decode(): v.decode() for k, v in sch.metadata.items()},
+                              "curate.embedding_dim": str(dim)})
+
+
 ANNOTATED = _schema("annotated", ANNOTATED_FIELDS)
 SELECTED = _schema("selected", ANNOTATED_FIELDS)
 REJECTS = _schema("rejects", REJECT_FIELDS)
-SCHEMAS = {"annotated": ANNOTATED, "selected": SELECTED, "rejects": REJECTS}
+EMBEDDINGS = embeddings_schema(384)  # as written with the default model; the dim follows the model
+SCHEMAS = {"annotated": ANNOTATED, "selected": SELECTED, "rejects": REJECTS, "embeddings": EMBEDDINGS}
 
 
 def describe(schema: pa.Schema) -> dict:

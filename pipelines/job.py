@@ -24,6 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from curate import manifest as manifest_mod
 from curate.io import fingerprint
 from pipelines import transforms as T
+from pipelines.embed_cluster import EmbedClusterDedup
 from pipelines.near_dedup import NearDedup
 
 log = logging.getLogger("curate")
@@ -54,18 +55,45 @@ def beam_flags(options: dict, extra: list[str] | None = None) -> list[str]:
     return flags + extra
 
 
-def build(p: beam.Pipeline, cfg: dict, folder: str) -> None:
+def resolve_runtime(cfg: dict) -> dict:
+    """Choices made at run time on this machine: model path and size, devices, dtypes."""
+    from curate import device, models
+
+    rt = {}
+    if cfg["embed"]["enabled"]:
+        path = models.resolve_embedder(cfg["embed"]["model"])
+        dev = device.torch_device(cfg["embed"]["device"])
+        rt["embed"] = {"model": cfg["embed"]["model"], "path": path, "device": dev,
+                       "dtype": device.torch_dtype_name(dev, cfg["embed"]["dtype"]),
+                       "dim": models.embedding_dim(path)}
+    if cfg["cluster"]["enabled"]:
+        rt["cluster"] = {"faiss_gpu": device.faiss_use_gpu(cfg["cluster"]["device"])}
+    return rt
+
+
+def build(p: beam.Pipeline, cfg: dict, folder: str, rt: dict | None = None) -> None:
+    rt = rt if rt is not None else resolve_runtime(cfg)
     read = p | "Read" >> T.Read(cfg)
     valid = read["records"] | "Validate" >> T.Validate(cfg)
     ids = valid["records"] | "UniqueIds" >> T.UniqueIds(cfg)
     exact = ids["records"] | "ExactDedup" >> T.ExactDedup(cfg)
     near = exact["records"] | "NearDedup" >> NearDedup(cfg)
-    decided = near["records"] | "Select" >> beam.Map(T.select_all_kept)
+    emb = rt.get("embed", {})
+    ec = near["records"] | "EmbedCluster" >> EmbedClusterDedup(
+        cfg, emb.get("device", "cpu"), emb.get("dtype", "float32"), rt.get("cluster", {}).get("faiss_gpu", False))
+    if emb:
+        from curate.schema import embeddings_schema
+
+        ec["embeddings"] | "WriteEmbeddings" >> beam.io.WriteToParquet(
+            os.path.join(folder, "embeddings", "part"), embeddings_schema(emb["dim"]),
+            file_name_suffix=".parquet", codec="zstd")
+    decided = ec["records"] | "Select" >> beam.Map(T.select_all_kept)
     rejects = (valid["rejects"], ids["rejects"]) | "AllRejects" >> beam.Flatten()
     written = {"annotated": decided, "rejects": rejects} | "Write" >> T.WriteOutputs(folder)
-    stats = (read["stats"], valid["stats"], ids["stats"], exact["stats"], near["stats"], written["stats"])
+    stats = (read["stats"], valid["stats"], ids["stats"], exact["stats"], near["stats"], ec["stats"],
+             written["stats"])
     stats | "FlattenStats" >> beam.Flatten() | "Stats" >> T.WriteStats(os.path.join(folder, "_stats.json"))
-    (near["reports"],) | "FlattenReports" >> beam.Flatten() | "Reports" >> T.WriteJson(
+    (near["reports"], ec["reports"]) | "FlattenReports" >> beam.Flatten() | "Reports" >> T.WriteJson(
         os.path.join(folder, "_reports.json"))
 
 
@@ -100,9 +128,10 @@ def run(cfg: dict, beam_args: list[str] | None = None, overwrite: bool = False) 
               for s in cfg["inputs"] for f in s["files"]]
     started, t0 = _now(), time.monotonic()
     log.info("curate: running job %r with %s", cfg["name"], " ".join(flags))
+    rt = resolve_runtime(cfg)
     try:
         p = beam.Pipeline(options=options)
-        build(p, cfg, tmp)
+        build(p, cfg, tmp, rt)
         result = p.run()
         state = result.wait_until_finish()
         if state not in (None, "DONE", beam.runners.runner.PipelineState.DONE):
@@ -110,9 +139,11 @@ def run(cfg: dict, beam_args: list[str] | None = None, overwrite: bool = False) 
         stats, reports = _read_and_remove(tmp, "_stats.json"), _read_and_remove(tmp, "_reports.json")
         man = manifest_mod.build(cfg, stats, inputs, beam_options=options.get_all_options(drop_default=True),
                                  started=started, finished=_now(), wall_s=time.monotonic() - t0,
-                                 reports=reports)
+                                 reports=reports, runtime=rt)
         man["outputs"] = {name: os.path.join(out, name) for name in ("annotated", "selected", "rejects")}
         man["outputs"]["manifest"] = os.path.join(out, "manifest.json")
+        if rt.get("embed"):
+            man["outputs"]["embeddings"] = os.path.join(out, "embeddings")
         for name in ("annotated", "selected", "rejects"):
             os.makedirs(os.path.join(tmp, name), exist_ok=True)
             man["outputs"][f"{name}_files"] = len(glob.glob(os.path.join(tmp, name, "*.parquet")))

@@ -38,7 +38,8 @@ class StageFn(beam.DoFn):
         counter = self._metrics.get(key)
         if counter is None:
             counter = self._metrics[key] = Metrics.counter("curate", key)
-        counter.inc(int(n))
+        if float(n).is_integer():
+            counter.inc(int(n))
         if progress:
             self._progress.add(int(n))
 

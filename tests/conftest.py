@@ -54,3 +54,17 @@ def job_dir(tmp_path, monkeypatch):
     """A scratch folder that is also the working directory (relative paths resolve there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+NO_MODEL_STAGES = {"embed": {"enabled": False}, "cluster": {"enabled": False},
+                   "dedup": {"semantic": {"enabled": False}}}
+
+
+def without_models(cfg: dict) -> dict:
+    """A job config with the embedding, clustering and semantic-dedup stages off, for tests of
+    other stages (those stages have their own tests)."""
+    out = {**cfg}
+    for key, sub in NO_MODEL_STAGES.items():
+        out[key] = {**sub, **out.get(key, {})} if key != "dedup" else {
+            **out.get("dedup", {}), "semantic": {"enabled": False}}
+    return out

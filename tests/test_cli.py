@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import EXAMPLES, REPO, write_job
+from tests.conftest import without_models, EXAMPLES, REPO, write_job
 
 CURATE = [sys.executable, "-m", "curate"]
 
@@ -14,8 +14,8 @@ def _run(*args, cwd):
 
 
 def test_misspelled_key_is_a_one_line_error_with_exit_2(tmp_path):
-    job = write_job(tmp_path, {"output": "o", "inputs": [{"source": "a", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}],
-                               "dedup": {"exact": {"enabeld": True}}})
+    job = write_job(tmp_path, without_models({"output": "o", "inputs": [{"source": "a", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}],
+                               "dedup": {"exact": {"enabeld": True}}}))
     for cmd in ("run", "validate"):
         res = _run(cmd, job, cwd=tmp_path)
         assert res.returncode == 2
@@ -25,7 +25,7 @@ def test_misspelled_key_is_a_one_line_error_with_exit_2(tmp_path):
 
 
 def test_missing_input_file_is_a_one_line_error_with_exit_2(tmp_path):
-    job = write_job(tmp_path, {"output": "o", "inputs": [{"source": "a", "path": "nowhere/data.jsonl"}]})
+    job = write_job(tmp_path, without_models({"output": "o", "inputs": [{"source": "a", "path": "nowhere/data.jsonl"}]}))
     res = _run("run", job, cwd=tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == \
@@ -34,7 +34,7 @@ def test_missing_input_file_is_a_one_line_error_with_exit_2(tmp_path):
 
 
 def test_run_prints_outputs_and_inspect_reads_them(tmp_path):
-    job = write_job(tmp_path, {"output": "o", "inputs": [{"source": "g", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}]})
+    job = write_job(tmp_path, without_models({"output": "o", "inputs": [{"source": "g", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}]}))
     res = _run("run", job, "--set", "sample.mode=head", "--set", "sample.n=40",
                "--direct_num_workers", "1", cwd=tmp_path)  # a Beam option written "--name value"
     assert res.returncode == 0, res.stderr

@@ -10,7 +10,7 @@ from benchmarks.dedup_quality import build, evaluate, jaccard, shingle_set, writ
 from curate.dedup import minhash as mh
 from curate.dedup.near import (UnionFind, band_keys, bucket_edges, candidate_probability,
                                optimal_bands_rows, resolve_cluster, size_histogram)
-from tests.conftest import load_manifest, run_cli, shared, write_job
+from tests.conftest import without_models, load_manifest, run_cli, shared, write_job
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +154,8 @@ def test_labelled_real_rows_recall_and_precision(job_dir):
     base = json.load(open(shared("alpaca_cherry_5pct.json"))) + json.load(open(shared("gsm8k_train.json")))
     rows, labels = build(base, n_originals=40, n_unrelated=100, seed=7)
     write_jsonl(rows, "labelled.jsonl")
-    job = write_job(job_dir, {"output": "out", "inputs": [{"source": "lab", "path": "labelled.jsonl", "id_field": "id"}],
-                              "dedup": {"exact": {"enabled": False}}})
+    job = write_job(job_dir, without_models({"output": "out", "inputs": [{"source": "lab", "path": "labelled.jsonl", "id_field": "id"}],
+                              "dedup": {"exact": {"enabled": False}}}))
     assert run_cli("run", job) == 0
     ann = pd.read_parquet("out/annotated").to_dict("records")
     result = evaluate(rows, labels, ann)
@@ -173,9 +173,9 @@ def test_labelled_real_rows_recall_and_precision(job_dir):
     half = len(rows) // 2
     write_jsonl(rows[:half], "a.jsonl")
     write_jsonl(rows[half:], "b.jsonl")
-    job = write_job(job_dir, {"output": "scoped", "dedup": {"exact": {"enabled": False}, "near": {"scope": "source"}},
+    job = write_job(job_dir, without_models({"output": "scoped", "dedup": {"exact": {"enabled": False}, "near": {"scope": "source"}},
                               "inputs": [{"source": "a", "path": "a.jsonl", "id_field": "id"},
-                                         {"source": "b", "path": "b.jsonl", "id_field": "id"}]}, "scoped.yaml")
+                                         {"source": "b", "path": "b.jsonl", "id_field": "id"}]}), "scoped.yaml")
     assert run_cli("run", job) == 0
     scoped = pd.read_parquet("scoped/annotated")
     by_cluster = scoped.dropna(subset=["near_dup_cluster"]).groupby("near_dup_cluster").source.nunique()
@@ -191,8 +191,8 @@ def test_near_dedup_is_runner_and_order_independent(job_dir):
     write_jsonl(list(reversed(rows)), "b.jsonl")
     for name, path, flags in (("a", "a.jsonl", []), ("b", "b.jsonl", ["--direct_running_mode=multi_processing",
                                                                        "--direct_num_workers=2"])):
-        job = write_job(job_dir, {"output": name, "batch_size": 16 if name == "a" else 64,
-                                  "inputs": [{"source": "s", "path": path, "id_field": "id"}]}, f"{name}.yaml")
+        job = write_job(job_dir, without_models({"output": name, "batch_size": 16 if name == "a" else 64,
+                                  "inputs": [{"source": "s", "path": path, "id_field": "id"}]}), f"{name}.yaml")
         assert run_cli("run", job, *flags) == 0
     a = pd.read_parquet("a/annotated").set_index("id").sort_index()
     b = pd.read_parquet("b/annotated").set_index("id").sort_index()

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate import schema
-from tests.conftest import EXAMPLES, REPO, ids, load_manifest, read_table, run_cli, shared, write_job
+from tests.conftest import without_models, EXAMPLES, REPO, ids, load_manifest, read_table, run_cli, shared, write_job
 
 DEMO_INPUTS = [
     {"source": "alpaca_cherry", "path": f"{EXAMPLES}/alpaca_cherry_sample.json"},
@@ -31,11 +31,29 @@ def _accounted_from_files(out) -> dict:
 def two_sources(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two")
     out = folder / "out"
-    job = write_job(folder, {"output": str(out), "inputs": [
-        {"source": "alpaca_cherry", "path": shared("alpaca_cherry_5pct.json")},
-        {"source": "gsm8k", "path": shared("gsm8k_train.json")}]})
+    # every row of both files; the model stages run on a sample in the next test (CPU embedding of
+    # ~130-token rows is ~40 rows/s, too slow for 10,584 rows in the suite)
+    job = write_job(folder, without_models({"output": str(out), "inputs": TWO_SOURCES}))
     assert run_cli("run", job) == 0
     return out
+
+
+TWO_SOURCES = [{"source": "alpaca_cherry", "path": shared("alpaca_cherry_5pct.json")},
+               {"source": "gsm8k", "path": shared("gsm8k_train.json")}]
+
+
+def test_two_source_sample_runs_every_stage(job_dir):
+    job = write_job(job_dir, {"output": "out", "inputs": TWO_SOURCES, "sample": {"mode": "random", "n": 150}})
+    assert run_cli("run", job) == 0
+    man = load_manifest("out")
+    assert man["accounting"]["holds"] and man["counts"]["rows_in"] == 300
+    assert {"read", "validate", "ids", "exact_dedup", "near_dedup", "embed", "cluster", "semantic_dedup",
+            "write"} <= set(man["stages"])
+    embedded = 300 - sum(man["counts"]["dropped"].get(r, 0) for r in ("exact_duplicate", "near_duplicate"))
+    assert man["stages"]["embed"]["rows"] == man["stages"]["cluster"]["rows"] == embedded
+    ann = read_table("out", "annotated").to_pandas()
+    assert ann[ann.selected].cluster_id.notna().all() and man["cluster"]["k"] == round(embedded ** 0.5)
+    assert read_table("out", "embeddings").num_rows == embedded
 
 
 def test_two_source_run_writes_all_outputs_and_accounts_for_every_row(two_sources):
@@ -52,7 +70,7 @@ def test_two_source_run_writes_all_outputs_and_accounts_for_every_row(two_source
     assert files["rejected"] == man["counts"]["rejected"]
     assert set(man["counts"]["by_source"]) == {"alpaca_cherry", "gsm8k"}
     assert man["versions"]["apache-beam"] and man["inputs"][0]["sha256"]
-    assert {"read", "validate", "ids", "exact_dedup", "write"} <= set(man["stages"])
+    assert {"read", "validate", "ids", "exact_dedup", "near_dedup", "write"} <= set(man["stages"])
 
 
 def test_outputs_read_back_with_the_documented_schema(two_sources):
@@ -87,8 +105,8 @@ def test_bad_rows_go_to_rejects_and_the_job_goes_on(job_dir):
     ]
     (job_dir / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (job_dir / "more.json").write_text(json.dumps(good[4:]))
-    job = write_job(job_dir, {"output": "out", "validate": {"max_chars": 300}, "inputs": [
-        {"source": "mixed", "path": "mixed.jsonl"}, {"source": "more", "path": "more.json"}]})
+    job = write_job(job_dir, without_models({"output": "out", "validate": {"max_chars": 300}, "inputs": [
+        {"source": "mixed", "path": "mixed.jsonl"}, {"source": "more", "path": "more.json"}]}))
     assert run_cli("run", job) == 0
     rej = pd.read_parquet("out/rejects")
     assert sorted(rej.reason) == sorted(["malformed_json", "undecodable_bytes", "missing_field", "wrong_type",
@@ -123,8 +141,8 @@ def _shuffled_copies(folder, seed=3) -> list[dict]:
 
 
 def test_shuffled_input_selects_the_same_ids(job_dir):
-    assert run_cli("run", write_job(job_dir, {"output": "a", "inputs": DEMO_INPUTS}, "a.yaml")) == 0
-    assert run_cli("run", write_job(job_dir, {"output": "b", "inputs": _shuffled_copies(job_dir)}, "b.yaml")) == 0
+    assert run_cli("run", write_job(job_dir, without_models({"output": "a", "inputs": DEMO_INPUTS}), "a.yaml")) == 0
+    assert run_cli("run", write_job(job_dir, without_models({"output": "b", "inputs": _shuffled_copies(job_dir)}), "b.yaml")) == 0
     assert ids("a") == ids("b")
     assert ids("a", "annotated") == ids("b", "annotated")
     ann_a = read_table("a", "annotated").to_pandas().set_index("id").sort_index()
@@ -139,8 +157,8 @@ def test_shuffled_input_selects_the_same_ids(job_dir):
     ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"],
 ], ids=["multi_processing", "portable_loopback"])
 def test_other_runners_select_the_same_ids(job_dir, flags):
-    assert run_cli("run", write_job(job_dir, {"output": "ref", "inputs": DEMO_INPUTS}, "ref.yaml")) == 0
-    assert run_cli("run", write_job(job_dir, {"output": "other", "inputs": DEMO_INPUTS}, "o.yaml"), *flags) == 0
+    assert run_cli("run", write_job(job_dir, without_models({"output": "ref", "inputs": DEMO_INPUTS}), "ref.yaml")) == 0
+    assert run_cli("run", write_job(job_dir, without_models({"output": "other", "inputs": DEMO_INPUTS}), "o.yaml"), *flags) == 0
     assert ids("ref") == ids("other") and len(ids("ref")) == 400
     runner = load_manifest("other")["beam_options"]
     for flag in flags:
@@ -149,8 +167,8 @@ def test_other_runners_select_the_same_ids(job_dir, flags):
 
 
 def test_batch_size_does_not_change_the_selection(job_dir):
-    assert run_cli("run", write_job(job_dir, {"output": "a", "inputs": DEMO_INPUTS, "batch_size": 7})) == 0
-    assert run_cli("run", write_job(job_dir, {"output": "b", "inputs": DEMO_INPUTS, "batch_size": 1000})) == 0
+    assert run_cli("run", write_job(job_dir, without_models({"output": "a", "inputs": DEMO_INPUTS, "batch_size": 7}))) == 0
+    assert run_cli("run", write_job(job_dir, without_models({"output": "b", "inputs": DEMO_INPUTS, "batch_size": 1000}))) == 0
     assert ids("a") == ids("b")
 
 
@@ -159,18 +177,18 @@ def test_exact_dedup_scope_and_cross_source_keep_rule(job_dir):
     (job_dir / "first.json").write_text(json.dumps([row, {"instruction": "x", "output": "y"}]))
     (job_dir / "second.json").write_text(json.dumps([{"instruction": "NAME a  colour.", "output": "blue."}]))
     inputs = [{"source": "second", "path": "second.json"}, {"source": "first", "path": "first.json"}]
-    assert run_cli("run", write_job(job_dir, {"output": "g", "inputs": inputs})) == 0
+    assert run_cli("run", write_job(job_dir, without_models({"output": "g", "inputs": inputs}))) == 0
     ann = pd.read_parquet("g/annotated").set_index("source")
     assert ann.loc["second", "selected"]  # listed first in inputs, so it is kept
     dropped = ann[~ann.selected]
     assert list(dropped.drop_reason) == ["exact_duplicate"]
     assert dropped.exact_dup_of.iloc[0] == ann.loc["second", "id"]
-    assert run_cli("run", write_job(job_dir, {"output": "s", "inputs": inputs,
-                                              "dedup": {"exact": {"scope": "source"}, "near": {"enabled": False}}})) == 0
+    assert run_cli("run", write_job(job_dir, without_models({"output": "s", "inputs": inputs,
+                                              "dedup": {"exact": {"scope": "source"}, "near": {"enabled": False}}}))) == 0
     assert pd.read_parquet("s/annotated").selected.all()
     # with near dedup on (global scope), the cross-source copy is still caught, as a near duplicate
-    assert run_cli("run", write_job(job_dir, {"output": "n", "inputs": inputs,
-                                              "dedup": {"exact": {"scope": "source"}}})) == 0
+    assert run_cli("run", write_job(job_dir, without_models({"output": "n", "inputs": inputs,
+                                              "dedup": {"exact": {"scope": "source"}}}))) == 0
     assert sorted(pd.read_parquet("n/annotated").drop_reason.dropna()) == ["near_duplicate"]
 
 
@@ -178,7 +196,7 @@ def test_user_id_duplicates_are_rejected_and_identical_rows_deduplicated(job_dir
     rows = [{"uid": "1", "instruction": "a", "output": "b"}, {"uid": "1", "instruction": "a", "output": "b"},
             {"uid": "1", "instruction": "other", "output": "c"}, {"uid": "2", "instruction": "d", "output": "e"}]
     (job_dir / "u.json").write_text(json.dumps(rows))
-    job = write_job(job_dir, {"output": "out", "inputs": [{"source": "u", "path": "u.json", "id_field": "uid"}]})
+    job = write_job(job_dir, without_models({"output": "out", "inputs": [{"source": "u", "path": "u.json", "id_field": "uid"}]}))
     assert run_cli("run", job) == 0
     assert list(pd.read_parquet("out/rejects").reason) == ["duplicate_id"]
     ann = pd.read_parquet("out/annotated").set_index("id")
@@ -189,27 +207,27 @@ def test_user_id_duplicates_are_rejected_and_identical_rows_deduplicated(job_dir
 def test_user_ids_may_repeat_across_sources(job_dir):
     (job_dir / "a.json").write_text(json.dumps([{"n": 0, "instruction": "Say hi.", "output": "Hi."}]))
     (job_dir / "b.json").write_text(json.dumps([{"n": 0, "instruction": "Count to two.", "output": "1, 2."}]))
-    job = write_job(job_dir, {"output": "out", "inputs": [{"source": "a", "path": "a.json", "id_field": "n"},
-                                                          {"source": "b", "path": "b.json", "id_field": "n"}]})
+    job = write_job(job_dir, without_models({"output": "out", "inputs": [{"source": "a", "path": "a.json", "id_field": "n"},
+                                                          {"source": "b", "path": "b.json", "id_field": "n"}]}))
     assert run_cli("run", job) == 0
     assert ids("out") == ["a:0", "b:0"]
 
 
 def test_sampling_head_and_random(job_dir):
-    job = write_job(job_dir, {"output": "h", "inputs": DEMO_INPUTS, "sample": {"mode": "head", "n": 10}})
+    job = write_job(job_dir, without_models({"output": "h", "inputs": DEMO_INPUTS, "sample": {"mode": "head", "n": 10}}))
     assert run_cli("run", job) == 0
     man = load_manifest("h")
     assert man["counts"]["rows_in"] == 30
     assert man["stages"]["read"]["rows_seen"] == 30  # head stops reading after n rows
     for seed_out in ("r1", "r2"):
-        job = write_job(job_dir, {"output": seed_out, "seed": 5, "inputs": DEMO_INPUTS,
-                                  "sample": {"mode": "random", "n": 20}})
+        job = write_job(job_dir, without_models({"output": seed_out, "seed": 5, "inputs": DEMO_INPUTS,
+                                  "sample": {"mode": "random", "n": 20}}))
         assert run_cli("run", job) == 0
     assert ids("r1", "annotated") == ids("r2", "annotated") and len(ids("r1", "annotated")) == 60
 
 
 def test_output_is_atomic_and_not_overwritten_by_accident(job_dir, capsys):
-    job = write_job(job_dir, {"output": "out", "inputs": DEMO_INPUTS[:1]})
+    job = write_job(job_dir, without_models({"output": "out", "inputs": DEMO_INPUTS[:1]}))
     assert run_cli("run", job) == 0
     first = load_manifest("out")["timing"]["started"]
     assert run_cli("run", job) == 2
@@ -218,7 +236,7 @@ def test_output_is_atomic_and_not_overwritten_by_accident(job_dir, capsys):
     assert load_manifest("out")["timing"]["started"] >= first
     # a file that breaks while the job runs: one-line error, and no folder that looks complete
     (job_dir / "bad.json").write_text('[{"instruction": "a", "output": "b"}, {')
-    job = write_job(job_dir, {"output": "broken", "inputs": [{"source": "bad", "path": "bad.json"}]})
+    job = write_job(job_dir, without_models({"output": "broken", "inputs": [{"source": "bad", "path": "bad.json"}]}))
     assert run_cli("run", job) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("curate: error: ") and "bad.json: not valid JSON" in err[-1]

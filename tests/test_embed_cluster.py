@@ -1,0 +1,180 @@
+"""Embeddings (real all-MiniLM-L6-v2 on CPU), FAISS k-means, SemDeDup: pure functions and the
+real Beam job."""
+import json
+import random
+import re
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from curate import cluster as clustering
+from curate.dedup import semantic
+from curate.device import faiss_use_gpu, torch_device, torch_dtype_name
+from tests.conftest import EXAMPLES, load_manifest, run_cli, shared, write_job
+
+FAST = {"dedup": {"near": {"enabled": False}}}
+
+
+@pytest.fixture(scope="module")
+def model():
+    from curate.embed import load_embedder
+
+    return load_embedder(None, "cpu", "float32", 256)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    rows = json.load(open(shared("alpaca_cherry_5pct.json")))[:40] + json.load(open(shared("gsm8k_train.json")))[:24]
+    return [r["instruction"] + "\n" + r["output"] for r in rows]
+
+
+def test_embeddings_do_not_depend_on_batch_size_and_match_direct_encode(model, texts):
+    from sentence_transformers import SentenceTransformer
+
+    from curate.embed import encode
+    from curate.models import resolve_embedder
+
+    whole = encode(model, texts)
+    for size in (1, 7, 32):
+        parts = np.concatenate([encode(model, texts[i:i + size]) for i in range(0, len(texts), size)])
+        assert np.abs(parts - whole).max() <= 1e-5
+    direct = SentenceTransformer(resolve_embedder(None), device="cpu").encode(texts, normalize_embeddings=True)
+    assert np.abs(direct - whole).max() <= 1e-5
+    assert whole.dtype == np.float32 and whole.shape == (64, 384)
+    assert np.allclose(np.linalg.norm(whole, axis=1), 1.0, atol=1e-6)
+
+
+def test_device_and_index_choice():
+    assert torch_device("auto", cuda_available=False) == "cpu"
+    assert torch_device("auto", cuda_available=True) == "cuda"
+    assert torch_device("cpu", cuda_available=True) == "cpu"
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        torch_device("cuda", cuda_available=False)
+    assert torch_dtype_name("cuda") == "float16" and torch_dtype_name("cpu") == "float32"
+    assert torch_dtype_name("cpu", "bfloat16") == "bfloat16"
+    assert faiss_use_gpu("auto", num_gpus=0) is False and faiss_use_gpu("auto", num_gpus=2) is True
+    assert faiss_use_gpu("cpu", num_gpus=2) is False
+    with pytest.raises(RuntimeError, match="FAISS sees no GPU"):
+        faiss_use_gpu("cuda", num_gpus=0)
+    assert torch_device("auto") in ("cpu", "cuda")  # asks torch for real
+
+
+def test_default_k_and_seeded_sample():
+    assert clustering.default_k(400) == 20 and clustering.default_k(3) == 2 and clustering.default_k(1) == 1
+    assert clustering.default_k(10_000_000) == 1024
+    assert clustering.sample_rank(1, "a") == clustering.sample_rank(1, "a") != clustering.sample_rank(2, "a")
+    from pipelines.embed_cluster import SmallestRanks
+
+    items = [(clustering.sample_rank(0, f"r{i}"), f"r{i}", i) for i in range(500)]
+    fn = SmallestRanks(50)
+    outs = []
+    for order in range(3):
+        random.Random(order).shuffle(items)
+        accs = []
+        for part in (items[:100], items[100:350], items[350:]):
+            acc = fn.create_accumulator()
+            for it in part:
+                acc = fn.add_input(acc, it)
+            accs.append(acc)
+        outs.append(fn.extract_output(fn.merge_accumulators(accs)))
+    assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 50
+
+
+def test_kmeans_recovers_blobs_and_is_seeded():
+    rng = np.random.default_rng(0)
+    centers = np.linalg.qr(rng.normal(size=(384, 3)))[0].T  # 3 orthonormal directions
+    x = np.concatenate([c + 0.05 * rng.normal(size=(100, 384)) for c in centers]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cents = clustering.train(x, 3, seed=1)
+    ids, sims = clustering.assign(x, cents)
+    labels = np.repeat([0, 1, 2], 100)
+    for blob in range(3):
+        assert len(set(ids[labels == blob])) == 1
+    assert len(set(ids)) == 3 and sims.min() > 0.5
+    assert np.array_equal(cents, clustering.train(x, 3, seed=1))
+
+
+def test_semdedup_keeps_one_per_group_by_each_rule():
+    x = np.array([[1, 0, 0], [0.999, 0.0447, 0], [0.9995, 0, 0.0316], [0, 1, 0]], dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    recs = lambda: [{"id": i, "cluster_sim": s, "response": r} for i, s, r in
+                    (("a", 0.9, "x"), ("b", 0.8, "xxx"), ("c", 0.95, "xx"), ("d", 0.5, "x"))]
+    cases = {"least_similar_to_centroid": "b", "most_similar_to_centroid": "c", "longest_response": "b"}
+    for rule, keeper in cases.items():
+        out = {r["id"]: r for r in semantic.resolve(recs(), x, 0.01, rule)}
+        kept = [i for i, r in out.items() if r["semantic_dup_of"] is None]
+        assert kept == sorted([keeper, "d"]), rule
+        assert all(r["semantic_dup_of"] == keeper for i, r in out.items() if i not in (keeper, "d"))
+    # tiles give the same pairs as one dense block; the sweep grows with eps
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=(300, 8)).astype(np.float32)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    dense = semantic.similar_pairs(y, 0.9, block=1000)
+    tiled = semantic.similar_pairs(y, 0.9, block=17)
+    assert sorted(zip(*dense[:2])) == sorted(zip(*tiled[:2])) and len(dense[0]) > 10
+    sweep = semantic.removed_per_eps(y)
+    assert list(sweep.values()) == sorted(sweep.values()) and sweep[0.1] > 0
+
+
+def _paraphrase(row: dict) -> dict:
+    swaps = {"Write": "Compose", "Explain": "Describe", "Describe": "Explain", "Generate": "Produce",
+             "Create": "Make", "Give": "Provide", "Provide": "Give", "List": "Enumerate"}
+    instruction = re.sub(r"^(\w+)", lambda m: swaps.get(m.group(1), m.group(1)), row["instruction"])
+    return {**row, "instruction": instruction, "output": row["output"].replace("It is", "It's").rstrip(".") + "."}
+
+
+def test_semdedup_on_real_rows_keeps_one_per_planted_group(job_dir):
+    base = json.load(open(shared("alpaca_cherry_5pct.json")))
+    rng = random.Random(5)
+    picked = rng.sample(base, 100)
+    rows, groups = [], []
+    for i, r in enumerate(picked[:30]):  # planted groups: original, paraphrase, exact copy
+        members = [{**r, "id": f"g{i}-orig"}, {**_paraphrase(r), "id": f"g{i}-para"}, {**r, "id": f"g{i}-copy"}]
+        rows += members
+        groups.append([m["id"] for m in members])
+    unrelated = [{**r, "id": f"u{i}"} for i, r in enumerate(picked[30:])]
+    rows += unrelated
+    rng.shuffle(rows)
+    (job_dir / "rows.json").write_text(json.dumps(rows))
+    job = write_job(job_dir, {"output": "out", "inputs": [{"source": "s", "path": "rows.json", "id_field": "id"}],
+                              "dedup": {"exact": {"enabled": False}, "near": {"enabled": False},
+                                        "semantic": {"eps": 0.06}}, "cluster": {"k": 4}})
+    assert run_cli("run", job) == 0
+    ann = pd.read_parquet("out/annotated").set_index("id")
+    for group in groups:
+        members = ann.loc[[f"s:{g}" for g in group]]
+        assert members.selected.sum() == 1, members[["selected", "semantic_dup_of", "cluster_id"]]
+        keeper = members.index[members.selected][0]
+        assert (members[~members.selected].semantic_dup_of == keeper).all()
+        assert (members[~members.selected].drop_reason == "semantic_duplicate").all()
+    assert ann.loc[[f"s:{u['id']}" for u in unrelated]].selected.all()
+    man = load_manifest("out")
+    assert man["semantic_dedup"]["removed"] == 60 == man["counts"]["dropped"]["semantic_duplicate"]
+    assert man["accounting"]["holds"] and man["cluster"]["k"] == 4
+    emb = pq.read_table("out/embeddings")
+    assert emb.num_rows == len(rows) and emb.schema.field("embedding").type.list_size == 384
+    assert emb.schema.metadata[b"curate.embedding_dim"] == b"384"
+
+
+DEMO = [{"source": "alpaca_cherry", "path": f"{EXAMPLES}/alpaca_cherry_sample.json"},
+        {"source": "gsm8k", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}]
+
+
+def test_cluster_ids_are_the_same_across_runs_and_runners(job_dir):
+    outs = {"a": [], "b": [], "mp": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]}
+    for name, flags in outs.items():
+        cfg = {"output": name, "inputs": DEMO, "embed": {"device": "cpu", "batch_size": 16 if name == "b" else 64},
+               "cluster": {"device": "cpu"}, **FAST}
+        assert run_cli("run", write_job(job_dir, cfg, f"{name}.yaml"), *flags) == 0
+    frames = {n: pd.read_parquet(f"{n}/annotated").set_index("id").sort_index() for n in outs}
+    assert frames["a"].cluster_id.notna().sum() == 355
+    for other in ("b", "mp"):
+        assert frames["a"].cluster_id.equals(frames[other].cluster_id)
+        assert np.abs(frames["a"].cluster_sim.fillna(0) - frames[other].cluster_sim.fillna(0)).max() < 1e-5
+        assert frames["a"].selected.equals(frames[other].selected)
+    man = load_manifest("a")
+    assert man["embed"]["device"] == "cpu" and man["cluster"]["faiss_gpu"] is False
+    assert man["embed"]["max_seq_length"] == 256 and man["cluster"]["k"] == 19
+    assert set(man["semantic_dedup"]["sweep_would_remove"]) == {"0.005", "0.01", "0.02", "0.05", "0.1"}
