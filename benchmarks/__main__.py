@@ -10,6 +10,7 @@ BENCHMARKS = {
     "foundation": "benchmarks.foundation",
     "minhash": "benchmarks.minhash",
     "near_quality": "benchmarks.near_quality",
+    "embed": "benchmarks.embed",
 }
 
 

@@ -6,6 +6,9 @@ longer texts are truncated identically on every device.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 
 from curate.models import resolve_embedder
@@ -50,3 +53,14 @@ def encode(model, texts: list[str]) -> np.ndarray:
     vecs = out.float().cpu().numpy().astype(np.float32, copy=False)
     norms = np.linalg.norm(vecs, axis=1, keepdims=True)
     return vecs / np.maximum(norms, 1e-12)
+
+
+def text_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def embed_key(model: str, max_seq_length: int, dtype: str, text_mode: str) -> str:
+    """What a stored vector depends on besides its text: reuse only when this matches."""
+    spec = json.dumps({"model": model, "max_seq_length": max_seq_length, "dtype": dtype, "text": text_mode},
+                      sort_keys=True)
+    return hashlib.blake2b(spec.encode(), digest_size=8).hexdigest()

@@ -60,6 +60,7 @@ FIELD_DOCS = {
     "cluster_sim": "cosine similarity of the row's embedding to its cluster centroid",
     "semantic_dup_of": "id of the row kept in place of this semantic duplicate (SemDeDup), else null",
     "embedding": "L2-normalized float32 sentence embedding (dimension in the schema metadata)",
+    "text_hash": "blake2b-128 of the embedded text: with curate.embed_key, what a rerun reuses vectors by",
     "selected": "true if the row is in selected/",
     "drop_reason": "why the row is not selected (exact_duplicate, near_duplicate, semantic_duplicate, ...), null when selected",
     "file": "input file the rejected row came from",
@@ -74,12 +75,14 @@ def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
     return pa.schema(fields, metadata={"curate.schema": name, "curate.schema_version": SCHEMA_VERSION})
 
 
-def embeddings_schema(dim: int) -> pa.Schema:
-    """embeddings/: one row per embedded id; the vector as a fixed-size float32 list."""
+def embeddings_schema(dim: int, key: str = "") -> pa.Schema:
+    """embeddings/: one row per embedded id; the vector as a fixed-size float32 list. ``key``
+    (``curate.embed.embed_key``) says which model settings made them, for reuse by a later run."""
     sch = _schema("embeddings", [pa.field("id", pa.string(), nullable=False),
+                                 pa.field("text_hash", pa.string(), nullable=False),
                                  pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False)])
     return sch.with_metadata({**{k.decode(): v.decode() for k, v in sch.metadata.items()},
-                              "curate.embedding_dim": str(dim)})
+                              "curate.embedding_dim": str(dim), "curate.embed_key": key})
 
 
 ANNOTATED = _schema("annotated", ANNOTATED_FIELDS)

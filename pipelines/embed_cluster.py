@@ -18,7 +18,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 
 from curate import cluster as clustering
 from curate.dedup import semantic
-from curate.embed import embed_text, encode, load_embedder
+from curate.embed import embed_text, encode, load_embedder, text_hash
 from pipelines.stage import STATS, StageFn
 
 log = logging.getLogger("curate")
@@ -54,8 +54,30 @@ class AttachVectorFn(StageFn):
         record = result.example
         record["_vector"], seconds = result.inference
         self.count("rows", progress=True)
+        self.count("model_rows")
         self.count("model_s", seconds)
         yield record
+
+
+class ReuseFn(StageFn):
+    """Rows whose text was embedded by an earlier run with the same settings take that vector."""
+
+    stage = "embed"
+    NEW = "new"
+
+    def __init__(self, text_mode: str):
+        self.text_mode = text_mode
+
+    def handle(self, record, stored):
+        record["_text_hash"] = h = text_hash(embed_text(record, self.text_mode))
+        vector = stored.get(h)
+        if vector is None:
+            yield beam.pvalue.TaggedOutput(self.NEW, record)
+        else:
+            record["_vector"] = np.asarray(vector, dtype=np.float32)
+            self.count("rows", progress=True)
+            self.count("reused")
+            yield record
 
 
 class SmallestRanks(beam.CombineFn):
@@ -138,18 +160,37 @@ def _cluster_sizes(record: dict):
 
 
 class Embed(beam.PTransform):
-    """Records to records with ``_vector`` (RunInference over sentence-transformers)."""
+    """Records to records with ``_vector`` (RunInference over sentence-transformers).
 
-    def __init__(self, e: dict, device: str, dtype: str):
+    ``reuse``: (text_hash, vector) pairs from an earlier run made with the same
+    settings; rows whose text hash is among them skip the model.
+    """
+
+    def __init__(self, e: dict, device: str, dtype: str, reuse: str | None = None):
         super().__init__()
         self.handler = SentenceTransformerHandler(e["model"], device, dtype, e["max_seq_length"], e["text"],
                                                   e["batch_size"])
+        self.text_mode, self.reuse = e["text"], reuse
 
     def expand(self, records):
+        stats = []
+        if self.reuse:
+            stored = (records.pipeline
+                      | "ReadStored" >> beam.io.ReadFromParquet(f"{self.reuse}/*.parquet",
+                                                                columns=["text_hash", "embedding"])
+                      | "StoredPairs" >> beam.Map(lambda r: (r["text_hash"], r["embedding"])))
+            split = records | "Reuse" >> beam.ParDo(ReuseFn(self.text_mode), beam.pvalue.AsDict(stored)).with_outputs(
+                ReuseFn.NEW, STATS, main="reused")
+            records, reused = split[ReuseFn.NEW], split.reused
+            stats.append(split[STATS])
         out = (records
                | "RunInference" >> RunInference(self.handler)
                | "AttachVector" >> beam.ParDo(AttachVectorFn()).with_outputs(STATS, main="records"))
-        return {"records": out.records, "stats": out[STATS]}
+        stats.append(out[STATS])
+        vectors = out.records
+        if self.reuse:
+            vectors = (reused, vectors) | "AllVectors" >> beam.Flatten()
+        return {"records": vectors, "stats": stats | "EmbedStats" >> beam.Flatten()}
 
 
 class Cluster(beam.PTransform):
@@ -200,10 +241,10 @@ class EmbedClusterDedup(beam.PTransform):
 
     Returns records, stats, reports and the (id, embedding) rows for embeddings/."""
 
-    def __init__(self, cfg: dict, device: str, dtype: str, use_gpu: bool):
+    def __init__(self, cfg: dict, device: str, dtype: str, use_gpu: bool, reuse: str | None = None):
         super().__init__()
         self.e, self.c, self.s = cfg["embed"], cfg["cluster"], cfg["dedup"]["semantic"]
-        self.device, self.dtype, self.use_gpu = device, dtype, use_gpu
+        self.device, self.dtype, self.use_gpu, self.reuse = device, dtype, use_gpu, reuse
 
     def expand(self, records):
         p = records.pipeline
@@ -214,9 +255,11 @@ class EmbedClusterDedup(beam.PTransform):
         live = records | "Live" >> beam.Filter(lambda r: r.get("drop_reason") is None)
         done = (records | "Dropped" >> beam.Filter(lambda r: r.get("drop_reason") is not None)
                 | "NullColumns" >> beam.Map(_null_columns))
-        emb = live | "Embed" >> Embed(self.e, self.device, self.dtype)
+        emb = live | "Embed" >> Embed(self.e, self.device, self.dtype, self.reuse)
+        mode = self.e["text"]
         embeddings = emb["records"] | "EmbeddingRows" >> beam.Map(
-            lambda r: {"id": r["id"], "embedding": r["_vector"]})
+            lambda r: {"id": r["id"], "text_hash": r.get("_text_hash") or text_hash(embed_text(r, mode)),
+                       "embedding": r["_vector"]})
         stats = [emb["stats"]]
         if not self.c["enabled"]:
             out = (done, emb["records"] | "NoCluster" >> beam.Map(_null_columns)) | "EmbedOut" >> beam.Flatten()

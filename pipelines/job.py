@@ -55,17 +55,41 @@ def beam_flags(options: dict, extra: list[str] | None = None) -> list[str]:
     return flags + extra
 
 
+def reuse_check(previous: str, key: str) -> dict:
+    """Whether a previous run's embeddings/ can be reused: same embed key (model, length, dtype, text)."""
+    import pyarrow.parquet as pq
+
+    folder = previous if os.path.basename(os.path.normpath(previous)) == "embeddings" else \
+        os.path.join(previous, "embeddings")
+    files = sorted(glob.glob(os.path.join(folder, "*.parquet")))
+    if not files:
+        log.warning("embed.reuse: no embeddings/ Parquet under %s; embedding everything", previous)
+        return {"from": previous, "used": False, "why": "no embeddings found"}
+    stored = (pq.read_schema(files[0]).metadata or {}).get(b"curate.embed_key", b"").decode()
+    if stored != key:
+        log.warning("embed.reuse: %s was made with other settings (key %s, now %s); embedding everything",
+                    previous, stored or "none", key)
+        return {"from": previous, "used": False, "why": "model, max_seq_length, dtype or text differ"}
+    return {"from": os.path.abspath(folder), "used": True}
+
+
 def resolve_runtime(cfg: dict) -> dict:
     """Choices made at run time on this machine: model path and size, devices, dtypes."""
     from curate import device, models
 
     rt = {}
-    if cfg["embed"]["enabled"]:
-        path = models.resolve_embedder(cfg["embed"]["model"])
-        dev = device.torch_device(cfg["embed"]["device"])
-        rt["embed"] = {"model": cfg["embed"]["model"], "path": path, "device": dev,
-                       "dtype": device.torch_dtype_name(dev, cfg["embed"]["dtype"]),
-                       "dim": models.embedding_dim(path)}
+    e = cfg["embed"]
+    if e["enabled"]:
+        from curate.embed import embed_key
+
+        path = models.resolve_embedder(e["model"])
+        dev = device.torch_device(e["device"])
+        dtype = device.torch_dtype_name(dev, e["dtype"])
+        key = embed_key(e["model"], e["max_seq_length"], dtype, e["text"])
+        rt["embed"] = {"model": e["model"], "path": path, "device": dev, "dtype": dtype,
+                       "dim": models.embedding_dim(path), "key": key}
+        if e["reuse"]:
+            rt["embed"]["reuse"] = reuse_check(e["reuse"], key)
     if cfg["cluster"]["enabled"]:
         rt["cluster"] = {"faiss_gpu": device.faiss_use_gpu(cfg["cluster"]["device"])}
     return rt
@@ -79,13 +103,15 @@ def build(p: beam.Pipeline, cfg: dict, folder: str, rt: dict | None = None) -> N
     exact = ids["records"] | "ExactDedup" >> T.ExactDedup(cfg)
     near = exact["records"] | "NearDedup" >> NearDedup(cfg)
     emb = rt.get("embed", {})
+    reuse = emb.get("reuse", {})
     ec = near["records"] | "EmbedCluster" >> EmbedClusterDedup(
-        cfg, emb.get("device", "cpu"), emb.get("dtype", "float32"), rt.get("cluster", {}).get("faiss_gpu", False))
+        cfg, emb.get("device", "cpu"), emb.get("dtype", "float32"), rt.get("cluster", {}).get("faiss_gpu", False),
+        reuse["from"] if reuse.get("used") else None)
     if emb:
         from curate.schema import embeddings_schema
 
         ec["embeddings"] | "WriteEmbeddings" >> beam.io.WriteToParquet(
-            os.path.join(folder, "embeddings", "part"), embeddings_schema(emb["dim"]),
+            os.path.join(folder, "embeddings", "part"), embeddings_schema(emb["dim"], emb["key"]),
             file_name_suffix=".parquet", codec="zstd")
     decided = ec["records"] | "Select" >> beam.Map(T.select_all_kept)
     rejects = (valid["rejects"], ids["rejects"]) | "AllRejects" >> beam.Flatten()
