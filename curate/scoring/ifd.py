@@ -1,0 +1,213 @@
+"""IFD (Cherry LLM / Superfiltering) and reversed IFD (Selective Reflection-Tuning) with a weak LM.
+
+Pure torch + transformers, no Beam. Definitions (methods.md §1.2, §3):
+
+- s(A|Q): mean NLL of the response tokens after the templated prompt; s(A): mean NLL
+  of the *same* response tokens after only the start token. ``ifd_loss = s(A|Q)/s(A)``
+  (Cherry's ratio, the default ranking key), ``ifd_ppl = exp(s(A|Q) - s(A))``
+  (Superfiltering's perplexity ratio).
+- r-IFD: the instruction's tokens after the reverse prompt (which contains the
+  response) vs after only the start token; ``rifd = exp(s(Q|A) - s(Q))`` (the
+  reference's perplexity ratio), ``rifd_loss`` the loss ratio.
+
+Token alignment: the target text (response, or instruction for r-IFD) is tokenized
+once, without special tokens, and its ids are appended to each prefix, so both
+branches score exactly the same token ids (asserted). The text is never searched
+for. The prefix is the start token (the tokenizer's BOS, else its EOS as the
+documented stand-in, as GPT-2's ``<|endoftext|>``) followed by the templated prompt.
+``superfiltering_compat`` reproduces the reference's direct branch: the target alone,
+no start token, so its first token is not scored (n-1 tokens).
+
+Truncation (``max_length`` is required): a prefix that leaves fewer than
+``min_target_tokens`` positions gives NaN with ``prompt_truncated``; otherwise the
+target is cut from the right to fit, identically in both branches, with status
+``response_truncated`` (scores still computed). Empty targets give ``empty_response``;
+a failed batch gives ``error``. Undefined scores are NaN, never 0.
+
+Batching: pairs are sorted by length, right-padded with an attention mask, and only
+the hidden states that predict a target token go through the vocabulary projection.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+TEMPLATES = ("none", "alpaca", "chat")
+STATUSES = ("ok", "empty_response", "prompt_truncated", "response_truncated", "error")
+
+ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+REVERSE_REQUEST = ("Below is the response to an instruction, please guess the corresponding instruction for the "
+                   "given response.\n{response}\nGenerate the instruction for the above response.")
+
+
+def render(instruction: str, extra: str, template: str, tokenizer=None) -> str:
+    """The prompt text placed before the response."""
+    if template == "none":  # Superfiltering: "{instruction}\n{input}\n"
+        return f"{instruction}\n{extra}\n" if extra else f"{instruction}\n"
+    if template == "alpaca":
+        return (ALPACA_WITH_INPUT.format(instruction=instruction, input=extra) if extra
+                else ALPACA_NO_INPUT.format(instruction=instruction))
+    if template == "chat":
+        content = f"{instruction}\n\n{extra}" if extra else instruction
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    raise ValueError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
+
+
+def start_ids(tokenizer) -> list[int]:
+    tok_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [] if tok_id is None else [int(tok_id)]
+
+
+@dataclass
+class Pair:
+    """One scoring: ``prefix`` ids then ``target`` ids; the target's tokens are scored."""
+
+    prefix: list[int]
+    target: list[int]
+    status: str = "ok"
+    skip_first: bool = False  # compat: the first target token has no context and is not scored
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prefix + self.target
+
+
+def make_pair(prefix: list[int], target: list[int], max_length: int, min_target_tokens: int = 1,
+              skip_first: bool = False) -> Pair:
+    if not target:
+        return Pair(prefix, [], "empty_response", skip_first)
+    room = max_length - len(prefix)
+    if room < min_target_tokens:
+        return Pair(prefix, [], "prompt_truncated", skip_first)
+    if len(target) > room:
+        return Pair(prefix, target[:room], "response_truncated", skip_first)
+    return Pair(prefix, target, "ok", skip_first)
+
+
+def scored_count(pair: Pair) -> int:
+    return max(len(pair.target) - (1 if pair.skip_first else 0), 0)
+
+
+def mean_nlls(model, pairs: list[Pair], batch_size: int = 16, pad_id: int = 0) -> list[float]:
+    """Mean NLL of each pair's scored target tokens (NaN where nothing can be scored)."""
+    import torch
+
+    out = [math.nan] * len(pairs)
+    live = [i for i, p in enumerate(pairs) if p.status in ("ok", "response_truncated") and scored_count(p) > 0]
+    live.sort(key=lambda i: (len(pairs[i].ids), i))
+    head = model.get_output_embeddings()
+    body = model.base_model
+    device = next(model.parameters()).device
+    for b in range(0, len(live), batch_size):
+        chunk = live[b:b + batch_size]
+        width = max(len(pairs[i].ids) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        rows, cols, targets, owner = [], [], [], []
+        for r, i in enumerate(chunk):
+            p = pairs[i]
+            seq = p.ids
+            ids[r, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[r, :len(seq)] = 1
+            first = len(p.prefix) + (1 if p.skip_first else 0)
+            for t in range(first, len(seq)):  # hidden state at t-1 predicts token t
+                rows.append(r)
+                cols.append(t - 1)
+                targets.append(seq[t])
+                owner.append(r)
+        with torch.inference_mode():
+            hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+            logits = head(picked).float()
+            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=device),
+                                                    reduction="none").double().cpu().numpy()
+        sums = np.bincount(owner, weights=nll, minlength=len(chunk))
+        counts = np.bincount(owner, minlength=len(chunk))
+        for r, i in enumerate(chunk):
+            out[i] = float(sums[r] / counts[r])
+    return out
+
+
+def ratios(nll_cond: float, nll_direct: float) -> tuple[float, float]:
+    """(loss ratio, perplexity ratio); NaN when undefined (a NaN input, or a zero direct loss)."""
+    if not (math.isfinite(nll_cond) and math.isfinite(nll_direct)) or nll_direct == 0:
+        return math.nan, math.nan
+    return nll_cond / nll_direct, math.exp(nll_cond - nll_direct)
+
+
+@dataclass(frozen=True)
+class IFDSettings:
+    max_length: int
+    template: str = "none"
+    superfiltering_compat: bool = False
+    batch_size: int = 16
+    min_target_tokens: int = 1
+
+
+def pairs_for(rows: list[dict], tokenizer, s: IFDSettings) -> tuple[list[Pair], list[Pair], list[Pair], list[Pair]]:
+    """(A|Q, A, Q|A-reverse, Q) pairs for rows with ``instruction``, ``input``, ``output``."""
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] if text else []  # noqa: E731
+    start = start_ids(tokenizer)
+    cond, direct, rcond, rdirect = [], [], [], []
+    for r in rows:
+        instruction, extra, response = r["instruction"], r.get("input") or "", r["output"]
+        answer = enc(response)
+        question = enc(instruction + extra)  # r-IFD scores the raw instruction + input, as the reference
+        cond.append(make_pair(start + enc(render(instruction, extra, s.template, tokenizer)), answer,
+                              s.max_length, s.min_target_tokens))
+        if s.superfiltering_compat:
+            direct.append(make_pair([], answer, s.max_length, s.min_target_tokens + 1, skip_first=True))
+        else:
+            direct.append(make_pair(start, answer, s.max_length, s.min_target_tokens))
+        reverse = render(REVERSE_REQUEST.format(response=response), "", s.template, tokenizer)
+        rcond.append(make_pair(start + enc(reverse), question, s.max_length, s.min_target_tokens))
+        rdirect.append(make_pair(start, question, s.max_length, s.min_target_tokens))
+    # both branches must score the same tokens (compat: by design one fewer in the direct branch)
+    for c, d in zip(cond, direct):
+        if c.status in ("ok", "response_truncated") and d.status in ("ok", "response_truncated"):
+            n = min(len(c.target), len(d.target))
+            c.target, d.target = c.target[:n], d.target[:n]
+            if c.target != d.target:
+                raise AssertionError("conditional and direct branches score different tokens")
+    return cond, direct, rcond, rdirect
+
+
+def _status(a: Pair, b: Pair) -> str:
+    for status in ("error", "empty_response", "prompt_truncated", "response_truncated"):
+        if status in (a.status, b.status):
+            return status
+    return "ok"
+
+
+def score_rows(model, tokenizer, rows: list[dict], s: IFDSettings) -> list[dict]:
+    """IFD and r-IFD columns for each row (see the module docstring)."""
+    cond, direct, rcond, rdirect = pairs_for(rows, tokenizer, s)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    try:
+        nll = [mean_nlls(model, pairs, s.batch_size, pad) for pairs in (cond, direct, rcond, rdirect)]
+        failed = False
+    except Exception:  # noqa: BLE001 - a failed batch is a status, never a crash or a 0
+        nll, failed = [[math.nan] * len(rows)] * 4, True
+    out = []
+    for i in range(len(rows)):
+        c, d, rc, rd = nll[0][i], nll[1][i], nll[2][i], nll[3][i]
+        ifd_loss, ifd_ppl = ratios(c, d)
+        rifd_loss, rifd = ratios(rc, rd)
+        status = "error" if failed else _status(cond[i], direct[i])
+        rstatus = "error" if failed else _status(rcond[i], rdirect[i])
+        if status not in ("ok", "response_truncated"):
+            ifd_loss = ifd_ppl = math.nan
+        if rstatus not in ("ok", "response_truncated"):
+            rifd_loss = rifd = math.nan
+        out.append({"ifd_nll_cond": c, "ifd_nll_direct": d, "ifd_tokens": scored_count(cond[i]),
+                    "ifd_tokens_direct": scored_count(direct[i]), "ifd_loss": ifd_loss, "ifd_ppl": ifd_ppl,
+                    "ifd_status": status, "rifd_nll_cond": rc, "rifd_nll_direct": rd, "rifd_loss": rifd_loss,
+                    "rifd": rifd, "rifd_status": rstatus})
+    return out

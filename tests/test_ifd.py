@@ -1,0 +1,137 @@
+"""IFD / r-IFD scorer: hand cases with mock LMs through the real batched code, tokenization and
+truncation with the real SmolLM2 tokenizer, and the real model on real rows."""
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from curate.scoring.ifd import IFDSettings, Pair, make_pair, mean_nlls, pairs_for, ratios, score_rows
+from tests.conftest import shared
+
+
+class _TableLM(torch.nn.Module):
+    """Next-token log-probs from a table indexed by the current token (a bigram LM);
+    a table with identical rows is context-free (a unigram LM)."""
+
+    def __init__(self, logprobs: torch.Tensor):
+        super().__init__()
+        vocab = logprobs.shape[0]
+        self.embed = torch.nn.Embedding(vocab, logprobs.shape[1])
+        self.embed.weight.data.copy_(logprobs)
+        self.head = torch.nn.Identity()
+        self.base_model = lambda input_ids, attention_mask: SimpleNamespace(last_hidden_state=self.embed(input_ids))
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_hand_case_through_the_batched_scorer():
+    # tokens: 0 start, 1 prompt, 2 = a1, 3 = a2. p(a1|prompt)=.5, p(a1|start)=.25, p(a2|a1)=.25
+    probs = torch.full((4, 4), 1e-9)
+    probs[0] = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    probs[1] = torch.tensor([0.25, 0.0, 0.5, 0.25])
+    probs[2] = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    lm = _TableLM(torch.log(probs.clamp_min(1e-12)))
+    cond, direct = Pair([0, 1], [2, 3]), Pair([0], [2, 3])
+    s_c, s_d = mean_nlls(lm, [cond, direct], batch_size=2)
+    assert s_c == pytest.approx(1.039721, abs=1e-6) and s_d == pytest.approx(1.386294, abs=1e-6)
+    loss, ppl = ratios(s_c, s_d)
+    assert loss == pytest.approx(0.75, abs=1e-6) and ppl == pytest.approx(0.707107, abs=1e-6)
+
+
+def test_the_two_definitions_rank_oppositely_and_nan_is_never_zero():
+    x, y = ratios(0.5, 1.0), ratios(2.0, 3.0)
+    assert x[0] < y[0] and x[1] > y[1]  # loss ratio ranks Y higher; perplexity ratio ranks X higher
+    assert all(math.isnan(v) for v in ratios(math.nan, 1.0) + ratios(1.0, 0.0))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from curate.models import load_causal_lm
+
+    return load_causal_lm()[1]
+
+
+class _UnigramLM(torch.nn.Module):
+    """Context-free: the same next-token distribution after any context."""
+
+    def __init__(self, vocab: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.logprobs = torch.log_softmax(torch.randn(vocab, generator=g), dim=0)
+        self.head = torch.nn.Linear(1, vocab)
+        self.head.weight.data.zero_()
+        self.head.bias.data.copy_(self.logprobs)
+        self.base_model = lambda input_ids, attention_mask: SimpleNamespace(
+            last_hidden_state=torch.zeros(*input_ids.shape, 1))
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def _unigram(vocab: int, seed: int = 0) -> _UnigramLM:
+    return _UnigramLM(vocab, seed)
+
+
+def test_context_free_lm_gives_ifd_exactly_one_and_the_compat_hand_value(tokenizer):
+    lm = _unigram(len(tokenizer))
+    rows = [{"instruction": "Name a prime number.", "input": "", "output": "Seven is a prime number."},
+            {"instruction": "Add", "input": "2 and 3", "output": "\nThe sum is 5."}]
+    for r in score_rows(lm, tokenizer, rows, IFDSettings(max_length=128)):
+        assert r["ifd_loss"] == 1.0 and r["ifd_ppl"] == 1.0 and r["rifd"] == 1.0 and r["ifd_status"] == "ok"
+        assert r["ifd_tokens"] == r["ifd_tokens_direct"]
+    compat = score_rows(lm, tokenizer, rows, IFDSettings(max_length=128, superfiltering_compat=True))
+    unigram = -lm.logprobs.double()
+    for row, r in zip(rows, compat):
+        ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
+        nll = unigram[ids].numpy()
+        assert r["ifd_loss"] == pytest.approx(nll.mean() / nll[1:].mean(), rel=1e-9)
+        assert r["ifd_tokens_direct"] == r["ifd_tokens"] - 1 and r["ifd_loss"] != 1.0
+
+
+def test_boundary_tokens_are_the_response_tokens_in_both_branches(tokenizer):
+    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rows = [{"instruction": "Continue the text", "input": "", "output": "\nnext line"},  # prompt ends "\n"
+            {"instruction": "Say yes. yes", "input": "", "output": "yes"}]                 # response inside prompt
+    cond, direct, rcond, rdirect = pairs_for(rows, tokenizer, IFDSettings(max_length=64))
+    for row, c, d in zip(rows, cond, direct):
+        assert c.target == d.target == enc(row["output"])
+        assert c.prefix[-len(enc(row["instruction"] + "\n")):] == enc(row["instruction"] + "\n")
+    assert rcond[1].target == rdirect[1].target == enc("Say yes. yes")
+
+
+def test_truncation(tokenizer):
+    lm = _unigram(len(tokenizer))
+    rows = [{"instruction": "word " * 200, "input": "", "output": "short answer"},
+            {"instruction": "Tell a story.", "input": "", "output": "once upon a time " * 100}]
+    long_prompt, long_answer = score_rows(lm, tokenizer, rows, IFDSettings(max_length=64))
+    assert long_prompt["ifd_status"] == "prompt_truncated" and math.isnan(long_prompt["ifd_loss"])
+    assert math.isnan(long_prompt["ifd_nll_cond"])
+    assert long_answer["ifd_status"] == "response_truncated" and long_answer["ifd_loss"] == 1.0
+    assert long_answer["ifd_tokens"] == long_answer["ifd_tokens_direct"] < 64
+    assert make_pair([1, 2], [], 10).status == "empty_response"
+
+
+def test_real_model_batched_equals_one_at_a_time_and_reruns_identically():
+    from curate.models import load_causal_lm
+
+    model, tok = load_causal_lm()
+    rows = json.load(open(shared("alpaca_cherry_5pct.json")))[:8] + json.load(open(shared("gsm8k_train.json")))[:8]
+    settings = IFDSettings(max_length=192, batch_size=8)
+    batched = score_rows(model, tok, rows, settings)
+    single = score_rows(model, tok, rows, IFDSettings(max_length=192, batch_size=1))
+    again = score_rows(model, tok, rows, settings)
+    for b, s, a in zip(batched, single, again):
+        for key in ("ifd_nll_cond", "ifd_nll_direct", "rifd_nll_cond", "rifd_nll_direct"):
+            if math.isnan(s[key]):  # only where the status says the score is undefined
+                assert math.isnan(b[key]) and math.isnan(a[key])
+                assert b["rifd_status" if key.startswith("rifd") else "ifd_status"] == "prompt_truncated"
+            else:
+                assert abs(b[key] - s[key]) < 1e-4, key
+                assert b[key] == a[key]
+        assert b["ifd_status"] in ("ok", "response_truncated") and 0 < b["ifd_loss"] < 3
+    assert np.std([b["ifd_loss"] for b in batched]) > 0.01  # real, varying scores
+    assert sum(math.isfinite(b["rifd"]) for b in batched) >= 8
