@@ -89,11 +89,12 @@ def cmd_run(args, beam_args: list[str]) -> int:
         else:
             return _fail(f"unexpected argument {token!r} (Beam options look like --name=value)")
     beam_args = flags
+    from curate.device import DeviceUnavailable
     from curate.models import ModelNotFound
 
     try:
         man = job.run(cfg, beam_args, overwrite=args.overwrite)
-    except (job.OutputExistsError, job.InputError, ModelNotFound) as err:
+    except (job.OutputExistsError, job.InputError, ModelNotFound, DeviceUnavailable) as err:
         return _fail(str(err))
     print(summary(man))
     out = os.path.dirname(man["outputs"]["manifest"])

@@ -8,6 +8,10 @@ decisions that depend on them are made on float32 numpy arrays on the CPU.
 from __future__ import annotations
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+class DeviceUnavailable(Exception):
+    """A device the job asks for is not there (one line, exit code 2 from the CLI)."""
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -22,7 +26,7 @@ def torch_device(prefer: str = "auto", cuda_available: bool | None = None) -> st
 
         cuda_available = torch.cuda.is_available()
     if prefer == "cuda" and not cuda_available:
-        raise RuntimeError("device: cuda was asked for, but torch sees no CUDA device")
+        raise DeviceUnavailable("device: cuda was asked for, but torch sees no CUDA device")
     return "cuda" if cuda_available else "cpu"
 
 
@@ -44,5 +48,5 @@ def faiss_use_gpu(prefer: str = "auto", num_gpus: int | None = None) -> bool:
 
         num_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if prefer == "cuda" and num_gpus == 0:
-        raise RuntimeError("device: cuda was asked for, but FAISS sees no GPU (install faiss-gpu)")
+        raise DeviceUnavailable("device: cuda was asked for, but FAISS sees no GPU (install faiss-gpu)")
     return num_gpus > 0

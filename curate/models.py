@@ -49,7 +49,11 @@ def embedding_dim(path_or_name: str) -> int:
             return int(json.load(fh)["word_embedding_dimension"])
     from sentence_transformers import SentenceTransformer
 
-    return int(SentenceTransformer(path_or_name, device="cpu").get_sentence_embedding_dimension())
+    try:
+        return int(SentenceTransformer(path_or_name, device="cpu").get_sentence_embedding_dimension())
+    except Exception as err:  # noqa: BLE001 - any load failure is "this model is not available here"
+        raise ModelNotFound(f"cannot load embedding model {path_or_name!r} offline "
+                            f"({' '.join(str(err).split())[:200]})") from None
 
 
 DEFAULT_WEAK_LM = "SmolLM2-135M-Instruct"

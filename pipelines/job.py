@@ -145,6 +145,7 @@ def run(cfg: dict, beam_args: list[str] | None = None, overwrite: bool = False) 
     out = os.path.abspath(cfg["output"])
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
         raise OutputExistsError(f"output {cfg['output']} already exists; pass --overwrite to replace it")
+    rt = resolve_runtime(cfg)  # model paths and devices: fail before anything is written
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
@@ -154,7 +155,6 @@ def run(cfg: dict, beam_args: list[str] | None = None, overwrite: bool = False) 
               for s in cfg["inputs"] for f in s["files"]]
     started, t0 = _now(), time.monotonic()
     log.info("curate: running job %r with %s", cfg["name"], " ".join(flags))
-    rt = resolve_runtime(cfg)
     try:
         p = beam.Pipeline(options=options)
         build(p, cfg, tmp, rt)

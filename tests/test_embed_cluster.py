@@ -11,7 +11,7 @@ import pytest
 
 from curate import cluster as clustering
 from curate.dedup import semantic
-from curate.device import faiss_use_gpu, torch_device, torch_dtype_name
+from curate.device import DeviceUnavailable, faiss_use_gpu, torch_device, torch_dtype_name
 from tests.conftest import EXAMPLES, load_manifest, run_cli, shared, write_job
 
 FAST = {"dedup": {"near": {"enabled": False}}}
@@ -50,15 +50,28 @@ def test_device_and_index_choice():
     assert torch_device("auto", cuda_available=False) == "cpu"
     assert torch_device("auto", cuda_available=True) == "cuda"
     assert torch_device("cpu", cuda_available=True) == "cpu"
-    with pytest.raises(RuntimeError, match="no CUDA device"):
+    with pytest.raises(DeviceUnavailable, match="no CUDA device"):
         torch_device("cuda", cuda_available=False)
     assert torch_dtype_name("cuda") == "float16" and torch_dtype_name("cpu") == "float32"
     assert torch_dtype_name("cpu", "bfloat16") == "bfloat16"
     assert faiss_use_gpu("auto", num_gpus=0) is False and faiss_use_gpu("auto", num_gpus=2) is True
     assert faiss_use_gpu("cpu", num_gpus=2) is False
-    with pytest.raises(RuntimeError, match="FAISS sees no GPU"):
+    with pytest.raises(DeviceUnavailable, match="FAISS sees no GPU"):
         faiss_use_gpu("cuda", num_gpus=0)
     assert torch_device("auto") in ("cpu", "cuda")  # asks torch for real
+
+
+def test_unavailable_device_or_model_is_a_one_line_error_and_writes_nothing(job_dir, capsys):
+    import torch
+
+    inputs = [{"source": "g", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}]
+    if not torch.cuda.is_available():
+        assert run_cli("run", write_job(job_dir, {"output": "o", "inputs": inputs, "embed": {"device": "cuda"}})) == 2
+        assert capsys.readouterr().err.strip().endswith("torch sees no CUDA device")
+    missing = {"output": "o", "inputs": inputs, "embed": {"model": str(job_dir / "no-such-model")}}
+    assert run_cli("run", write_job(job_dir, missing, "m.yaml")) == 2
+    assert "cannot load embedding model" in capsys.readouterr().err
+    assert not [p for p in __import__("os").listdir(job_dir) if p.startswith("o")]
 
 
 def test_default_k_and_seeded_sample():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 
+from curate.dedup import keep_one
 from curate.records import normalize_text
 
 SCOPES = ("global", "source")
@@ -34,11 +35,5 @@ def keep_order(record: dict, source_rank: dict[str, int]) -> tuple:
 
 def resolve_group(records: list[dict], source_rank: dict[str, int]) -> list[dict]:
     """Mark all but one member of an exact-duplicate group; returns the same dicts."""
-    keeper = min(records, key=lambda r: keep_order(r, source_rank))
-    for rec in records:
-        if rec is keeper:
-            rec["exact_dup_of"] = None
-        else:
-            rec["exact_dup_of"] = keeper["id"]
-            rec["drop_reason"] = "exact_duplicate"
+    keep_one(records, lambda r: keep_order(r, source_rank), "exact_dup_of", "exact_duplicate")
     return records

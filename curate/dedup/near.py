@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from curate.dedup import keep_one
 from curate.dedup.minhash import EMPTY, splitmix64
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -159,14 +160,9 @@ def keep_key(record: dict) -> tuple:
 
 def resolve_cluster(records: list[dict], cluster_id: str) -> list[dict]:
     """Mark all but one member of a near-duplicate cluster; returns the same dicts."""
-    keeper = min(records, key=keep_key)
     for rec in records:
         rec["near_dup_cluster"] = cluster_id
-        if rec is keeper:
-            rec["near_dup_of"] = None
-        else:
-            rec["near_dup_of"] = keeper["id"]
-            rec["drop_reason"] = "near_duplicate"
+    keep_one(records, keep_key, "near_dup_of", "near_duplicate")
     return records
 
 

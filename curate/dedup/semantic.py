@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from curate.dedup import keep_one
 from curate.dedup.near import UnionFind
 
 KEEP_RULES = ("least_similar_to_centroid", "most_similar_to_centroid", "longest_response")
@@ -80,10 +81,5 @@ def resolve(records: list[dict], x: np.ndarray, eps: float, keep: str = "least_s
         rec["semantic_dup_of"] = None
     i, j, _ = similar_pairs(x, 1 - eps, block)
     for group in _groups(len(records), i, j):
-        members = [records[k] for k in group]
-        keeper = min(members, key=lambda r: _keep_key(r, keep))
-        for rec in members:
-            if rec is not keeper:
-                rec["semantic_dup_of"] = keeper["id"]
-                rec["drop_reason"] = "semantic_duplicate"
+        keep_one([records[k] for k in group], lambda r: _keep_key(r, keep), "semantic_dup_of", "semantic_duplicate")
     return records
