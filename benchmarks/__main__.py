@@ -11,6 +11,7 @@ BENCHMARKS = {
     "minhash": "benchmarks.minhash",
     "near_quality": "benchmarks.near_quality",
     "embed": "benchmarks.embed",
+    "ifd": "benchmarks.ifd",
 }
 
 

@@ -104,6 +104,20 @@ SCHEMA: dict = {
         "dtype": Opt((str,), "auto", choices=("auto", "float32", "bfloat16", "float16")),
         "reuse": Opt((str,), None),
     },
+    "score": {
+        "ifd": {
+            "enabled": Opt((bool,), True),
+            "model": Opt((str,), "SmolLM2-135M-Instruct"),
+            "template": Opt((str,), "none", choices=("none", "alpaca", "chat")),
+            "max_length": Opt((int,), 1024, minimum=8),
+            "superfiltering_compat": Opt((bool,), False),
+            "batch_size": Opt((int,), 8, minimum=1),
+            "device": Opt((str,), "auto", choices=("auto", "cpu", "cuda")),
+            "dtype": Opt((str,), "auto", choices=("auto", "float32", "bfloat16", "float16")),
+            "cache": Opt((bool,), True),
+            "cache_dir": Opt((str,), None),
+        },
+    },
     "cluster": {
         "enabled": Opt((bool,), True),
         "k": Opt((int,), None, minimum=1),

@@ -150,6 +150,27 @@ def embed_cluster_report(cfg: dict, stages: dict, reports: dict, runtime: dict) 
     return out
 
 
+def score_report(cfg: dict, stages: dict, runtime: dict) -> dict:
+    """The IFD stage: model, settings, cache use, status shares and the share of IFD >= 1."""
+    s = cfg["score"]["ifd"]
+    if not s["enabled"]:
+        return {"enabled": False}
+    st = stages.get("score", {})
+    rows = int(st.get("rows", 0))
+    share = lambda n: round(n / rows, 4) if rows else None  # noqa: E731
+    rt = {k: v for k, v in runtime.get("score", {}).items() if k != "cache_files"}
+    return {
+        "enabled": True, **rt, "template": s["template"], "max_length": s["max_length"],
+        "superfiltering_compat": s["superfiltering_compat"], "rows": rows,
+        "model_rows": int(st.get("model_rows", 0)), "cached_rows": int(st.get("cached", 0)),
+        "ifd_ge_1_share": share(int(st.get("ifd_ge_1", 0))),
+        "ifd_status_share": {k.split(":", 1)[1]: share(int(v)) for k, v in sorted(st.items())
+                             if k.startswith("ifd_status:")},
+        "rifd_status_share": {k.split(":", 1)[1]: share(int(v)) for k, v in sorted(st.items())
+                              if k.startswith("rifd_status:")},
+    }
+
+
 def build(cfg: dict, stats: dict, inputs: list[dict], *, beam_options: dict, started: str,
           finished: str, wall_s: float, reports: dict | None = None, runtime: dict | None = None) -> dict:
     counts = summarize(stats)
@@ -175,5 +196,6 @@ def build(cfg: dict, stats: dict, inputs: list[dict], *, beam_options: dict, sta
         "stages": stages,
         "near_dedup": near_dedup_report(cfg, stages, reports or {}),
         **embed_cluster_report(cfg, stages, reports or {}, runtime or {}),
+        "score": score_report(cfg, stages, runtime or {}),
         "timing": {"started": started, "finished": finished, "wall_s": round(wall_s, 3)},
     }

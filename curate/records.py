@@ -230,6 +230,7 @@ def to_record(row: Any, spec: RowSpec) -> dict:
         response = _text(row, fields.output, required=True)
         prompt = instruction + ("\n\n" + extra if extra.strip() else "")
         prompt_turns = [{"role": "user", "content": prompt}]
+        parts = (instruction, extra if extra.strip() else "")
     else:
         if form == "messages":
             turns = _turns(row, fields.messages, fields.role, fields.content, _CHAT_ROLES)
@@ -237,6 +238,7 @@ def to_record(row: Any, spec: RowSpec) -> dict:
             turns = _turns(row, fields.conversations, fields.speaker, fields.text, _SHAREGPT_ROLES)
         prompt_turns, response = _split_conversation(turns)
         prompt = render_prompt(prompt_turns)
+        parts = (prompt, "")
     if not response.strip():
         raise RowError("empty_response", "the response is empty")
     if not prompt.strip():
@@ -252,6 +254,8 @@ def to_record(row: Any, spec: RowSpec) -> dict:
         "response": response,
         "messages": prompt_turns + [{"role": "assistant", "content": response}],
         "original": canonical,
+        "_instruction": parts[0],  # for scoring templates that place instruction and input apart
+        "_input": parts[1],
     }
 
 

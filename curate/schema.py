@@ -15,9 +15,18 @@ import sys
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+# IFD / r-IFD columns (curate.scoring.ifd); null on rows not scored, NaN where a score is undefined
+SCORE_FIELDS = [
+    pa.field("ifd_nll_cond", pa.float64()), pa.field("ifd_nll_direct", pa.float64()),
+    pa.field("ifd_tokens", pa.int32()), pa.field("ifd_tokens_direct", pa.int32()),
+    pa.field("ifd_loss", pa.float64()), pa.field("ifd_ppl", pa.float64()), pa.field("ifd_status", pa.string()),
+    pa.field("rifd_nll_cond", pa.float64()), pa.field("rifd_nll_direct", pa.float64()),
+    pa.field("rifd_loss", pa.float64()), pa.field("rifd", pa.float64()), pa.field("rifd_status", pa.string()),
+]
 
 # Every row that passed validation, kept or dropped, with the decision and why.
 ANNOTATED_FIELDS = [
@@ -33,6 +42,7 @@ ANNOTATED_FIELDS = [
     pa.field("cluster_id", pa.int32()),
     pa.field("cluster_sim", pa.float32()),
     pa.field("semantic_dup_of", pa.string()),
+    *SCORE_FIELDS,
     pa.field("selected", pa.bool_(), nullable=False),
     pa.field("drop_reason", pa.string()),
 ]
@@ -60,7 +70,19 @@ FIELD_DOCS = {
     "cluster_sim": "cosine similarity of the row's embedding to its cluster centroid",
     "semantic_dup_of": "id of the row kept in place of this semantic duplicate (SemDeDup), else null",
     "embedding": "L2-normalized float32 sentence embedding (dimension in the schema metadata)",
-    "text_hash": "blake2b-128 of the embedded text: with curate.embed_key, what a rerun reuses vectors by",
+    "text_hash": "blake2b-128 of the embedded (embeddings) or scored (score cache) text: with curate.embed_key, what a rerun reuses vectors by",
+    "ifd_nll_cond": "mean NLL of the response tokens after the templated prompt, s(A|Q)",
+    "ifd_nll_direct": "mean NLL of the same response tokens after only the start token, s(A)",
+    "ifd_tokens": "response tokens scored in the conditional branch",
+    "ifd_tokens_direct": "response tokens scored in the direct branch (one fewer in superfiltering_compat)",
+    "ifd_loss": "s(A|Q) / s(A), Cherry LLM's IFD (the default ranking key); NaN when undefined",
+    "ifd_ppl": "exp(s(A|Q) - s(A)), Superfiltering's perplexity-ratio IFD; NaN when undefined",
+    "ifd_status": "ok, empty_response, prompt_truncated, response_truncated or error; null when not scored",
+    "rifd_nll_cond": "mean NLL of the instruction after the reverse prompt holding the response, s(Q|A)",
+    "rifd_nll_direct": "mean NLL of the instruction after only the start token, s(Q)",
+    "rifd_loss": "s(Q|A) / s(Q)",
+    "rifd": "exp(s(Q|A) - s(Q)), reversed IFD of Selective Reflection-Tuning; NaN when undefined",
+    "rifd_status": "status of the r-IFD scores, as ifd_status",
     "selected": "true if the row is in selected/",
     "drop_reason": "why the row is not selected (exact_duplicate, near_duplicate, semantic_duplicate, ...), null when selected",
     "file": "input file the rejected row came from",
@@ -88,6 +110,8 @@ def embeddings_schema(dim: int, key: str = "") -> pa.Schema:
 ANNOTATED = _schema("annotated", ANNOTATED_FIELDS)
 SELECTED = _schema("selected", ANNOTATED_FIELDS)
 REJECTS = _schema("rejects", REJECT_FIELDS)
+SCORE_CACHE = _schema("score_cache", [pa.field("text_hash", pa.string(), nullable=False),
+                                       *[f for f in SCORE_FIELDS]])
 EMBEDDINGS = embeddings_schema(384)  # as written with the default model; the dim follows the model
 SCHEMAS = {"annotated": ANNOTATED, "selected": SELECTED, "rejects": REJECTS, "embeddings": EMBEDDINGS}
 

@@ -26,6 +26,7 @@ from curate.io import fingerprint
 from pipelines import transforms as T
 from pipelines.embed_cluster import EmbedClusterDedup
 from pipelines.near_dedup import NearDedup
+from pipelines.score import Score, cache_folder
 
 log = logging.getLogger("curate")
 
@@ -92,6 +93,16 @@ def resolve_runtime(cfg: dict) -> dict:
             rt["embed"]["reuse"] = reuse_check(e["reuse"], key)
     if cfg["cluster"]["enabled"]:
         rt["cluster"] = {"faiss_gpu": device.faiss_use_gpu(cfg["cluster"]["device"])}
+    s = cfg["score"]["ifd"]
+    if s["enabled"]:
+        if s["model"] == models.DEFAULT_WEAK_LM:
+            models.gguf_location(*models._GGUF[s["model"]])  # fail now, not in a worker
+        dev = device.torch_device(s["device"])
+        dtype = s["dtype"] if s["dtype"] != "auto" else ("bfloat16" if dev == "cuda" else "float32")
+        folder = cache_folder(s, dtype)
+        files = sorted(glob.glob(os.path.join(folder, "*.parquet"))) if s["cache"] else []
+        rt["score"] = {"model": s["model"], "device": dev, "dtype": dtype, "cache": folder if s["cache"] else None,
+                       "cache_files": files}
     return rt
 
 
@@ -113,14 +124,31 @@ def build(p: beam.Pipeline, cfg: dict, folder: str, rt: dict | None = None) -> N
         ec["embeddings"] | "WriteEmbeddings" >> beam.io.WriteToParquet(
             os.path.join(folder, "embeddings", "part"), embeddings_schema(emb["dim"], emb["key"]),
             file_name_suffix=".parquet", codec="zstd")
-    decided = ec["records"] | "Select" >> beam.Map(T.select_all_kept)
+    sc = rt.get("score", {})
+    scored = ec["records"] | "Score" >> Score(cfg, sc.get("device", "cpu"), sc.get("dtype", "float32"),
+                                              sc.get("cache_files", []), os.path.join(folder, "_scores_new"))
+    decided = scored["records"] | "Select" >> beam.Map(T.select_all_kept)
     rejects = (valid["rejects"], ids["rejects"]) | "AllRejects" >> beam.Flatten()
     written = {"annotated": decided, "rejects": rejects} | "Write" >> T.WriteOutputs(folder)
     stats = (read["stats"], valid["stats"], ids["stats"], exact["stats"], near["stats"], ec["stats"],
-             written["stats"])
+             scored["stats"], written["stats"])
     stats | "FlattenStats" >> beam.Flatten() | "Stats" >> T.WriteStats(os.path.join(folder, "_stats.json"))
     (near["reports"], ec["reports"]) | "FlattenReports" >> beam.Flatten() | "Reports" >> T.WriteJson(
         os.path.join(folder, "_reports.json"))
+
+
+def _keep_new_scores(tmp: str, rt: dict) -> None:
+    """Move this run's new scores into the score cache (or drop them when caching is off)."""
+    new = os.path.join(tmp, "_scores_new")
+    cache = rt.get("score", {}).get("cache")
+    if cache and os.path.isdir(new):
+        import pyarrow.parquet as pq
+
+        os.makedirs(cache, exist_ok=True)
+        for path in glob.glob(os.path.join(new, "*.parquet")):
+            if pq.read_metadata(path).num_rows:
+                shutil.move(path, os.path.join(cache, f"{uuid.uuid4().hex}.parquet"))
+    shutil.rmtree(new, ignore_errors=True)
 
 
 def _input_error(exc: BaseException) -> str | None:
@@ -173,6 +201,7 @@ def run(cfg: dict, beam_args: list[str] | None = None, overwrite: bool = False) 
         for name in ("annotated", "selected", "rejects"):
             os.makedirs(os.path.join(tmp, name), exist_ok=True)
             man["outputs"][f"{name}_files"] = len(glob.glob(os.path.join(tmp, name, "*.parquet")))
+        _keep_new_scores(tmp, rt)
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as fh:
             json.dump(man, fh, indent=2, default=str)
             fh.write("\n")

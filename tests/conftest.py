@@ -57,7 +57,7 @@ def job_dir(tmp_path, monkeypatch):
 
 
 NO_MODEL_STAGES = {"embed": {"enabled": False}, "cluster": {"enabled": False},
-                   "dedup": {"semantic": {"enabled": False}}}
+                   "dedup": {"semantic": {"enabled": False}}, "score": {"ifd": {"enabled": False}}}
 
 
 def without_models(cfg: dict) -> dict:
@@ -65,6 +65,13 @@ def without_models(cfg: dict) -> dict:
     other stages (those stages have their own tests)."""
     out = {**cfg}
     for key, sub in NO_MODEL_STAGES.items():
-        out[key] = {**sub, **out.get(key, {})} if key != "dedup" else {
-            **out.get("dedup", {}), "semantic": {"enabled": False}}
+        if key in ("dedup", "score"):
+            out[key] = {**out.get(key, {}), **sub}
+        else:
+            out[key] = {**sub, **out.get(key, {})}
     return out
+
+
+def without_scores(cfg: dict) -> dict:
+    """The IFD stage off (for tests of the embedding stages: the weak LM costs ~1 s a row on CPU)."""
+    return {**cfg, "score": {"ifd": {"enabled": False}}}

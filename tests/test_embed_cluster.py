@@ -12,7 +12,7 @@ import pytest
 from curate import cluster as clustering
 from curate.dedup import semantic
 from curate.device import DeviceUnavailable, faiss_use_gpu, torch_device, torch_dtype_name
-from tests.conftest import EXAMPLES, load_manifest, run_cli, shared, write_job
+from tests.conftest import EXAMPLES, load_manifest, run_cli, shared, without_scores, write_job
 
 FAST = {"dedup": {"near": {"enabled": False}}}
 
@@ -151,9 +151,10 @@ def test_semdedup_on_real_rows_keeps_one_per_planted_group(job_dir):
     rows += unrelated
     rng.shuffle(rows)
     (job_dir / "rows.json").write_text(json.dumps(rows))
-    job = write_job(job_dir, {"output": "out", "inputs": [{"source": "s", "path": "rows.json", "id_field": "id"}],
-                              "dedup": {"exact": {"enabled": False}, "near": {"enabled": False},
-                                        "semantic": {"eps": 0.06}}, "cluster": {"k": 4}})
+    job = write_job(job_dir, without_scores({
+        "output": "out", "inputs": [{"source": "s", "path": "rows.json", "id_field": "id"}],
+        "dedup": {"exact": {"enabled": False}, "near": {"enabled": False}, "semantic": {"eps": 0.06}},
+        "cluster": {"k": 4}}))
     assert run_cli("run", job) == 0
     ann = pd.read_parquet("out/annotated").set_index("id")
     for group in groups:
@@ -180,7 +181,7 @@ def test_cluster_ids_are_the_same_across_runs_and_runners(job_dir):
     for name, flags in outs.items():
         cfg = {"output": name, "inputs": DEMO, "embed": {"device": "cpu", "batch_size": 16 if name == "b" else 64},
                "cluster": {"device": "cpu"}, **FAST}
-        assert run_cli("run", write_job(job_dir, cfg, f"{name}.yaml"), *flags) == 0
+        assert run_cli("run", write_job(job_dir, without_scores(cfg), f"{name}.yaml"), *flags) == 0
     frames = {n: pd.read_parquet(f"{n}/annotated").set_index("id").sort_index() for n in outs}
     assert frames["a"].cluster_id.notna().sum() == 355
     for other in ("b", "mp"):
@@ -196,6 +197,7 @@ def test_cluster_ids_are_the_same_across_runs_and_runners(job_dir):
 def test_rerun_reuses_embeddings_without_running_the_model(job_dir):
     base = {"inputs": [{"source": "g", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}], "sample": {"mode": "head", "n": 40},
             "dedup": {"near": {"enabled": False}}}
+    base = without_scores(base)
     assert run_cli("run", write_job(job_dir, {**base, "output": "first"}, "first.yaml")) == 0
     first = load_manifest("first")
     assert first["stages"]["embed"]["model_rows"] == 40 and "reused" not in first["stages"]["embed"]

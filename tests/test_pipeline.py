@@ -43,17 +43,22 @@ TWO_SOURCES = [{"source": "alpaca_cherry", "path": shared("alpaca_cherry_5pct.js
 
 
 def test_two_source_sample_runs_every_stage(job_dir):
-    job = write_job(job_dir, {"output": "out", "inputs": TWO_SOURCES, "sample": {"mode": "random", "n": 150}})
+    job = write_job(job_dir, {"output": "out", "inputs": TWO_SOURCES, "sample": {"mode": "random", "n": 12},
+                              "score": {"ifd": {"cache": False}}})
     assert run_cli("run", job) == 0
     man = load_manifest("out")
-    assert man["accounting"]["holds"] and man["counts"]["rows_in"] == 300
+    assert man["accounting"]["holds"] and man["counts"]["rows_in"] == 24
     assert {"read", "validate", "ids", "exact_dedup", "near_dedup", "embed", "cluster", "semantic_dedup",
             "write"} <= set(man["stages"])
-    embedded = 300 - sum(man["counts"]["dropped"].get(r, 0) for r in ("exact_duplicate", "near_duplicate"))
+    embedded = 24 - sum(man["counts"]["dropped"].get(r, 0) for r in ("exact_duplicate", "near_duplicate"))
     assert man["stages"]["embed"]["rows"] == man["stages"]["cluster"]["rows"] == embedded
     ann = read_table("out", "annotated").to_pandas()
     assert ann[ann.selected].cluster_id.notna().all() and man["cluster"]["k"] == round(embedded ** 0.5)
     assert read_table("out", "embeddings").num_rows == embedded
+    live = ann[ann.selected]
+    assert live.ifd_status.notna().all() and live.rifd_status.notna().all()
+    assert (live.ifd_status.isin(["ok", "response_truncated"]) == live.ifd_loss.notna()).all()
+    assert man["score"]["model_rows"] == len(live) and man["score"]["ifd_ge_1_share"] is not None
 
 
 def test_two_source_run_writes_all_outputs_and_accounts_for_every_row(two_sources):

@@ -26,7 +26,8 @@ def test_manifests_of_real_runs_follow_the_manifest_schema(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     inputs = [{"source": "g", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}]
     for name, cfg in (("plain", without_models({"output": "plain", "inputs": inputs})),
-                      ("models", {"output": "models", "inputs": inputs, "sample": {"mode": "head", "n": 30}})):
+                      ("models", {"output": "models", "inputs": inputs, "sample": {"mode": "head", "n": 6},
+                                  "score": {"ifd": {"cache_dir": str(tmp_path / "scores")}}})):
         assert run_cli("run", write_job(tmp_path, cfg, f"{name}.yaml")) == 0
         jsonschema.validate(load_manifest(name), manifest_schema)
     broken = load_manifest("plain")
