@@ -30,13 +30,14 @@ def torch_device(prefer: str = "auto", cuda_available: bool | None = None) -> st
     return "cuda" if cuda_available else "cpu"
 
 
-def torch_dtype_name(device: str, prefer: str = "auto") -> str:
-    """fp16 on a GPU, fp32 on the CPU unless bf16 is asked for (measured in the embed benchmark)."""
+def torch_dtype_name(device: str, prefer: str = "auto", gpu_default: str = "float16") -> str:
+    """``gpu_default`` on a GPU (fp16 for the embedder, bf16 for the weak LM), fp32 on the CPU
+    unless another dtype is asked for (bf16 measured in the embed and ifd benchmarks)."""
     if prefer not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {prefer!r}")
     if prefer != "auto":
         return prefer
-    return "float16" if device == "cuda" else "float32"
+    return gpu_default if device == "cuda" else "float32"
 
 
 def faiss_use_gpu(prefer: str = "auto", num_gpus: int | None = None) -> bool:

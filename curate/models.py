@@ -72,6 +72,12 @@ def gguf_location(module: str, filename: str, package: str) -> tuple[str, str]:
     return folder, filename
 
 
+def check_weak_lm(name: str | None) -> None:
+    """Raise ModelNotFound now if the default weak LM's package is missing (other names load later)."""
+    if (name or DEFAULT_WEAK_LM) in _GGUF:
+        gguf_location(*_GGUF[name or DEFAULT_WEAK_LM])
+
+
 def cache_root() -> str:
     """Where dequantized weights are kept: $CURATE_CACHE, else ~/.cache/curate. Safe to delete."""
     return os.environ.get("CURATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "curate")

@@ -95,10 +95,9 @@ def resolve_runtime(cfg: dict) -> dict:
         rt["cluster"] = {"faiss_gpu": device.faiss_use_gpu(cfg["cluster"]["device"])}
     s = cfg["score"]["ifd"]
     if s["enabled"]:
-        if s["model"] == models.DEFAULT_WEAK_LM:
-            models.gguf_location(*models._GGUF[s["model"]])  # fail now, not in a worker
+        models.check_weak_lm(s["model"])  # fail now, not in a worker
         dev = device.torch_device(s["device"])
-        dtype = s["dtype"] if s["dtype"] != "auto" else ("bfloat16" if dev == "cuda" else "float32")
+        dtype = device.torch_dtype_name(dev, s["dtype"], gpu_default="bfloat16")
         folder = cache_folder(s, dtype)
         files = sorted(glob.glob(os.path.join(folder, "*.parquet"))) if s["cache"] else []
         rt["score"] = {"model": s["model"], "device": dev, "dtype": dtype, "cache": folder if s["cache"] else None,
