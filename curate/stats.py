@@ -45,4 +45,4 @@ class Progress:
         if now - self.last >= self.every:
             self.last = now
             rate = self.n / max(now - self.start, 1e-9)
-            log.info("%s: %s %s so far (%.0f %s/s)", self.stage, f"{self.n:,}", self.unit, rate, self.unit)
+            log.info("%s: %s %s so far (%.1f %s/s)", self.stage, f"{self.n:,}", self.unit, rate, self.unit)
