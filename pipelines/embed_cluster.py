@@ -138,10 +138,11 @@ class SemanticDedupFn(StageFn):
         _, records = element
         records = list(records)
         x = np.stack([r["_vector"] for r in records])
-        for eps, n in semantic.removed_per_eps(x, semantic.SWEEP_EPS, self.p["block_size"]).items():
-            self.count("sweep", n, reason=f"eps_{eps}")
-        if self.p["enabled"]:
-            records = semantic.resolve(records, x, self.p["eps"], self.p["keep"], self.p["block_size"])
+        eps = self.p["eps"] if self.p["enabled"] else None
+        records, sweep = semantic.dedup_cluster(records, x, eps, self.p["keep"], semantic.SWEEP_EPS,
+                                                self.p["block_size"])
+        for e, n in sweep.items():
+            self.count("sweep", n, reason=f"eps_{e}")
         for rec in records:
             if rec.get("semantic_dup_of"):
                 self.count("dropped", source=rec["source"])

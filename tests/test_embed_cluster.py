@@ -129,6 +129,9 @@ def test_semdedup_keeps_one_per_group_by_each_rule():
     assert sorted(zip(*dense[:2])) == sorted(zip(*tiled[:2])) and len(dense[0]) > 10
     sweep = semantic.removed_per_eps(y)
     assert list(sweep.values()) == sorted(sweep.values()) and sweep[0.1] > 0
+    marked, same_sweep = semantic.dedup_cluster([{"id": f"r{k:03d}", "cluster_sim": 0.5, "response": "x"}
+                                                 for k in range(300)], y, 0.05)
+    assert same_sweep == sweep and sum(r["semantic_dup_of"] is not None for r in marked) == sweep[0.05]
 
 
 def _paraphrase(row: dict) -> dict:
@@ -190,7 +193,7 @@ def test_cluster_ids_are_the_same_across_runs_and_runners(job_dir):
         assert frames["a"].selected.equals(frames[other].selected)
     man = load_manifest("a")
     assert man["embed"]["device"] == "cpu" and man["cluster"]["faiss_gpu"] is False
-    assert man["embed"]["max_seq_length"] == 256 and man["cluster"]["k"] == 19
+    assert man["embed"]["max_seq_length"] == 256 and man["cluster"]["k"] == clustering.default_k(355)
     assert set(man["semantic_dedup"]["sweep_would_remove"]) == {"0.005", "0.01", "0.02", "0.05", "0.1"}
 
 

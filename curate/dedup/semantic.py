@@ -53,14 +53,17 @@ def _groups(n: int, i: np.ndarray, j: np.ndarray) -> list[list[int]]:
     return [sorted(c) for c in comps.values() if len(c) > 1]
 
 
-def removed_per_eps(x: np.ndarray, eps_list=SWEEP_EPS, block: int = 2048) -> dict[float, int]:
-    """How many rows each eps would remove (group members beyond the one kept)."""
-    i, j, s = similar_pairs(x, 1 - max(eps_list), block)
+def _sweep(n: int, i: np.ndarray, j: np.ndarray, s: np.ndarray, eps_list) -> dict[float, int]:
     out = {}
     for eps in eps_list:
         m = s >= 1 - eps
-        out[eps] = sum(len(g) - 1 for g in _groups(len(x), i[m], j[m]))
+        out[eps] = sum(len(g) - 1 for g in _groups(n, i[m], j[m]))
     return out
+
+
+def removed_per_eps(x: np.ndarray, eps_list=SWEEP_EPS, block: int = 2048) -> dict[float, int]:
+    """How many rows each eps would remove (group members beyond the one kept)."""
+    return _sweep(len(x), *similar_pairs(x, 1 - max(eps_list), block), eps_list)
 
 
 def _keep_key(record: dict, rule: str) -> tuple:
@@ -71,15 +74,28 @@ def _keep_key(record: dict, rule: str) -> tuple:
     return (-len(record["response"]), record["id"])
 
 
-def resolve(records: list[dict], x: np.ndarray, eps: float, keep: str = "least_similar_to_centroid",
-            block: int = 2048) -> list[dict]:
-    """Mark all but one member of each duplicate group; returns the same dicts (ordered by id)."""
+def dedup_cluster(records: list[dict], x: np.ndarray, eps: float | None, keep: str = "least_similar_to_centroid",
+                  eps_list=SWEEP_EPS, block: int = 2048) -> tuple[list[dict], dict[float, int]]:
+    """(records ordered by id, rows each sweep eps would remove); with ``eps`` set, all but one
+    member of each group at that eps is marked. Similarities are computed once, at the loosest
+    threshold, for both the sweep and the removal."""
     order = sorted(range(len(records)), key=lambda k: records[k]["id"])  # input order never matters
     records = [records[k] for k in order]
     x = x[order]
+    loosest = max([*eps_list, eps or 0.0])
+    i, j, s = similar_pairs(x, 1 - loosest, block)
+    sweep = _sweep(len(records), i, j, s, eps_list)
     for rec in records:
         rec["semantic_dup_of"] = None
-    i, j, _ = similar_pairs(x, 1 - eps, block)
-    for group in _groups(len(records), i, j):
-        keep_one([records[k] for k in group], lambda r: _keep_key(r, keep), "semantic_dup_of", "semantic_duplicate")
-    return records
+    if eps is not None:
+        m = s >= 1 - eps
+        for group in _groups(len(records), i[m], j[m]):
+            keep_one([records[k] for k in group], lambda r: _keep_key(r, keep), "semantic_dup_of",
+                     "semantic_duplicate")
+    return records, sweep
+
+
+def resolve(records: list[dict], x: np.ndarray, eps: float, keep: str = "least_similar_to_centroid",
+            block: int = 2048) -> list[dict]:
+    """Mark all but one member of each duplicate group; returns the same dicts (ordered by id)."""
+    return dedup_cluster(records, x, eps, keep, (), block)[0]
