@@ -97,6 +97,12 @@ def check_accounting(counts: dict) -> dict:
     return acc
 
 
+def by_reason(stage: dict, metric: str) -> dict[str, int]:
+    """``{reason: count}`` of a stage's ``metric:reason`` entries (see ``summarize``), sorted."""
+    prefix = f"{metric}:"
+    return {k[len(prefix):]: int(v) for k, v in sorted(stage.items()) if k.startswith(prefix)}
+
+
 def near_dedup_report(cfg: dict, stages: dict, reports: dict) -> dict:
     """The near-dup section: parameters and S-curve points, removed rows, cluster sizes, examples."""
     from curate.dedup.near import candidate_probability
@@ -105,7 +111,7 @@ def near_dedup_report(cfg: dict, stages: dict, reports: dict) -> dict:
     if not p["enabled"]:
         return {"enabled": False}
     st = stages.get("near_dedup", {})
-    sizes = {int(k.split("_", 1)[1]): v for k, v in st.items() if k.startswith("clusters:size_")}
+    sizes = {int(r.removeprefix("size_")): n for r, n in by_reason(st, "clusters").items()}
     return {
         "enabled": True,
         "bands": p["bands"], "rows": p["rows"], "bands_rows_from": p["bands_rows_from"],
@@ -145,8 +151,7 @@ def embed_cluster_report(cfg: dict, stages: dict, reports: dict, runtime: dict) 
         st = stages.get("semantic_dedup", {})
         out["semantic_dedup"] = {
             "enabled": sd["enabled"], "eps": sd["eps"], "keep": sd["keep"], "removed": int(st.get("dropped", 0)),
-            "sweep_would_remove": {k.split("eps_", 1)[1]: int(v) for k, v in sorted(st.items())
-                                   if k.startswith("sweep:")}}
+            "sweep_would_remove": {r.removeprefix("eps_"): n for r, n in by_reason(st, "sweep").items()}}
     return out
 
 
@@ -164,10 +169,8 @@ def score_report(cfg: dict, stages: dict, runtime: dict) -> dict:
         "superfiltering_compat": s["superfiltering_compat"], "rows": rows,
         "model_rows": int(st.get("model_rows", 0)), "cached_rows": int(st.get("cached", 0)),
         "ifd_ge_1_share": share(int(st.get("ifd_ge_1", 0))),
-        "ifd_status_share": {k.split(":", 1)[1]: share(int(v)) for k, v in sorted(st.items())
-                             if k.startswith("ifd_status:")},
-        "rifd_status_share": {k.split(":", 1)[1]: share(int(v)) for k, v in sorted(st.items())
-                              if k.startswith("rifd_status:")},
+        "ifd_status_share": {r: share(n) for r, n in by_reason(st, "ifd_status").items()},
+        "rifd_status_share": {r: share(n) for r, n in by_reason(st, "rifd_status").items()},
     }
 
 

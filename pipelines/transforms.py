@@ -34,7 +34,7 @@ def read_units(cfg: dict) -> list[dict]:
     (a sample is taken over a source's rows, so its files are read in one place)."""
     units = []
     for spec in cfg["inputs"]:
-        files = [f for f in spec["files"]]
+        files = spec["files"]
         groups = [files] if cfg["sample"]["mode"] != "none" else [[f] for f in files]
         for group in groups:
             units.append({"source": spec["source"], "files": group})
