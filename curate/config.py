@@ -129,6 +129,16 @@ SCHEMA: dict = {
         "seed": Opt((int,), None),
         "device": Opt((str,), "auto", choices=("auto", "cpu", "cuda")),
     },
+    "select": {
+        "policy": Opt((str,), "all"),
+        "params": FreeMap(),
+        "budget": {
+            "rows": Opt((int,), None, minimum=0),
+            "fraction": Opt((int, float), None, minimum=0.0, maximum=1.0),
+            "tokens": Opt((int,), None, minimum=0),
+        },
+        "seed": Opt((int,), None),
+    },
     "batch_size": Opt((int,), 512, minimum=1),
     "beam": FreeMap(),
 }
@@ -180,6 +190,11 @@ def _check(value: Any, schema: Any, path: str) -> Any:
     if opt.maximum is not None and value > opt.maximum:
         raise ConfigError(f"{path}: {value!r} is above the maximum {opt.maximum}")
     return value
+
+
+def check_value(value: Any, schema: Any, path: str) -> Any:
+    """Check one value against an ``Opt`` (or a nested schema); ConfigError names ``path``."""
+    return _check(value, schema, path)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -238,6 +253,23 @@ def _resolve_inputs(inputs: list[dict]) -> list[dict]:
     return inputs
 
 
+def _check_select(cfg: dict) -> None:
+    """The policy exists, its parameters and the budget are valid (one line naming the problem)."""
+    from curate.select import Budget, PolicyError, make
+
+    sel = cfg["select"]
+    if sel["seed"] is None:
+        sel["seed"] = cfg["seed"]
+    sel["budget"] = {k: v for k, v in sel["budget"].items() if v is not None}
+    try:
+        Budget.parse(sel["budget"], "select.budget")
+        policy = make(sel["policy"], sel["params"])
+    except PolicyError as err:
+        raise ConfigError(f"select: {err}") from None
+    if policy.wants_embeddings() and not (cfg["embed"]["enabled"]):
+        raise ConfigError(f"select: policy {sel['policy']} needs embeddings; enable the embed stage")
+
+
 def validate(raw: Any, *, check_files: bool = True) -> dict:
     """A resolved job config (a plain dict) or ConfigError."""
     if not isinstance(raw, dict):
@@ -250,6 +282,7 @@ def validate(raw: Any, *, check_files: bool = True) -> dict:
         raise ConfigError("sample: mode random needs exactly one of n or fraction")
     if sample["seed"] is None:
         sample["seed"] = cfg["seed"]
+    _check_select(cfg)
     near = cfg["dedup"]["near"]
     if near["seed"] is None:
         near["seed"] = cfg["seed"]

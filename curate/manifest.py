@@ -200,5 +200,6 @@ def build(cfg: dict, stats: dict, inputs: list[dict], *, beam_options: dict, sta
         "near_dedup": near_dedup_report(cfg, stages, reports or {}),
         **embed_cluster_report(cfg, stages, reports or {}, runtime or {}),
         "score": score_report(cfg, stages, runtime or {}),
+        "select": (reports or {}).get("select"),
         "timing": {"started": started, "finished": finished, "wall_s": round(wall_s, 3)},
     }

@@ -15,7 +15,7 @@ import sys
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
@@ -34,6 +34,8 @@ ANNOTATED_FIELDS = [
     pa.field("source", pa.string(), nullable=False),
     pa.field("prompt", pa.string(), nullable=False),
     pa.field("response", pa.string(), nullable=False),
+    pa.field("instruction", pa.string()),
+    pa.field("input", pa.string()),
     pa.field("messages", pa.list_(MESSAGE), nullable=False),
     pa.field("original", pa.string(), nullable=False),
     pa.field("exact_dup_of", pa.string()),
@@ -44,6 +46,7 @@ ANNOTATED_FIELDS = [
     pa.field("semantic_dup_of", pa.string()),
     *SCORE_FIELDS,
     pa.field("selected", pa.bool_(), nullable=False),
+    pa.field("rank", pa.int64()),
     pa.field("drop_reason", pa.string()),
 ]
 
@@ -61,6 +64,8 @@ FIELD_DOCS = {
     "source": "the input's source name from the job file",
     "prompt": "prompt text (Alpaca: instruction + blank line + input; chat: turns before the last assistant turn)",
     "response": "response text (Alpaca output, or the last assistant turn)",
+    "instruction": "Alpaca instruction (chat rows: the rendered prompt), what the alpaca-json export writes",
+    "input": "Alpaca input, empty when the row had none (chat rows: empty)",
     "messages": "the conversation in chat form: prompt turns then the response as the last assistant turn",
     "original": "the input row as canonical JSON (sorted keys)",
     "exact_dup_of": "id of the kept row this row exactly duplicates, else null",
@@ -84,7 +89,8 @@ FIELD_DOCS = {
     "rifd": "exp(s(Q|A) - s(Q)), reversed IFD of Selective Reflection-Tuning; NaN when undefined",
     "rifd_status": "status of the r-IFD scores, as ifd_status",
     "selected": "true if the row is in selected/",
-    "drop_reason": "why the row is not selected (exact_duplicate, near_duplicate, semantic_duplicate, ...), null when selected",
+    "rank": "the selection policy's rank (1 = chosen first), null when not selected",
+    "drop_reason": "why the row is not selected: exact_duplicate, near_duplicate, semantic_duplicate, or the policy's '<policy>:<reason>' (superfiltering:ifd_ge_upper, ...); null when selected",
     "file": "input file the rejected row came from",
     "row_number": "1-based line (jsonl) or position (json, parquet) in that file",
     "reason": "reject reason code (see curate.records.REJECT_REASONS)",

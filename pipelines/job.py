@@ -27,6 +27,7 @@ from pipelines import transforms as T
 from pipelines.embed_cluster import EmbedClusterDedup
 from pipelines.near_dedup import NearDedup
 from pipelines.score import Score, cache_folder
+from pipelines.select import Select
 
 log = logging.getLogger("curate")
 
@@ -126,13 +127,14 @@ def build(p: beam.Pipeline, cfg: dict, folder: str, rt: dict | None = None) -> N
     sc = rt.get("score", {})
     scored = ec["records"] | "Score" >> Score(cfg, sc.get("device", "cpu"), sc.get("dtype", "float32"),
                                               sc.get("cache_files", []), os.path.join(folder, "_scores_new"))
-    decided = scored["records"] | "Select" >> beam.Map(T.select_all_kept)
+    selection = scored["records"] | "Select" >> Select(cfg)
+    decided = selection["records"]
     rejects = (valid["rejects"], ids["rejects"]) | "AllRejects" >> beam.Flatten()
     written = {"annotated": decided, "rejects": rejects} | "Write" >> T.WriteOutputs(folder)
     stats = (read["stats"], valid["stats"], ids["stats"], exact["stats"], near["stats"], ec["stats"],
              scored["stats"], written["stats"])
     stats | "FlattenStats" >> beam.Flatten() | "Stats" >> T.WriteStats(os.path.join(folder, "_stats.json"))
-    (near["reports"], ec["reports"]) | "FlattenReports" >> beam.Flatten() | "Reports" >> T.WriteJson(
+    (near["reports"], ec["reports"], selection["reports"]) | "FlattenReports" >> beam.Flatten() | "Reports" >> T.WriteJson(
         os.path.join(folder, "_reports.json"))
 
 

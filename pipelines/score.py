@@ -64,8 +64,12 @@ class IFDHandler(ModelHandler[dict, dict, WeakLM]):
     def __init__(self, p: dict, device: str, dtype: str):
         super().__init__(min_batch_size=p["batch_size"], max_batch_size=p["batch_size"])
         self.p, self.device, self.dtype = p, device, dtype
+        # On CPU one row per forward pass is fastest (measured: 1.56 rows/s at 1, 1.36 at 2, 1.11 at 4 on
+        # 2 cores): the model is compute-bound there and padding plus masked attention cost more than
+        # batching saves. On a GPU the forward batch is the handler's batch.
+        forward = p["batch_size"] if device.startswith("cuda") else 1
         self.settings = IFDSettings(max_length=p["max_length"], template=p["template"],
-                                    superfiltering_compat=p["superfiltering_compat"], batch_size=p["batch_size"])
+                                    superfiltering_compat=p["superfiltering_compat"], batch_size=forward)
 
     def load_model(self):
         from curate.models import load_causal_lm

@@ -203,13 +203,6 @@ class ExactDedup(beam.PTransform):
         return {"records": out.records, "stats": out[STATS]}
 
 
-def select_all_kept(record: dict) -> dict:
-    """Until a policy stage exists: every row not dropped by dedup is selected."""
-    record["drop_reason"] = record.get("drop_reason")
-    record["selected"] = record["drop_reason"] is None
-    return record
-
-
 class TallyFn(StageFn):
     """Counts rows handed to a writer, by decision, reason and source."""
 
@@ -229,7 +222,8 @@ class TallyFn(StageFn):
 
 
 def to_output_row(record: dict, fields: list[str]) -> dict:
-    return {name: record.get(name) for name in fields}
+    """The output columns; ``instruction``/``input`` come from the record's internal ``_`` fields."""
+    return {name: record[name] if name in record else record.get("_" + name) for name in fields}
 
 
 class WriteOutputs(beam.PTransform):

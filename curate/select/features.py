@@ -1,0 +1,54 @@
+"""The per-row features a policy sees, from pipeline records or from a finished run's annotated/."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.schema import SCORE_FIELDS
+from curate.select.base import approx_tokens
+
+FEATURES = pa.schema([
+    pa.field("id", pa.string(), nullable=False), pa.field("source", pa.string()),
+    pa.field("prompt_chars", pa.int64()), pa.field("response_chars", pa.int64()),
+    pa.field("approx_tokens", pa.int64()),
+    pa.field("exact_dup_of", pa.string()), pa.field("near_dup_of", pa.string()),
+    pa.field("semantic_dup_of", pa.string()),
+    pa.field("cluster_id", pa.int32()), pa.field("cluster_sim", pa.float32()),
+    *SCORE_FIELDS,
+])
+DEDUP_REASONS = ("exact_duplicate", "near_duplicate", "semantic_duplicate")
+
+
+def feature_row(record: dict) -> dict:
+    """One record's features (no text: the selection step moves only these few columns)."""
+    row = {f.name: record.get(f.name) for f in FEATURES if f.name not in ("prompt_chars", "response_chars",
+                                                                          "approx_tokens")}
+    row["prompt_chars"] = len(record["prompt"])
+    row["response_chars"] = len(record["response"])
+    row["approx_tokens"] = int(approx_tokens([row["prompt_chars"] + row["response_chars"]])[0])
+    return row
+
+
+def features_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in FEATURES} for r in rows], schema=FEATURES)
+
+
+def pool_of(annotated: pa.Table) -> pa.Table:
+    """The candidate rows of a finished run: every row no dedup stage dropped (a previous
+    policy's decision does not count), as a features table."""
+    reason = annotated.column("drop_reason")
+    candidate = pc.or_(pc.is_null(reason), pc.invert(pc.is_in(reason, pa.array(DEDUP_REASONS))))
+    t = annotated.filter(pc.fill_null(candidate, True))
+    prompt_chars = pc.utf8_length(t.column("prompt")).cast(pa.int64())
+    response_chars = pc.utf8_length(t.column("response")).cast(pa.int64())
+    cols = {"prompt_chars": prompt_chars, "response_chars": response_chars,
+            "approx_tokens": pa.array(approx_tokens(pc.add(prompt_chars, response_chars).to_numpy()), pa.int64())}
+    arrays = []
+    for f in FEATURES:
+        if f.name in cols:
+            arrays.append(cols[f.name])
+        elif f.name in t.column_names:
+            arrays.append(t.column(f.name).cast(f.type))
+        else:
+            arrays.append(pa.nulls(t.num_rows, f.type))
+    return pa.Table.from_arrays(arrays, schema=FEATURES)

@@ -1,0 +1,126 @@
+"""Policies that rank by one score column: all, random, threshold, top_k, superfiltering.
+
+NaN (a failed or undefined score) is never selected: it is dropped as ``score_nan``.
+Ties are broken by id (the pool is sorted by id and the sorts are stable).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from curate.select.base import Param, Policy, PolicyError, Pool, Selection, ranked
+
+COLUMN = Param((str,), None, "score column to rank by (any numeric column of annotated/)", required=True)
+HIGHER = Param((bool,), True, "true: larger scores are better")
+
+
+def hash_keys(ids: list[str], seed: int) -> np.ndarray:
+    """A seeded pseudo-random key per id in [0, 1), from the id alone, so no order or batch
+    changes it (blake2b keyed by the seed)."""
+    key = str(seed).encode()
+    out = np.empty(len(ids), dtype=np.float64)
+    for i, rid in enumerate(ids):
+        h = hashlib.blake2b(rid.encode("utf-8"), digest_size=8, key=key).digest()
+        out[i] = int.from_bytes(h, "big") / 2.0 ** 64
+    return out
+
+
+def numeric_column(pool: Pool, name: str, policy: str) -> np.ndarray:
+    import pyarrow as pa
+
+    col = pool.table.column(name)
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_null(col.type)):
+        raise PolicyError(f"policy {policy}: column {name!r} is {col.type}, not numeric")
+    return pool.values(name)
+
+
+class All(Policy):
+    name = "all"
+    summary = "keep every row no earlier stage dropped (the default); a budget keeps the first rows by id"
+
+    def choose(self, pool: Pool) -> Selection:
+        return pool.take_in_order(range(len(pool)))
+
+
+class Random(Policy):
+    name = "random"
+    summary = "seeded uniform sample, the baseline every other policy should beat"
+    needs_budget = True
+
+    def choose(self, pool: Pool) -> Selection:
+        return pool.take_in_order(np.argsort(hash_keys(pool.ids, pool.seed), kind="stable"))
+
+
+class _ByColumn(Policy):
+    def required_columns(self):
+        return (self.p["column"],)
+
+    def _keys(self, pool: Pool) -> tuple[np.ndarray, dict[str, str]]:
+        keys = numeric_column(pool, self.p["column"], self.name)
+        dropped = {pool.ids[i]: "score_nan" for i in np.flatnonzero(np.isnan(keys))}
+        return keys, dropped
+
+
+class Threshold(_ByColumn):
+    name = "threshold"
+    summary = "keep rows whose score lies within [min, max]; ranked by the score, a budget caps the count"
+    params = {"column": COLUMN,
+              "min": Param((int, float), None, "lowest score kept"),
+              "max": Param((int, float), None, "highest score kept"),
+              "strict": Param((bool,), False, "true: exclude the bounds themselves"),
+              "higher_is_better": HIGHER}
+
+    def validate(self):
+        if self.p["min"] is None and self.p["max"] is None:
+            raise PolicyError("policy threshold: give min, max or both")
+        if self.p["min"] is not None and self.p["max"] is not None and self.p["min"] > self.p["max"]:
+            raise PolicyError("policy threshold: min is above max")
+
+    def choose(self, pool: Pool) -> Selection:
+        keys, dropped = self._keys(pool)
+        lo, hi, strict = self.p["min"], self.p["max"], self.p["strict"]
+        for i, v in enumerate(keys):
+            if np.isnan(v):
+                continue
+            if lo is not None and (v <= lo if strict else v < lo):
+                dropped[pool.ids[i]] = "below_min"
+            elif hi is not None and (v >= hi if strict else v > hi):
+                dropped[pool.ids[i]] = "above_max"
+        return pool.take_in_order(ranked(keys, self.p["higher_is_better"]), dropped)
+
+
+class TopK(_ByColumn):
+    name = "top_k"
+    summary = "the budget's best rows by one score column"
+    params = {"column": COLUMN, "higher_is_better": HIGHER}
+    needs_budget = True
+
+    def choose(self, pool: Pool) -> Selection:
+        keys, dropped = self._keys(pool)
+        return pool.take_in_order(ranked(keys, self.p["higher_is_better"]), dropped)
+
+
+class Superfiltering(_ByColumn):
+    name = "superfiltering"
+    summary = ("Superfiltering / Cherry IFD selection: drop IFD >= upper (misaligned pairs) and NaN, "
+               "keep the highest IFD (methods.md 1.5)")
+    params = {"column": Param((str,), "ifd_loss", "IFD column: ifd_loss (Cherry's ratio) or ifd_ppl"),
+              "upper": Param((int, float), 1.0, "rows with IFD >= upper are dropped (strict <, as the reference)"),
+              "lower": Param((int, float), 0.0, "rows with IFD <= lower are dropped")}
+    needs_budget = True
+
+    def validate(self):
+        if self.p["lower"] >= self.p["upper"]:
+            raise PolicyError("policy superfiltering: lower must be below upper")
+
+    def choose(self, pool: Pool) -> Selection:
+        keys, dropped = self._keys(pool)
+        for i, v in enumerate(keys):
+            if np.isnan(v):
+                continue
+            if v >= self.p["upper"]:
+                dropped[pool.ids[i]] = "ifd_ge_upper"
+            elif v <= self.p["lower"]:
+                dropped[pool.ids[i]] = "ifd_le_lower"
+        return pool.take_in_order(ranked(keys, True), dropped)

@@ -1,0 +1,94 @@
+"""The selection step: one global decision over the candidates' features, fed back as a side input.
+
+Candidates are the rows no earlier stage dropped. Only their features (a few numbers per
+row, plus the embedding when the policy asks for it) are combined into one list; the
+policy (``curate.select``) runs once on it; the decisions (id -> rank or drop reason) come
+back to every row as a side input. The report (counts per source, per cluster, per reason)
+goes to the manifest.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import apache_beam as beam
+import numpy as np
+
+from curate.select.base import Budget
+from curate.select.features import feature_row, features_table
+from curate.select.registry import make
+
+
+def policy_from(cfg: dict):
+    s = cfg["select"]
+    return make(s["policy"], s["params"]), Budget.parse(s["budget"], "select.budget"), s["seed"]
+
+
+def decide(rows: list[dict], cfg: dict) -> dict:
+    """Run the job's policy on the candidates' features: {"decisions": {id: [rank, reason]}, "report": ...}."""
+    policy, budget, seed = policy_from(cfg)
+    rows = sorted(rows, key=lambda r: r["id"])
+    table = features_table(rows)
+    emb = np.stack([r["_vector"] for r in rows]) if policy.wants_embeddings() and rows else None
+    result = policy.run(table, budget, seed, emb)
+    ranks = result.ranks()
+    decisions = {rid: [rank, None] for rid, rank in ranks.items()}
+    decisions.update({rid: [None, reason] for rid, reason in result.dropped.items()})
+    return {"decisions": decisions, "report": report(policy, budget, seed, rows, ranks, result.dropped)}
+
+
+def report(policy, budget: Budget, seed: int, rows: list[dict], ranks: dict, dropped: dict) -> dict:
+    """What the policy did, for the manifest and ``curate select``: totals, by source, by cluster, by reason."""
+    per_source, per_cluster = Counter(), Counter()
+    pool_source, pool_cluster = Counter(), Counter()
+    for r in rows:
+        cluster = "none" if r.get("cluster_id") is None else str(r["cluster_id"])
+        pool_source[r["source"]] += 1
+        pool_cluster[cluster] += 1
+        if r["id"] in ranks:
+            per_source[r["source"]] += 1
+            per_cluster[cluster] += 1
+    return {**policy.describe(), "budget": budget.as_dict(), "seed": seed, "pool": len(rows),
+            "selected": len(ranks), "dropped": dict(sorted(Counter(dropped.values()).items())),
+            "by_source": {s: {"pool": n, "selected": per_source.get(s, 0)} for s, n in sorted(pool_source.items())},
+            "by_cluster": {c: {"pool": n, "selected": per_cluster.get(c, 0)}
+                           for c, n in sorted(pool_cluster.items(), key=lambda kv: (len(kv[0]), kv[0]))}}
+
+
+def apply_decision(record: dict, decided: dict) -> dict:
+    record.pop("_vector", None)
+    if record.get("drop_reason") is None:
+        rank, reason = decided["decisions"][record["id"]]
+        record["rank"], record["drop_reason"] = rank, reason
+    else:
+        record["rank"] = None
+    record["selected"] = record["drop_reason"] is None
+    return record
+
+
+class Select(beam.PTransform):
+    """Records (kept or dropped) to records with ``selected``, ``rank`` and ``drop_reason``."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = cfg
+        policy, _, _ = policy_from(cfg)  # fail at graph construction, not in a worker
+        self.with_vectors = policy.wants_embeddings()
+
+    def expand(self, records):
+        cfg, with_vectors = self.cfg, self.with_vectors
+
+        def features(r):
+            row = feature_row(r)
+            if with_vectors:
+                if r.get("_vector") is None:
+                    raise ValueError(f"select: row {r['id']} has no embedding (is the embed stage on?)")
+                row["_vector"] = r["_vector"]
+            return row
+
+        decided = (records
+                   | "Candidates" >> beam.Filter(lambda r: r.get("drop_reason") is None)
+                   | "Features" >> beam.Map(features)
+                   | "AllFeatures" >> beam.combiners.ToList()
+                   | "Decide" >> beam.Map(decide, cfg))
+        out = records | "Apply" >> beam.Map(apply_decision, beam.pvalue.AsSingleton(decided))
+        return {"records": out, "reports": decided | "Report" >> beam.Map(lambda d: ("select", d["report"]))}
