@@ -162,7 +162,7 @@ class Pool:
 
     def tokens(self) -> np.ndarray:
         if self.has("approx_tokens"):
-            return self.values("approx_tokens").astype(np.int64)
+            return np.nan_to_num(self.values("approx_tokens"), nan=0.0).astype(np.int64)
         return np.zeros(len(self), dtype=np.int64)
 
     def take_in_order(self, order, dropped: dict[str, str] | None = None,

@@ -176,7 +176,9 @@ class Deita(Policy):
         keys = numeric_column(pool, self.p["column"], self.name)
         x = pool.embeddings.astype(np.float32) if len(pool) else np.zeros((0, 1), np.float32)
         norms = np.linalg.norm(x, axis=1, keepdims=True)
-        x = np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0))
+        # normalise (DEITA's normalize_emb); rows already of unit length are left as they are, so a
+        # float32 rounding of the norm cannot push a similarity across the threshold
+        x = np.ascontiguousarray(np.where(np.abs(norms - 1.0) > 1e-6, x / np.where(norms > 0, norms, 1.0), x))
         index = faiss.IndexFlatIP(x.shape[1])
         cap, room = pool.max_rows, pool.budget.tokens
         tokens = pool.tokens()

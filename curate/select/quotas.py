@@ -22,19 +22,27 @@ from curate.select.scored import hash_keys, numeric_column
 
 
 def allocate(budget: int, sizes: dict, weights: dict) -> dict:
-    """Whole quotas per group summing to min(budget, total size), each at most its size."""
+    """Whole quotas per group summing to min(budget, total size), each at most its size.
+
+    Largest remainder (Hamilton): each group gets the floor of its share, the seats left go
+    one each to the largest fractional parts (ties by group name); seats a full group cannot
+    take are shared again among the others."""
     quota = {g: 0 for g in sizes}
     left = min(budget, sum(sizes.values()))
     while left > 0:
-        active = [g for g in sorted(sizes) if quota[g] < sizes[g] and weights.get(g, 0) > 0]
+        active = [g for g in sorted(sizes, key=str) if quota[g] < sizes[g] and weights.get(g, 0) > 0]
         if not active:
             break
         total = sum(weights[g] for g in active)
         raw = {g: left * weights[g] / total for g in active}
         give = {g: min(int(math.floor(raw[g])), sizes[g] - quota[g]) for g in active}
-        if sum(give.values()) == 0:
-            for g in sorted(active, key=lambda g: (-(raw[g] - math.floor(raw[g])), g))[:left]:
-                give[g] = 1
+        seats = left - sum(give.values())
+        for g in sorted(active, key=lambda g: (-(raw[g] - math.floor(raw[g])), str(g))):
+            if seats == 0:
+                break
+            if quota[g] + give[g] < sizes[g]:
+                give[g] += 1
+                seats -= 1
         for g, n in give.items():
             quota[g] += n
         left -= sum(give.values())

@@ -1,0 +1,248 @@
+"""Built-in selection policies on hand-made tables (curate.select): no Beam, no models."""
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from curate.select import Budget, PolicyError, available, features_table, make
+from curate.select.diversity import dense_kernel, greedy_dense, greedy_sparse, knn_kernel
+from curate.select.quotas import allocate, gumbel
+
+NAN = math.nan
+
+
+def table(scores=None, sources=None, clusters=None, chars=None, ids=None):
+    n = len(next(x for x in (scores, sources, clusters, chars, ids) if x is not None))
+    ids = ids or [f"r{i:02d}" for i in range(n)]
+    rows = []
+    for i in range(n):
+        rows.append({"id": ids[i], "source": (sources or ["a"] * n)[i],
+                     "ifd_loss": None if scores is None else scores[i],
+                     "cluster_id": None if clusters is None else clusters[i],
+                     "approx_tokens": None if chars is None else chars[i]})
+    return features_table(rows)
+
+
+def run(name, t, params=None, seed=0, emb=None, **budget):
+    return make(name, params or {}).run(t, Budget(**budget), seed, emb)
+
+
+def test_every_builtin_is_listed_with_documented_parameters():
+    names = set(available())
+    assert {"all", "threshold", "top_k", "superfiltering", "superfiltering_diverse", "facility_location",
+            "cluster_balanced", "deita", "random", "mixture", "chain"} <= names
+    for cls in available().values():
+        assert cls.summary
+        for spec in cls.params.values():
+            assert spec.doc
+
+
+@pytest.mark.parametrize("name,params", [("top_k", {"column": "ifd_loss"}), ("superfiltering", {}),
+                                         ("random", {}), ("threshold", {"column": "ifd_loss", "max": 0.95})])
+def test_accounting_and_zero_and_oversized_budgets(name, params):
+    t = table([0.5, 0.9, NAN, 0.7, 1.2, 0.7])
+    for rows in (0, 3, 100):
+        sel = run(name, t, params, rows=rows)
+        assert set(sel.selected) | set(sel.dropped) == set(t.column("id").to_pylist())
+        assert not set(sel.selected) & set(sel.dropped)
+        assert len(sel.selected) <= rows
+        assert all(r.startswith(f"{name}:") for r in sel.dropped.values())
+        if name != "random":
+            assert "r02" not in sel.selected  # NaN is never selected
+    assert run(name, t, params, rows=0).selected == []
+
+
+def test_top_k_ties_break_by_id_and_nan_is_never_selected():
+    t = table([0.7, NAN, 0.7, 0.9, 0.7], ids=["e", "d", "c", "b", "a"])
+    sel = run("top_k", t, {"column": "ifd_loss"}, rows=3)
+    assert sel.selected == ["b", "a", "c"]
+    assert sel.dropped == {"d": "top_k:score_nan", "e": "top_k:over_budget"}
+    low = run("top_k", t, {"column": "ifd_loss", "higher_is_better": False}, rows=10)
+    assert low.selected == ["a", "c", "e", "b"]  # NaN dropped even with room left
+
+
+def test_superfiltering_edges_follow_the_spec():
+    t = table([1.0, 0.99, 1.2, NAN, 0.0, 0.3])
+    sel = run("superfiltering", t, rows=10)
+    assert sel.selected == ["r01", "r05"]
+    assert sel.dropped == {"r00": "superfiltering:ifd_ge_upper", "r02": "superfiltering:ifd_ge_upper",
+                           "r03": "superfiltering:score_nan", "r04": "superfiltering:ifd_le_lower"}
+    assert run("superfiltering", t, fraction=0.2).selected == ["r01"]  # round(0.2 x 6) = 1
+
+
+def test_threshold_bounds_inclusive_and_strict():
+    t = table([0.1, 0.5, 0.9, NAN])
+    assert run("threshold", t, {"column": "ifd_loss", "min": 0.5}).selected == ["r02", "r01"]
+    strict = run("threshold", t, {"column": "ifd_loss", "min": 0.5, "strict": True})
+    assert strict.selected == ["r02"] and strict.dropped["r01"] == "threshold:below_min"
+    with pytest.raises(PolicyError, match="give min, max or both"):
+        make("threshold", {"column": "ifd_loss"})
+
+
+def test_token_budget_skips_rows_that_do_not_fit():
+    t = table([0.9, 0.8, 0.7], chars=[50, 100, 40])
+    sel = run("top_k", t, {"column": "ifd_loss"}, tokens=95)
+    assert sel.selected == ["r00", "r02"] and sel.dropped == {"r01": "top_k:over_budget"}
+
+
+def test_random_is_seeded_and_independent_of_row_order():
+    t = table(sources=["a"] * 50)
+    one = run("random", t, seed=3, rows=10)
+    again = run("random", t.take(np.random.default_rng(0).permutation(50)), seed=3, rows=10)
+    other = run("random", t, seed=4, rows=10)
+    assert one.selected == again.selected and one.selected != other.selected
+
+
+def test_missing_column_and_budget_give_clear_errors():
+    t = features_table([{"id": "a"}]).drop_columns(["ifd_loss"])
+    with pytest.raises(PolicyError, match="needs the column\\(s\\) ifd_loss"):
+        run("superfiltering", t, rows=1)
+    with pytest.raises(PolicyError, match="needs a budget"):
+        run("top_k", table([0.1]), {"column": "ifd_loss"})
+    with pytest.raises(PolicyError, match="did you mean 'superfiltering'"):
+        make("superfilter")
+    with pytest.raises(PolicyError, match="unknown parameter 'colum'"):
+        make("top_k", {"colum": "x"})
+    with pytest.raises(PolicyError, match="needs embeddings"):
+        run("deita", table([0.1]), {"column": "ifd_loss"}, rows=1)
+
+
+def test_allocate_sums_exactly_to_the_budget_with_caps():
+    sizes = {"a": 1, "b": 2, "c": 50, "d": 7}
+    for budget in range(0, 61):
+        for weights in (sizes, {g: 1.0 for g in sizes}, {g: math.sqrt(n) for g, n in sizes.items()}):
+            q = allocate(budget, sizes, weights)
+            assert sum(q.values()) == min(budget, 60)
+            assert all(0 <= q[g] <= sizes[g] for g in sizes)
+    assert allocate(10, {"a": 1, "b": 100}, {"a": 1, "b": 1}) == {"a": 1, "b": 9}  # redistributed
+
+
+def test_kmq_softmax_sampling_frequency():
+    # methods.md 6a: scores [0, ln 3], draw 1: item 2 wins with p = 3/4
+    wins = 0
+    for seed in range(10_000):
+        keys = np.array([0.0, math.log(3)]) + gumbel(["x", "y"], seed)
+        wins += int(np.argmax(keys) == 1)
+    assert abs(wins / 10_000 - 0.75) < 0.02
+
+
+def test_cluster_balanced_quotas_modes_and_empty_clusters():
+    clusters = [0] * 8 + [1] * 2 + [2] * 1
+    t = table([0.1 * i for i in range(11)], clusters=clusters)
+    prop = run("cluster_balanced", t, {"score": "ifd_loss"}, rows=5)
+    counts = {c: sum(1 for i in prop.selected if clusters[int(i[1:])] == c) for c in (0, 1, 2)}
+    assert sum(counts.values()) == 5 and counts[0] >= 3
+    assert [i for i in prop.selected if clusters[int(i[1:])] == 0] == ["r07", "r06", "r05", "r04"][:counts[0]]
+    equal = run("cluster_balanced", t, {"quota": "equal", "score": "ifd_loss"}, rows=6)
+    eq = {c: sum(1 for i in equal.selected if clusters[int(i[1:])] == c) for c in (0, 1, 2)}
+    assert eq == {0: 3, 1: 2, 2: 1}  # small clusters full, the rest redistributed
+    assert equal.selected[:3] == ["r07", "r09", "r10"]  # interleaved: each cluster's best first
+    uniform = run("cluster_balanced", t, {"quota": "sqrt"}, seed=1, rows=11)
+    assert len(uniform.selected) == 11 and not uniform.dropped  # budget = pool
+    assert run("cluster_balanced", t, {"quota": "equal"}, rows=0).selected == []
+    nan = run("cluster_balanced", table([NAN, 0.5], clusters=[0, 0]), {"score": "ifd_loss"}, rows=2)
+    assert nan.selected == ["r01"] and nan.dropped == {"r00": "cluster_balanced:score_nan"}
+
+
+def test_mixture_shares_and_redistribution():
+    t = table(sources=["a"] * 20 + ["b"] * 3 + ["c"] * 5)
+    sel = run("mixture", t, {"shares": {"a": 0.5, "b": 0.5}}, rows=10)
+    src = [t.column("source")[t.column("id").to_pylist().index(i)].as_py() for i in sel.selected]
+    assert src.count("b") == 3 and src.count("a") == 7  # b is short: a fills its rest
+    assert all(sel.dropped[i] == "mixture:source_not_in_mixture" for i in t.column("id").to_pylist()[23:])
+    strict = run("mixture", t, {"shares": {"a": 0.5, "b": 0.5}, "redistribute": False}, rows=10)
+    assert len(strict.selected) == 8
+    with pytest.raises(PolicyError, match="shares"):
+        make("mixture", {"shares": {}})
+
+
+def _naive_greedy(sim, k):
+    cur, picked = np.zeros(len(sim)), []
+    for _ in range(k):
+        gains = [(np.maximum(sim[:, j] - cur, 0).sum() if j not in picked else -1) for j in range(len(sim))]
+        j = int(np.argmax(gains))
+        picked.append(j)
+        cur = np.maximum(cur, sim[:, j])
+    return picked
+
+
+def _unit(n, d=16, seed=0):
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_facility_location_lazy_greedy_equals_plain_greedy_and_knn_with_all_neighbours():
+    x = _unit(40)
+    sim = dense_kernel(x.astype(np.float64))
+    assert np.allclose(np.diag(sim), 1.0) and sim.min() >= math.exp(-2 / 16) - 1e-9
+    assert greedy_dense(sim, 10) == _naive_greedy(sim, 10)
+    assert greedy_sparse(*knn_kernel(x, 39), 10) == greedy_dense(sim, 10)
+    t = table(sources=["a"] * 40)
+    dense = run("facility_location", t, {"kernel": "dense"}, emb=x, rows=10)
+    knn = run("facility_location", t, {"kernel": "knn", "neighbors": 39}, emb=x, rows=10)
+    assert dense.selected == knn.selected and len(dense.selected) == 10
+    sparse = run("facility_location", t, {"kernel": "knn", "neighbors": 5}, emb=x, rows=10)
+    assert len(sparse.selected) == 10
+
+
+def test_facility_location_prefers_covering_distinct_groups():
+    centers = _unit(3, seed=1)
+    x = np.repeat(centers, [10, 10, 10], axis=0) + 0.01 * _unit(30, seed=2)
+    sel = run("facility_location", table(sources=["a"] * 30), emb=x.astype(np.float32), rows=3)
+    assert sorted(int(i[1:]) // 10 for i in sel.selected) == [0, 1, 2]
+
+
+def test_superfiltering_diverse_filters_then_diversifies():
+    x = _unit(20)
+    scores = [0.04 + 0.05 * i for i in range(20)]  # all valid (0 < IFD < 1)
+    sel = run("superfiltering_diverse", table(scores), {"ifd_fraction": 0.5}, emb=x, rows=4)
+    assert len(sel.selected) == 4 and all(int(i[1:]) >= 10 for i in sel.selected)
+    reasons = set(sel.dropped.values())
+    assert reasons == {"superfiltering:over_budget", "facility_location:not_chosen"}
+
+
+def test_deita_repr_filter():
+    e1 = np.array([1.0, 0.0], np.float32)
+    e_095 = np.array([0.95, math.sqrt(1 - 0.95 ** 2)], np.float32)
+    e_090 = np.array([0.9, math.sqrt(1 - 0.81)], np.float32)
+    e_far = np.array([0.0, 1.0], np.float32)
+    t = table([0.9, 0.8, 0.7, 0.6])
+    sel = run("deita", t, {"column": "ifd_loss"}, emb=np.stack([e1, e_095, e_090, e_far]))
+    # cos 0.95 to the better row: dropped; cos 0.9 exactly: kept (strict >); orthogonal: kept
+    assert sel.selected == ["r00", "r02", "r03"] and sel.dropped == {"r01": "deita:too_similar"}
+    capped = run("deita", t, {"column": "ifd_loss"}, emb=np.stack([e1, e_095, e_090, e_far]), rows=2)
+    assert capped.selected == ["r00", "r02"] and capped.dropped["r03"] == "deita:over_budget"
+
+
+def test_chain_fractions_are_of_the_starting_pool():
+    t = table([0.005 + 0.009 * i for i in range(100)])
+    chain = make("chain", {"steps": [{"policy": "superfiltering", "budget": {"fraction": 0.2}},
+                                     {"policy": "random", "budget": {"fraction": 0.05}}]})
+    sel = chain.run(t, Budget(), seed=1)
+    assert len(sel.selected) == 5 and all(int(i[1:]) >= 80 for i in sel.selected)
+    assert sum(r == "superfiltering:over_budget" for r in sel.dropped.values()) == 80
+    assert sum(r == "random:over_budget" for r in sel.dropped.values()) == 15
+    with pytest.raises(PolicyError, match="steps\\[1\\]"):
+        make("chain", {"steps": [{"policy": "all"}, {"params": {}}]})
+
+
+def test_shuffled_pool_gives_the_same_selection_for_every_builtin():
+    rng = np.random.default_rng(0)
+    n = 60
+    t = table([float(v) for v in rng.uniform(0.2, 1.1, n)], sources=[("a", "b")[i % 2] for i in range(n)],
+              clusters=[i % 4 for i in range(n)])
+    x = _unit(n, seed=5)
+    perm = rng.permutation(n)
+    cases = [("all", {}), ("random", {}), ("top_k", {"column": "ifd_loss"}), ("superfiltering", {}),
+             ("threshold", {"column": "ifd_loss", "max": 0.9}), ("facility_location", {}),
+             ("superfiltering_diverse", {"ifd_fraction": 0.5}), ("deita", {"column": "ifd_loss", "threshold": 0.3}),
+             ("cluster_balanced", {"score": "ifd_loss", "within": "softmax"}),
+             ("mixture", {"shares": {"a": 0.8, "b": 0.2}}),
+             ("chain", {"steps": [{"policy": "superfiltering", "budget": {"fraction": 0.5}},
+                                  {"policy": "cluster_balanced"}]})]
+    for name, params in cases:
+        one = run(name, t, params, seed=7, emb=x, rows=12)
+        two = run(name, t.take(perm), params, seed=7, emb=x[perm], rows=12)
+        assert one.selected == two.selected and one.dropped == two.dropped, name
+        assert 0 < len(one.selected) <= 12, name
