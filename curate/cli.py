@@ -1,4 +1,4 @@
-"""``curate`` command line: run, validate, inspect.
+"""``curate`` command line: run, validate, inspect, select, policies, export, report.
 
 Exit codes: 0 success; 2 a problem with the job file, an input or the output
 folder (one line on stderr, no traceback); 1 an unexpected failure (a bug:
@@ -102,6 +102,7 @@ def cmd_run(args, beam_args: list[str]) -> int:
     for name in ("selected", "annotated", "rejects"):
         print(f"  {name + '/':<11} {man['outputs'][name]}")
     print(f"  {'manifest':<11} {man['outputs']['manifest']}")
+    print(f"  {'report':<11} {man['outputs']['report']}")
     return 0
 
 
@@ -132,6 +133,103 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _param_text(spec) -> str:
+    types = "/".join(t.__name__ for t in getattr(spec, "types", (dict,)))
+    bits = [types]
+    if getattr(spec, "required", False):
+        bits.append("required")
+    elif getattr(spec, "default", None) is not None:
+        bits.append(f"default {spec.default}")
+    if getattr(spec, "choices", None):
+        bits.append("one of " + "|".join(map(str, spec.choices)))
+    return f"{'; '.join(bits)}: {spec.doc}"
+
+
+def cmd_policies(args) -> int:
+    from curate.select import BUILTINS, available
+
+    for name, cls in sorted(available().items()):
+        origin = "built-in" if name in BUILTINS else f"plugin ({cls.__module__}.{cls.__qualname__})"
+        needs = []
+        if cls.needs_budget:
+            needs.append("a budget")
+        if cls.needs_embeddings:
+            needs.append("embeddings")
+        print(f"{name}  [{origin}]{'  needs ' + ' and '.join(needs) if needs else ''}")
+        print(f"    {cls.summary}")
+        for key, spec in cls.params.items():
+            print(f"    - {key}: {_param_text(spec)}")
+    return 0
+
+
+def _policy_args(args):
+    import yaml
+
+    from curate.select import Budget, make
+
+    params = {}
+    for item in args.param:
+        if "=" not in item:
+            raise ValueError(f"--param {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        params[key] = yaml.safe_load(text) if text else None
+    budget = {k: v for k, v in (("rows", args.rows), ("fraction", args.fraction), ("tokens", args.tokens))
+              if v is not None}
+    return make(args.policy, params), Budget.parse(budget)
+
+
+def _counts_table(title: str, counts: dict) -> str:
+    rows = [(k, v["pool"], v["selected"]) for k, v in counts.items()]
+    return _table(rows, (title, "pool", "selected"))
+
+
+def cmd_select(args) -> int:
+    from curate import runs
+    from curate.reselect import select_run
+    from curate.select import PolicyError
+
+    try:
+        policy, budget = _policy_args(args)
+        man = runs.manifest(args.output)
+        seed = man.get("seed", 0) if args.seed is None else args.seed
+        rep = select_run(args.output, policy, budget, seed, args.out)
+    except (PolicyError, runs.RunError, ValueError) as err:
+        return _fail(str(err))
+    print(f"policy {rep['policy']} ({json.dumps(rep.get('params', rep.get('steps')))}), budget "
+          f"{rep['budget'] or 'none'}, seed {rep['seed']}: {rep['selected']:,} of {rep['pool']:,} candidate rows "
+          f"selected")
+    if rep["dropped"]:
+        print(_table(sorted(rep["dropped"].items()), ("dropped because", "rows")))
+    print(_counts_table("source", rep["by_source"]))
+    print(_counts_table("cluster", rep["by_cluster"]))
+    print(f"\nselection in {rep['output']}/ (selected/, decisions.parquet, selection.json)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from curate import runs
+    from curate.export import export
+
+    try:
+        path, n = export(args.output, args.format, args.out)
+    except runs.RunError as err:
+        return _fail(str(err))
+    print(f"{n:,} selected rows written as {args.format} to {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from curate import runs
+    from curate.report import write_report
+
+    try:
+        path = write_report(args.output, args.out)
+    except runs.RunError as err:
+        return _fail(str(err))
+    print(f"report written to {path}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="curate", description="Curate instruction-tuning data.")
     ap.add_argument("--version", action="version", version=f"curate {__version__}")
@@ -150,6 +248,27 @@ def parser() -> argparse.ArgumentParser:
     val.add_argument("--show", action="store_true", help="print the resolved config")
     ins = sub.add_parser("inspect", help="print the counts of a finished run")
     ins.add_argument("output")
+    sel = sub.add_parser("select", help="apply a selection policy to a finished run (no score is recomputed)",
+                         description="Apply a policy to a finished run's annotated/ rows that no dedup stage "
+                                     "dropped. The run is not changed; the selection goes to --out.")
+    sel.add_argument("output", help="a finished run's output folder")
+    sel.add_argument("--policy", required=True, help="policy name (see: curate policies)")
+    sel.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="policy parameter, value parsed as YAML, e.g. --param column=ifd_ppl (repeatable)")
+    budget = sel.add_mutually_exclusive_group()
+    budget.add_argument("--rows", type=int, help="keep at most this many rows")
+    budget.add_argument("--fraction", type=float, help="keep this fraction of the candidate rows")
+    budget.add_argument("--tokens", type=int, help="keep at most this many tokens (estimated: characters / 4)")
+    sel.add_argument("--seed", type=int, help="default: the run's seed")
+    sel.add_argument("--out", help="where to write the selection (default OUTPUT/selections/POLICY)")
+    sub.add_parser("policies", help="list the installed selection policies and their parameters")
+    exp = sub.add_parser("export", help="write selected/ as alpaca-json, sharegpt-json or messages-jsonl")
+    exp.add_argument("output", help="a finished run (or a curate select output) folder")
+    exp.add_argument("--format", required=True, choices=("alpaca-json", "sharegpt-json", "messages-jsonl"))
+    exp.add_argument("--out", help="file to write (default OUTPUT/export/<format file>)")
+    rep = sub.add_parser("report", help="(re)write a finished run's report.html")
+    rep.add_argument("output")
+    rep.add_argument("--out", help="file to write (default OUTPUT/report.html)")
     return ap
 
 
@@ -162,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args, extra)
     if extra:
         return _fail(f"unrecognized arguments: {' '.join(extra)}")
-    return {"validate": cmd_validate, "inspect": cmd_inspect}[args.command](args)
+    commands = {"validate": cmd_validate, "inspect": cmd_inspect, "select": cmd_select, "policies": cmd_policies,
+                "export": cmd_export, "report": cmd_report}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,16 @@ def _keep_new_scores(tmp: str, rt: dict) -> None:
     shutil.rmtree(new, ignore_errors=True)
 
 
+def _write_report(folder: str) -> None:
+    """report.html; the data outputs are complete without it, so a failure here is logged, not raised."""
+    from curate.report import write_report
+
+    try:
+        write_report(folder)
+    except Exception as exc:  # noqa: BLE001
+        log.error("report.html could not be written (%s: %s); `curate report` retries it", type(exc).__name__, exc)
+
+
 def _input_error(exc: BaseException) -> str | None:
     m = re.search(re.escape(T.INPUT_ERROR) + r"([^\n]*)", str(exc))
     return m.group(1).strip().rstrip("'\"") if m else None
@@ -203,9 +213,11 @@ def run(cfg: dict, beam_args: list[str] | None = None, overwrite: bool = False) 
             os.makedirs(os.path.join(tmp, name), exist_ok=True)
             man["outputs"][f"{name}_files"] = len(glob.glob(os.path.join(tmp, name, "*.parquet")))
         _keep_new_scores(tmp, rt)
+        man["outputs"]["report"] = os.path.join(out, "report.html")
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as fh:
             json.dump(man, fh, indent=2, default=str)
             fh.write("\n")
+        _write_report(tmp)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         message = _input_error(exc)

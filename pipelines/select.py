@@ -8,13 +8,11 @@ goes to the manifest.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import apache_beam as beam
 import numpy as np
 
 from curate.select.base import Budget
-from curate.select.features import feature_row, features_table
+from curate.select.features import feature_row, features_table, selection_report
 from curate.select.registry import make
 
 
@@ -33,25 +31,7 @@ def decide(rows: list[dict], cfg: dict) -> dict:
     ranks = result.ranks()
     decisions = {rid: [rank, None] for rid, rank in ranks.items()}
     decisions.update({rid: [None, reason] for rid, reason in result.dropped.items()})
-    return {"decisions": decisions, "report": report(policy, budget, seed, rows, ranks, result.dropped)}
-
-
-def report(policy, budget: Budget, seed: int, rows: list[dict], ranks: dict, dropped: dict) -> dict:
-    """What the policy did, for the manifest and ``curate select``: totals, by source, by cluster, by reason."""
-    per_source, per_cluster = Counter(), Counter()
-    pool_source, pool_cluster = Counter(), Counter()
-    for r in rows:
-        cluster = "none" if r.get("cluster_id") is None else str(r["cluster_id"])
-        pool_source[r["source"]] += 1
-        pool_cluster[cluster] += 1
-        if r["id"] in ranks:
-            per_source[r["source"]] += 1
-            per_cluster[cluster] += 1
-    return {**policy.describe(), "budget": budget.as_dict(), "seed": seed, "pool": len(rows),
-            "selected": len(ranks), "dropped": dict(sorted(Counter(dropped.values()).items())),
-            "by_source": {s: {"pool": n, "selected": per_source.get(s, 0)} for s, n in sorted(pool_source.items())},
-            "by_cluster": {c: {"pool": n, "selected": per_cluster.get(c, 0)}
-                           for c, n in sorted(pool_cluster.items(), key=lambda kv: (len(kv[0]), kv[0]))}}
+    return {"decisions": decisions, "report": selection_report(policy, budget, seed, rows, ranks, result.dropped)}
 
 
 def apply_decision(record: dict, decided: dict) -> dict:

@@ -1,6 +1,8 @@
 """The per-row features a policy sees, from pipeline records or from a finished run's annotated/."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -52,3 +54,21 @@ def pool_of(annotated: pa.Table) -> pa.Table:
         else:
             arrays.append(pa.nulls(t.num_rows, f.type))
     return pa.Table.from_arrays(arrays, schema=FEATURES)
+
+
+def selection_report(policy, budget, seed: int, rows: list[dict], ranks: dict, dropped: dict) -> dict:
+    """What the policy did, for the manifest and ``curate select``: totals, by source, by cluster, by reason."""
+    per_source, per_cluster = Counter(), Counter()
+    pool_source, pool_cluster = Counter(), Counter()
+    for r in rows:
+        cluster = "none" if r.get("cluster_id") is None else str(r["cluster_id"])
+        pool_source[r["source"]] += 1
+        pool_cluster[cluster] += 1
+        if r["id"] in ranks:
+            per_source[r["source"]] += 1
+            per_cluster[cluster] += 1
+    return {**policy.describe(), "budget": budget.as_dict(), "seed": seed, "pool": len(rows),
+            "selected": len(ranks), "dropped": dict(sorted(Counter(dropped.values()).items())),
+            "by_source": {s: {"pool": n, "selected": per_source.get(s, 0)} for s, n in sorted(pool_source.items())},
+            "by_cluster": {c: {"pool": n, "selected": per_cluster.get(c, 0)}
+                           for c, n in sorted(pool_cluster.items(), key=lambda kv: (len(kv[0]), kv[0]))}}

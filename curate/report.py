@@ -1,0 +1,261 @@
+"""report.html: one self-contained page (PNG plots embedded) that shows what a run kept and why.
+
+Sections (each a ``<section id=...>``): summary, funnel, policy, scores, clusters, map,
+duplicates. A section whose data the run does not have says so instead of failing. The
+same loaders and plots serve ``notebooks/explore_run.ipynb``.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.compute as pc
+
+from curate import runs
+
+SECTIONS = ("summary", "funnel", "policy", "scores", "clusters", "map", "duplicates")
+SCORE_COLUMNS = ("ifd_loss", "ifd_ppl", "rifd")
+DEDUP_ORDER = ("exact_duplicate", "near_duplicate", "semantic_duplicate")
+MAP_POINTS = 5000
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def funnel(man: dict) -> list[tuple[str, int]]:
+    """Rows left after each step: read, validation, each dedup reason, the policy."""
+    c = man["counts"]
+    left = c["rows_in"]
+    steps = [("rows read", left)]
+    left -= sum(c["rejected"].values())
+    steps.append(("after validation", left))
+    for reason in DEDUP_ORDER:
+        if reason in c["dropped"]:
+            left -= c["dropped"][reason]
+            steps.append((f"after {reason.replace('_', ' ')}", left))
+    other = sum(n for r, n in c["dropped"].items() if r not in DEDUP_ORDER)
+    steps.append(("selected", left - other))
+    return steps
+
+
+def plot_funnel(man: dict, ax=None):
+    plt = _plt()
+    steps = funnel(man)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(steps)))
+    names, values = [s for s, _ in steps][::-1], [v for _, v in steps][::-1]
+    ax.barh(names, values, color="#4c72b0")
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:,}", va="center", fontsize=9)
+    ax.set_xlabel("rows")
+    ax.set_title("funnel")
+    return ax.figure
+
+
+def score_table(table, column: str):
+    """(selected values, dropped-by-policy values) of a score column among the candidates, finite only."""
+    reason = table.column("drop_reason").to_pylist()
+    vals = np.asarray(pc.fill_null(table.column(column).cast("double"), np.nan).to_numpy(zero_copy_only=False))
+    sel = np.asarray(table.column("selected").to_pylist(), dtype=bool)
+    cand = np.array([r is None or r not in DEDUP_ORDER for r in reason])
+    ok = np.isfinite(vals)
+    return vals[sel & ok], vals[cand & ~sel & ok]
+
+
+def plot_scores(table, columns=None):
+    plt = _plt()
+    columns = [c for c in (columns or SCORE_COLUMNS) if c in table.column_names
+               and pc.sum(pc.is_valid(table.column(c))).as_py()]
+    if not columns:
+        return None
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.2), squeeze=False)
+    for ax, col in zip(axes[0], columns):
+        kept, dropped = score_table(table, col)
+        both = np.concatenate([kept, dropped])
+        if not len(both):
+            ax.set_title(f"{col}: no finite values")
+            continue
+        lo, hi = np.percentile(both, [0.5, 99.5])
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, 40)
+        ax.hist(np.clip(dropped, lo, hi), bins=bins, alpha=0.6, label=f"not selected ({len(dropped):,})",
+                color="#c44e52")
+        ax.hist(np.clip(kept, lo, hi), bins=bins, alpha=0.6, label=f"selected ({len(kept):,})", color="#55a868")
+        if col.startswith("ifd"):
+            ax.axvline(1.0, color="black", lw=0.8, ls="--")
+        ax.set_title(col)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def cluster_counts(table) -> list[tuple[int, int, int]]:
+    """(cluster, candidate rows, selected rows), largest cluster first."""
+    cid = table.column("cluster_id").to_pylist()
+    sel = table.column("selected").to_pylist()
+    reason = table.column("drop_reason").to_pylist()
+    pool, chosen = {}, {}
+    for c, s, r in zip(cid, sel, reason):
+        if c is None or (r is not None and r in DEDUP_ORDER):
+            continue
+        pool[c] = pool.get(c, 0) + 1
+        chosen[c] = chosen.get(c, 0) + int(bool(s))
+    return sorted(((c, n, chosen[c]) for c, n in pool.items()), key=lambda t: (-t[1], t[0]))
+
+
+def plot_clusters(table):
+    plt = _plt()
+    counts = cluster_counts(table)
+    if not counts:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, min(0.12 * len(counts), 14)), 3.2))
+    x = np.arange(len(counts))
+    ax.bar(x, [n for _, n, _ in counts], color="#c7c7c7", label="candidates")
+    ax.bar(x, [s for _, _, s in counts], color="#55a868", label="selected")
+    ax.set_xlabel("cluster (largest first)")
+    ax.set_ylabel("rows")
+    ax.set_title(f"{len(counts)} clusters")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def embedding_map(folder: str, table, limit: int = MAP_POINTS, seed: int = 0):
+    """(2-D PCA coordinates, selected flags) for up to ``limit`` candidate rows with embeddings."""
+    if not runs.has_embeddings(folder):
+        return None
+    emb_ids = set(runs._parquet(folder, "embeddings", ["id"]).column("id").to_pylist())
+    ids = table.column("id").to_pylist()
+    sel = table.column("selected").to_pylist()
+    keep = [i for i, rid in enumerate(ids) if rid in emb_ids]
+    if len(keep) < 3:
+        return None
+    if len(keep) > limit:
+        keep = sorted(np.random.default_rng(seed).choice(keep, limit, replace=False).tolist())
+    x = runs.embeddings(folder, [ids[i] for i in keep]).astype(np.float64)
+    x -= x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return x @ vt[:2].T, np.array([bool(sel[i]) for i in keep])
+
+
+def plot_map(folder: str, table):
+    plt = _plt()
+    got = embedding_map(folder, table)
+    if got is None:
+        return None
+    xy, sel = got
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.scatter(xy[~sel, 0], xy[~sel, 1], s=6, c="#c7c7c7", label=f"not selected ({(~sel).sum():,})")
+    ax.scatter(xy[sel, 0], xy[sel, 1], s=8, c="#55a868", label=f"selected ({sel.sum():,})")
+    ax.set_title("embeddings, first two principal components")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def duplicate_pairs(table, column: str, limit: int = 5) -> list[tuple[str, str, str, str]]:
+    """Up to ``limit`` (dropped id, dropped text, kept id, kept text) pairs for a dedup column."""
+    if column not in table.column_names:
+        return []
+    dup = table.filter(pc.is_valid(table.column(column)))
+    if not dup.num_rows:
+        return []
+    dup = dup.sort_by("id").slice(0, limit)
+    text = {r["id"]: r["prompt"] + "\n" + r["response"] for r in
+            table.filter(pc.is_in(table.column("id"), dup.column(column))).select(["id", "prompt", "response"])
+            .to_pylist()}
+    return [(r["id"], r["prompt"] + "\n" + r["response"], r[column], text.get(r[column], ""))
+            for r in dup.select(["id", "prompt", "response", column]).to_pylist()]
+
+
+def _png(fig) -> str:
+    if fig is None:
+        return ""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    _plt().close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _rows(rows, header) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _short(text: str, n: int = 240) -> str:
+    return text if len(text) <= n else text[:n] + " ..."
+
+
+def render(folder: str) -> str:
+    man = runs.manifest(folder)
+    table = runs.annotated(folder)
+    acc, c = man["accounting"], man["counts"]
+    sec = {}
+    sec["summary"] = (f"<p>job <b>{html.escape(str(man['job'].get('name')))}</b>, finished {man['timing']['finished']}"
+                      f" in {man['timing']['wall_s']:.1f} s: {acc['rows_in']:,} rows in, {acc['selected']:,} selected, "
+                      f"{acc['dropped']:,} dropped, {acc['rejected']:,} rejected "
+                      f"({'accounting holds' if acc['holds'] else 'ACCOUNTING BROKEN'}).</p>"
+                      + _rows([(s, v["rows_in"], v["selected"], sum(v["dropped"].values()),
+                                sum(v["rejected"].values())) for s, v in c["by_source"].items()],
+                              ("source", "rows in", "selected", "dropped", "rejected")))
+    reasons = [("rejected", r, n) for r, n in c["rejected"].items()] + \
+              [("dropped", r, n) for r, n in c["dropped"].items()]
+    sec["funnel"] = _png(plot_funnel(man)) + _rows(reasons or [("-", "-", 0)], ("outcome", "reason", "rows"))
+    sel = man.get("select") or {}
+    if sel:
+        params = sel.get("params", sel.get("steps"))
+        sec["policy"] = (f"<p>policy <b>{html.escape(sel['policy'])}</b>, budget "
+                         f"{html.escape(json.dumps(sel['budget']) if sel['budget'] else 'none')}, seed {sel['seed']}: "
+                         f"{sel['selected']:,} of {sel['pool']:,} candidates selected.</p>"
+                         f"<pre>{html.escape(json.dumps(params, indent=2))}</pre>"
+                         + _rows([(r, n) for r, n in sel["dropped"].items()] or [("-", 0)], ("dropped because", "rows")))
+    else:
+        sec["policy"] = "<p>No policy recorded in the manifest.</p>"
+    scores = plot_scores(table)
+    sec["scores"] = _png(scores) if scores else "<p>No scores: the run had the score stage off.</p>"
+    if "score" in man and man["score"].get("enabled"):
+        shares = {k: v for k, v in man["score"].items() if "share" in k}
+        sec["scores"] += f"<pre>{html.escape(json.dumps(shares, indent=2))}</pre>"
+    clusters = plot_clusters(table)
+    sec["clusters"] = _png(clusters) if clusters else "<p>No clusters: the run had the cluster stage off.</p>"
+    emap = plot_map(folder, table)
+    sec["map"] = _png(emap) if emap else "<p>No embeddings map: the run had the embed stage off.</p>"
+    dups = []
+    for column, title in (("exact_dup_of", "exact duplicates"), ("near_dup_of", "near duplicates (MinHash)"),
+                          ("semantic_dup_of", "semantic duplicates (SemDeDup)")):
+        pairs = duplicate_pairs(table, column)
+        body = _rows([(a, _short(at), b, _short(bt)) for a, at, b, bt in pairs],
+                     ("dropped row", "text", "kept row", "text")) if pairs else "<p>none in this run</p>"
+        dups.append(f"<h3>{title}</h3>{body}")
+    sec["duplicates"] = "".join(dups)
+    titles = {"summary": "Summary", "funnel": "Funnel: rows per stage and drop reason", "policy": "Selection policy",
+              "scores": "Scores, selected vs not selected", "clusters": "Cluster sizes",
+              "map": "Embedding map", "duplicates": "Sample duplicate pairs"}
+    body = "".join(f'<section id="{s}"><h2>{titles[s]}</h2>{sec[s]}</section>' for s in SECTIONS)
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>curate report: "
+            f"{html.escape(str(man['job'].get('name')))}</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+            "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
+            "font-size:13px;vertical-align:top;white-space:pre-wrap}img{max-width:100%}"
+            "section{margin-bottom:2em}</style></head><body>"
+            f"<h1>curate run report</h1>{body}</body></html>")
+
+
+def write_report(folder: str, out: str | None = None) -> str:
+    path = out or os.path.join(folder, "report.html")
+    text = render(folder)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return path

@@ -1,0 +1,61 @@
+"""``curate select``: apply a policy to a finished run's annotated/ without recomputing any score.
+
+The run folder is not changed. The new selection goes to its own folder (default
+``<run>/selections/<policy>``): ``selected/`` (same schema as the run's, in rank order),
+``decisions.parquet`` (id, selected, rank, drop_reason for every annotated row) and
+``selection.json`` (the policy, budget, seed and counts).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate import runs, schema
+from curate.select.base import Budget, Policy
+from curate.select.features import pool_of, selection_report
+
+
+def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str | None = None) -> dict:
+    """Run ``policy`` on ``folder``'s candidates, write the selection, return its report."""
+    table = runs.annotated(folder)
+    pool = pool_of(table)
+    ids = pool.column("id").to_pylist()
+    emb = runs.embeddings(folder, ids) if policy.wants_embeddings() else None
+    result = policy.run(pool, budget, seed, emb)
+    ranks = result.ranks()
+    rows = pool.select(["id", "source", "cluster_id"]).to_pylist()
+    rep = selection_report(policy, budget, seed, rows, ranks, result.dropped)
+    rep["run"] = os.path.abspath(folder)
+    out = out or os.path.join(folder, "selections", policy.name)
+    rep["output"] = os.path.abspath(out)
+
+    all_ids = table.column("id").to_pylist()
+    old_reason = table.column("drop_reason").to_pylist()
+    rank = [ranks.get(i) for i in all_ids]
+    reason = [None if i in ranks else result.dropped.get(i, old) for i, old in zip(all_ids, old_reason)]
+    chosen = [r is not None for r in rank]
+    decided = (table.set_column(table.schema.get_field_index("selected"), "selected", pa.array(chosen))
+               .set_column(table.schema.get_field_index("rank"), "rank", pa.array(rank, pa.int64()))
+               .set_column(table.schema.get_field_index("drop_reason"), "drop_reason", pa.array(reason, pa.string())))
+    picked = decided.filter(pc.field("selected")).sort_by([("rank", "ascending")])
+
+    tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(os.path.join(tmp, "selected"))
+    pq.write_table(picked.cast(schema.SELECTED), os.path.join(tmp, "selected", "part-00000.parquet"),
+                   compression="zstd")
+    pq.write_table(decided.select(["id", "source", "selected", "rank", "drop_reason"]),
+                   os.path.join(tmp, "decisions.parquet"), compression="zstd")
+    with open(os.path.join(tmp, "selection.json"), "w", encoding="utf-8") as fh:
+        json.dump(rep, fh, indent=2)
+        fh.write("\n")
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    os.rename(tmp, out)
+    return rep

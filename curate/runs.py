@@ -1,0 +1,61 @@
+"""Reading a finished run's folder (annotated/, selected/, embeddings/, manifest.json) for
+``curate select``, ``curate export``, ``curate report`` and the notebook."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class RunError(Exception):
+    """The folder is not a finished run, or lacks what was asked for (one-line message)."""
+
+
+def _parquet(folder: str, name: str, columns: list[str] | None = None) -> pa.Table:
+    files = sorted(glob.glob(os.path.join(folder, name, "*.parquet")))
+    if not files:
+        raise RunError(f"{folder}: no {name}/ Parquet files (is it a finished curate run?)")
+    tables = [pq.read_table(f, columns=columns) for f in files]
+    return pa.concat_tables([t for t in tables if t.num_rows] or tables[:1])
+
+
+def manifest(folder: str) -> dict:
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.isfile(path):
+        raise RunError(f"{folder}: no manifest.json (not a finished curate run)")
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def annotated(folder: str, columns: list[str] | None = None) -> pa.Table:
+    return _parquet(folder, "annotated", columns)
+
+
+def selected(folder: str) -> pa.Table:
+    """selected/ in rank order (rows without a rank last, by id)."""
+    t = _parquet(folder, "selected")
+    if not t.num_rows:
+        return t
+    return t.sort_by([("rank", "ascending"), ("id", "ascending")])
+
+
+def has_embeddings(folder: str) -> bool:
+    return bool(glob.glob(os.path.join(folder, "embeddings", "*.parquet")))
+
+
+def embeddings(folder: str, ids: list[str]) -> np.ndarray:
+    """The run's embeddings for ``ids``, in that order (RunError when a run has none or misses ids)."""
+    if not has_embeddings(folder):
+        raise RunError(f"{folder}: no embeddings/ (the run had the embed stage off)")
+    t = _parquet(folder, "embeddings", ["id", "embedding"])
+    where = {rid: i for i, rid in enumerate(t.column("id").to_pylist())}
+    missing = [rid for rid in ids if rid not in where]
+    if missing:
+        raise RunError(f"{folder}: embeddings/ lacks {len(missing)} of the ids (first: {missing[0]})")
+    col = t.column("embedding").combine_chunks()
+    matrix = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+    return matrix[[where[rid] for rid in ids]].astype(np.float32)
