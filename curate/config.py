@@ -266,8 +266,19 @@ def _check_select(cfg: dict) -> None:
         policy = make(sel["policy"], sel["params"])
     except PolicyError as err:
         raise ConfigError(f"select: {err}") from None
-    if policy.wants_embeddings() and not (cfg["embed"]["enabled"]):
+    if policy.wants_embeddings() and not cfg["embed"]["enabled"]:
         raise ConfigError(f"select: policy {sel['policy']} needs embeddings; enable the embed stage")
+    if policy.needs_budget and not sel["budget"]:
+        raise ConfigError(f"select: policy {sel['policy']} needs a budget (select.budget.rows, fraction or tokens)")
+    from curate.schema import SCORE_FIELDS
+
+    stage_of = {f.name: ("score.ifd", cfg["score"]["ifd"]["enabled"]) for f in SCORE_FIELDS}
+    stage_of.update({c: ("cluster", cfg["cluster"]["enabled"] and cfg["embed"]["enabled"])
+                     for c in ("cluster_id", "cluster_sim")})
+    for column in policy.required_columns():
+        stage, on = stage_of.get(column, (None, True))
+        if not on:
+            raise ConfigError(f"select: policy {sel['policy']} needs the column {column}; enable {stage}")
 
 
 def validate(raw: Any, *, check_files: bool = True) -> dict:

@@ -51,3 +51,22 @@ def test_load_names_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load(str(bad))
     assert load(write_job(tmp_path, _job(), "named.yaml"))["name"] == "named"
+
+
+def test_select_problems_are_caught_before_the_run(job_dir):
+    from curate.config import ConfigError, validate
+
+    base = {"output": "out", "inputs": [{"source": "s", "path": "x.jsonl"}]}
+    (job_dir / "x.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    cases = [({"policy": "top_k", "params": {"column": "ifd_loss"}}, "needs a budget"),
+             ({"policy": "superfiltering", "budget": {"rows": 5}}, "needs the column ifd_loss; enable score.ifd"),
+             ({"policy": "cluster_balanced", "budget": {"rows": 5}}, "needs the column cluster_id; enable cluster"),
+             ({"policy": "deita", "params": {"column": "ifd_loss"}}, "needs embeddings"),
+             ({"policy": "all", "budget": {"rows": 5, "fraction": 0.5}}, "give one of rows, fraction or tokens"),
+             ({"policy": "nope"}, "unknown policy 'nope'")]
+    off = {"embed": {"enabled": False}, "cluster": {"enabled": False}, "score": {"ifd": {"enabled": False}},
+           "dedup": {"semantic": {"enabled": False}}}
+    for select, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("(", "\\(")):
+            validate({**base, **off, "select": select})
+    assert validate({**base, "select": {"policy": "superfiltering", "budget": {"fraction": 0.1}}})["select"]["seed"] == 0

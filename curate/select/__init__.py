@@ -1,21 +1,9 @@
 """Selection policies: the protocol (``Policy``, ``Param``, ``Budget``, ``Pool``, ``Selection``),
 the built-ins and the plugin registry (entry-point group ``curate.policies``).
 
-A minimal plugin::
-
-    from curate.select import Param, Policy, ranked
-
-    class LongestResponse(Policy):
-        name = "longest_response"
-        summary = "the rows with the longest responses"
-        params = {"min_chars": Param((int,), 0, "shorter responses are dropped")}
-        requires = ("response_chars",)
-        needs_budget = True
-
-        def choose(self, pool):
-            chars = pool.values("response_chars")
-            dropped = {pool.ids[i]: "too_short" for i in range(len(pool)) if chars[i] < self.p["min_chars"]}
-            return pool.take_in_order(ranked(chars), dropped)
+A plugin subclasses ``Policy``, implements ``choose(pool) -> Selection`` and registers
+under the entry-point group ``curate.policies``: ``examples/policy_plugin/`` is a complete one,
+and the README walks through it.
 """
 from curate.select.base import Budget, FreeParam, Param, Policy, PolicyError, Pool, Selection, approx_tokens, ranked
 from curate.select.features import features_table, pool_of

@@ -246,7 +246,8 @@ class Policy:
         budget = budget or Budget()
         if self.needs_budget and budget.unlimited:
             raise PolicyError(f"policy {self.name}: needs a budget (rows, fraction or tokens)")
-        missing = [c for c in ("id", *self.required_columns()) if c not in table.column_names]
+        missing = [c for c in ("id", *self.required_columns()) if c not in table.column_names
+                   or (table.num_rows and table.column(c).null_count == table.num_rows)]
         if missing:
             raise PolicyError(f"policy {self.name}: needs the column(s) {', '.join(missing)}, which this run "
                               f"does not have (enable the stage that writes them)")
