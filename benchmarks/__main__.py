@@ -12,6 +12,7 @@ BENCHMARKS = {
     "near_quality": "benchmarks.near_quality",
     "embed": "benchmarks.embed",
     "ifd": "benchmarks.ifd",
+    "select": "benchmarks.select",
 }
 
 

@@ -143,6 +143,10 @@ def test_cluster_balanced_quotas_modes_and_empty_clusters():
     assert run("cluster_balanced", t, {"quota": "equal"}, rows=0).selected == []
     nan = run("cluster_balanced", table([NAN, 0.5], clusters=[0, 0]), {"score": "ifd_loss"}, rows=2)
     assert nan.selected == ["r01"] and nan.dropped == {"r00": "cluster_balanced:score_nan"}
+    # a cluster left empty (all its scores NaN) gets no quota; the others share the budget
+    empty = run("cluster_balanced", table([NAN, NAN, 0.2, 0.3, 0.4, 0.5], clusters=[7, 7, 1, 1, 2, 2]),
+                {"quota": "equal", "score": "ifd_loss"}, rows=4)
+    assert sorted(empty.selected) == ["r02", "r03", "r04", "r05"]
 
 
 def test_mixture_shares_and_redistribution():
