@@ -40,9 +40,11 @@ def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str 
     rank = [ranks.get(i) for i in all_ids]
     reason = [None if i in ranks else result.dropped.get(i, old) for i, old in zip(all_ids, old_reason)]
     chosen = [r is not None for r in rank]
-    decided = (table.set_column(table.schema.get_field_index("selected"), "selected", pa.array(chosen))
-               .set_column(table.schema.get_field_index("rank"), "rank", pa.array(rank, pa.int64()))
-               .set_column(table.schema.get_field_index("drop_reason"), "drop_reason", pa.array(reason, pa.string())))
+    decided = table
+    for name, values in (("selected", pa.array(chosen)), ("rank", pa.array(rank, pa.int64())),
+                         ("drop_reason", pa.array(reason, pa.string()))):
+        at = decided.schema.get_field_index(name)
+        decided = decided.set_column(at, name, values) if at >= 0 else decided.append_column(name, values)
     picked = decided.filter(pc.field("selected")).sort_by([("rank", "ascending")])
 
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"

@@ -205,3 +205,20 @@ def test_a_plugin_policy_installs_and_runs_a_job_through_the_cli(tmp_path):
     bare = subprocess.run(curate + ["validate", write_job(tmp_path, cfg)], capture_output=True, text=True, cwd=REPO,
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert bare.returncode == 2 and "unknown policy 'longest_response'" in bare.stderr
+
+
+def test_report_shows_duplicate_pairs_and_says_what_a_run_lacks(tmp_path):
+    from conftest import EXAMPLES
+
+    cfg = without_models({"name": "dups", "output": str(tmp_path / "out"),
+                          "inputs": [{"source": "alpaca", "path": os.path.join(EXAMPLES, "alpaca_cherry_sample.json")}]})
+    assert run_cli("run", write_job(tmp_path, cfg)) == 0
+    parsed = _Sections()
+    parsed.feed((tmp_path / "out" / "report.html").read_text(encoding="utf-8"))
+    dups = parsed.sections["duplicates"]
+    annotated = read_table(tmp_path / "out", "annotated").to_pylist()
+    for column in ("exact_dup_of", "near_dup_of"):
+        pair = next(r for r in annotated if r[column])
+        assert pair["id"] in dups and pair[column] in dups  # the dropped row beside the kept one
+    assert "No scores" in parsed.sections["scores"] and "No embeddings map" in parsed.sections["map"]
+    assert parsed.images["funnel"] == 1 and parsed.images["scores"] == 0

@@ -175,6 +175,7 @@ class Pool:
         room = self.budget.tokens
         tokens = self.tokens() if room is not None else None
         chosen: list[str] = []
+        taken: set[str] = set()
         for i in order:
             i = int(i)
             rid = self.ids[i]
@@ -189,8 +190,9 @@ class Pool:
                     continue
                 room -= int(tokens[i])
             chosen.append(rid)
+            taken.add(rid)
         for rid in self.ids:
-            if rid not in dropped and rid not in chosen:
+            if rid not in dropped and rid not in taken:
                 dropped[rid] = over
         return Selection(chosen, dropped)
 
