@@ -112,6 +112,7 @@ SCHEMA: dict = {
             "max_length": Opt((int,), 1024, minimum=8),
             "superfiltering_compat": Opt((bool,), False),
             "batch_size": Opt((int,), 8, minimum=1),
+            "bucket_rows": Opt((int,), 128, minimum=1),
             "device": Opt((str,), "auto", choices=("auto", "cpu", "cuda")),
             "dtype": Opt((str,), "auto", choices=("auto", "float32", "bfloat16", "float16")),
             "cache": Opt((bool,), True),
