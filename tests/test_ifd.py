@@ -119,8 +119,9 @@ def test_real_model_batched_equals_one_at_a_time_and_reruns_identically():
     from curate.models import load_causal_lm
 
     model, tok = load_causal_lm()
-    rows = json.load(open(shared("alpaca_cherry_5pct.json")))[:8] + json.load(open(shared("gsm8k_train.json")))[:8]
-    settings = IFDSettings(max_length=192, batch_size=8)
+    # 64 real rows, batch 16 (the check); max_length 192 keeps it to about two minutes on 2 cores
+    rows = json.load(open(shared("alpaca_cherry_5pct.json")))[:32] + json.load(open(shared("gsm8k_train.json")))[:32]
+    settings = IFDSettings(max_length=192, batch_size=16)
     batched = score_rows(model, tok, rows, settings)
     single = score_rows(model, tok, rows, IFDSettings(max_length=192, batch_size=1))
     again = score_rows(model, tok, rows, settings)
@@ -134,4 +135,4 @@ def test_real_model_batched_equals_one_at_a_time_and_reruns_identically():
                 assert b[key] == a[key]
         assert b["ifd_status"] in ("ok", "response_truncated") and 0 < b["ifd_loss"] < 3
     assert np.std([b["ifd_loss"] for b in batched]) > 0.01  # real, varying scores
-    assert sum(math.isfinite(b["rifd"]) for b in batched) >= 8
+    assert sum(math.isfinite(b["rifd"]) for b in batched) >= 32

@@ -250,3 +250,16 @@ def test_shuffled_pool_gives_the_same_selection_for_every_builtin():
         two = run(name, t.take(perm), params, seed=7, emb=x[perm], rows=12)
         assert one.selected == two.selected and one.dropped == two.dropped, name
         assert 0 < len(one.selected) <= 12, name
+
+
+def test_deita_block_size_never_changes_the_selection(monkeypatch):
+    from curate.select.diversity import Deita
+
+    x = _unit(300, d=8, seed=9)
+    t = table([float(v) for v in np.random.default_rng(1).uniform(0, 1, 300)])
+    results = []
+    for block in (1, 7, 256, 1000):
+        monkeypatch.setattr(Deita, "BLOCK", block)
+        results.append(run("deita", t, {"column": "ifd_loss", "threshold": 0.6}, emb=x, rows=40))
+    assert all(r == results[0] for r in results)
+    assert 0 < len(results[0].selected) <= 40 and "deita:too_similar" in results[0].dropped.values()

@@ -14,7 +14,9 @@ flat (s in [0.9948, 1] for unit vectors at d = 384), which is why the shift matt
 
 DEITA's repr filter (methods.md 6b): walk rows in score order, accept a row iff its cosine
 similarity to every accepted row is <= threshold (strict >, as the reference), stop at the
-budget. One row at a time, so the result does not depend on any batch size.
+budget. Rows are looked up in blocks (one FAISS search per block against the rows accepted
+before it, then an exact check against those accepted earlier in the block), which gives the
+one-row-at-a-time result for any block size (the reference's batched check does not).
 """
 from __future__ import annotations
 
@@ -166,6 +168,7 @@ class Deita(Policy):
               "threshold": Param((int, float), 0.9, "cosine similarity above which a row is too similar",
                                  minimum=-1.0, maximum=1.0)}
     needs_embeddings = True
+    BLOCK = 256  # rows looked up in one FAISS search; any value gives the same selection
 
     def required_columns(self):
         return (self.p["column"],)
@@ -180,22 +183,35 @@ class Deita(Policy):
         # float32 rounding of the norm cannot push a similarity across the threshold
         x = np.ascontiguousarray(np.where(np.abs(norms - 1.0) > 1e-6, x / np.where(norms > 0, norms, 1.0), x))
         index = faiss.IndexFlatIP(x.shape[1])
-        cap, room = pool.max_rows, pool.budget.tokens
+        cap, room, tau = pool.max_rows, pool.budget.tokens, self.p["threshold"]
         tokens = pool.tokens()
         chosen, dropped = [], {}
-        for i in ranked(keys, self.p["higher_is_better"]):
-            rid = pool.ids[i]
-            if np.isnan(keys[i]):
-                dropped[rid] = "score_nan"
-            elif cap is not None and len(chosen) >= cap:
-                dropped[rid] = "over_budget"
-            elif index.ntotal and float(index.search(x[i:i + 1], 1)[0][0, 0]) > self.p["threshold"]:
-                dropped[rid] = "too_similar"
-            elif room is not None and tokens[i] > room:
-                dropped[rid] = "over_budget"
-            else:
-                if room is not None:
-                    room -= int(tokens[i])
-                chosen.append(rid)
-                index.add(x[i:i + 1])
+        order = ranked(keys, self.p["higher_is_better"])
+        for start in range(0, len(order), self.BLOCK):
+            block = order[start:start + self.BLOCK]
+            if cap is not None and len(chosen) >= cap:  # budget spent: no lookups needed
+                dropped.update({pool.ids[i]: "score_nan" if np.isnan(keys[i]) else "over_budget" for i in block})
+                continue
+            # one FAISS search for the whole block against the rows accepted before it ...
+            before = index.search(x[block], 1)[0][:, 0] if index.ntotal else np.full(len(block), -np.inf)
+            new: list[int] = []
+            for j, i in enumerate(block):
+                rid = pool.ids[i]
+                if np.isnan(keys[i]):
+                    dropped[rid] = "score_nan"
+                elif cap is not None and len(chosen) >= cap:
+                    dropped[rid] = "over_budget"
+                elif before[j] > tau or (new and float((x[new] @ x[i]).max()) > tau):
+                    # ... and an exact check against the rows accepted earlier in this block, so the
+                    # result is the one-row-at-a-time walk whatever the block size
+                    dropped[rid] = "too_similar"
+                elif room is not None and tokens[i] > room:
+                    dropped[rid] = "over_budget"
+                else:
+                    if room is not None:
+                        room -= int(tokens[i])
+                    chosen.append(rid)
+                    new.append(int(i))
+            if new:
+                index.add(x[new])
         return Selection(chosen, dropped)
