@@ -33,6 +33,8 @@ def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str 
     rep = selection_report(policy, budget, seed, rows, ranks, result.dropped)
     rep["run"] = os.path.abspath(folder)
     out = out or os.path.join(folder, "selections", policy.name)
+    if os.path.exists(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "selection.json")):
+        raise runs.RunError(f"{out} exists and is not a curate selection; choose another --out")
     rep["output"] = os.path.abspath(out)
 
     all_ids = table.column("id").to_pylist()

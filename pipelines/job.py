@@ -134,8 +134,8 @@ def build(p: beam.Pipeline, cfg: dict, folder: str, rt: dict | None = None) -> N
     stats = (read["stats"], valid["stats"], ids["stats"], exact["stats"], near["stats"], ec["stats"],
              scored["stats"], written["stats"])
     stats | "FlattenStats" >> beam.Flatten() | "Stats" >> T.WriteStats(os.path.join(folder, "_stats.json"))
-    (near["reports"], ec["reports"], selection["reports"]) | "FlattenReports" >> beam.Flatten() | "Reports" >> T.WriteJson(
-        os.path.join(folder, "_reports.json"))
+    reports = (near["reports"], ec["reports"], selection["reports"]) | "FlattenReports" >> beam.Flatten()
+    reports | "Reports" >> T.WriteJson(os.path.join(folder, "_reports.json"))
 
 
 def _keep_new_scores(tmp: str, rt: dict) -> None:
