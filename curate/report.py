@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow.compute as pc
 
 from curate import runs
+from curate.select.features import DEDUP_REASONS
 
 SECTIONS = ("summary", "funnel", "policy", "scores", "clusters", "map", "duplicates")
 SCORE_COLUMNS = ("ifd_loss", "ifd_ppl", "rifd")
-DEDUP_ORDER = ("exact_duplicate", "near_duplicate", "semantic_duplicate")
 MAP_POINTS = 5000
 
 
@@ -38,11 +38,11 @@ def funnel(man: dict) -> list[tuple[str, int]]:
     steps = [("rows read", left)]
     left -= sum(c["rejected"].values())
     steps.append(("after validation", left))
-    for reason in DEDUP_ORDER:
+    for reason in DEDUP_REASONS:
         if reason in c["dropped"]:
             left -= c["dropped"][reason]
             steps.append((f"after {reason.replace('_', ' ')}", left))
-    other = sum(n for r, n in c["dropped"].items() if r not in DEDUP_ORDER)
+    other = sum(n for r, n in c["dropped"].items() if r not in DEDUP_REASONS)
     steps.append(("selected", left - other))
     return steps
 
@@ -66,7 +66,7 @@ def score_table(table, column: str):
     reason = table.column("drop_reason").to_pylist()
     vals = np.asarray(pc.fill_null(table.column(column).cast("double"), np.nan).to_numpy(zero_copy_only=False))
     sel = np.asarray(table.column("selected").to_pylist(), dtype=bool)
-    cand = np.array([r is None or r not in DEDUP_ORDER for r in reason])
+    cand = np.array([r is None or r not in DEDUP_REASONS for r in reason])
     ok = np.isfinite(vals)
     return vals[sel & ok], vals[cand & ~sel & ok]
 
@@ -104,7 +104,7 @@ def cluster_counts(table) -> list[tuple[int, int, int]]:
     reason = table.column("drop_reason").to_pylist()
     pool, chosen = {}, {}
     for c, s, r in zip(cid, sel, reason):
-        if c is None or (r is not None and r in DEDUP_ORDER):
+        if c is None or (r is not None and r in DEDUP_REASONS):
             continue
         pool[c] = pool.get(c, 0) + 1
         chosen[c] = chosen.get(c, 0) + int(bool(s))
@@ -132,15 +132,15 @@ def embedding_map(folder: str, table, limit: int = MAP_POINTS, seed: int = 0):
     """(2-D PCA coordinates, selected flags) for up to ``limit`` candidate rows with embeddings."""
     if not runs.has_embeddings(folder):
         return None
-    emb_ids = set(runs._parquet(folder, "embeddings", ["id"]).column("id").to_pylist())
+    where, matrix = runs.embedding_matrix(folder)
     ids = table.column("id").to_pylist()
     sel = table.column("selected").to_pylist()
-    keep = [i for i, rid in enumerate(ids) if rid in emb_ids]
+    keep = [i for i, rid in enumerate(ids) if rid in where]
     if len(keep) < 3:
         return None
     if len(keep) > limit:
         keep = sorted(np.random.default_rng(seed).choice(keep, limit, replace=False).tolist())
-    x = runs.embeddings(folder, [ids[i] for i in keep]).astype(np.float64)
+    x = matrix[[where[ids[i]] for i in keep]].astype(np.float64)
     x -= x.mean(axis=0)
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     return x @ vt[:2].T, np.array([bool(sel[i]) for i in keep])

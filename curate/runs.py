@@ -47,15 +47,20 @@ def has_embeddings(folder: str) -> bool:
     return bool(glob.glob(os.path.join(folder, "embeddings", "*.parquet")))
 
 
-def embeddings(folder: str, ids: list[str]) -> np.ndarray:
-    """The run's embeddings for ``ids``, in that order (RunError when a run has none or misses ids)."""
+def embedding_matrix(folder: str) -> tuple[dict[str, int], np.ndarray]:
+    """All of the run's embeddings: (id -> row, float32 matrix)."""
     if not has_embeddings(folder):
         raise RunError(f"{folder}: no embeddings/ (the run had the embed stage off)")
     t = _parquet(folder, "embeddings", ["id", "embedding"])
-    where = {rid: i for i, rid in enumerate(t.column("id").to_pylist())}
+    col = t.column("embedding").combine_chunks()
+    matrix = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+    return {rid: i for i, rid in enumerate(t.column("id").to_pylist())}, matrix.astype(np.float32)
+
+
+def embeddings(folder: str, ids: list[str]) -> np.ndarray:
+    """The run's embeddings for ``ids``, in that order (RunError when a run has none or misses ids)."""
+    where, matrix = embedding_matrix(folder)
     missing = [rid for rid in ids if rid not in where]
     if missing:
         raise RunError(f"{folder}: embeddings/ lacks {len(missing)} of the ids (first: {missing[0]})")
-    col = t.column("embedding").combine_chunks()
-    matrix = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
-    return matrix[[where[rid] for rid in ids]].astype(np.float32)
+    return matrix[[where[rid] for rid in ids]]

@@ -24,8 +24,7 @@ def policy_from(cfg: dict):
 def decide(rows: list[dict], cfg: dict) -> dict:
     """Run the job's policy on the candidates' features: {"decisions": {id: [rank, reason]}, "report": ...}."""
     policy, budget, seed = policy_from(cfg)
-    rows = sorted(rows, key=lambda r: r["id"])
-    table = features_table(rows)
+    table = features_table(rows)  # the policy sorts by id: the combine order does not matter
     emb = np.stack([r["_vector"] for r in rows]) if policy.wants_embeddings() and rows else None
     result = policy.run(table, budget, seed, emb)
     ranks = result.ranks()

@@ -10,9 +10,4 @@ from curate.select.features import features_table, pool_of
 from curate.select.registry import BUILTINS, GROUP, available, make
 
 __all__ = ["Budget", "FreeParam", "Param", "Policy", "PolicyError", "Pool", "Selection", "approx_tokens", "ranked",
-           "features_table", "pool_of", "BUILTINS", "GROUP", "available", "make", "apply"]
-
-
-def apply(policy: Policy, table, budget: Budget | None = None, seed: int = 0, embeddings=None) -> Selection:
-    """Run ``policy`` on a features table (see ``features_table``)."""
-    return policy.run(table, budget, seed, embeddings)
+           "features_table", "pool_of", "BUILTINS", "GROUP", "available", "make"]

@@ -148,6 +148,12 @@ class Pool:
     def max_rows(self) -> int | None:
         return self.budget.max_rows(self.start_size)
 
+    def rows_budget(self, policy: str) -> int:
+        """The row count to select, for policies that cannot take a token budget."""
+        if self.budget.tokens is not None:
+            raise PolicyError(f"policy {policy}: takes a rows or fraction budget, not tokens")
+        return min(self.max_rows, len(self))
+
     def has(self, name: str) -> bool:
         return name in self.table.column_names
 
@@ -215,6 +221,7 @@ class Policy:
     requires: ClassVar[tuple[str, ...]] = ()
     needs_embeddings: ClassVar[bool] = False
     needs_budget: ClassVar[bool] = False
+    keeps_step_names: ClassVar[bool] = False  # composite policies: reasons keep their steps' prefixes
 
     def __init__(self, **params: Any):
         where = f"policy {self.name}"
@@ -275,6 +282,6 @@ class Policy:
             raise PolicyError(f"policy {self.name}: every pool id must be selected or dropped exactly once "
                               f"(undecided: {lost}, unknown: {extra})")
         prefix = f"{self.name}:"
-        dropped = {i: (r if r.startswith(prefix) or getattr(self, "keeps_step_names", False) else prefix + r)
+        dropped = {i: (r if r.startswith(prefix) or self.keeps_step_names else prefix + r)
                    for i, r in result.dropped.items()}
         return Selection(list(result.selected), dropped)

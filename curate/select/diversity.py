@@ -24,7 +24,7 @@ import heapq
 
 import numpy as np
 
-from curate.select.base import Budget, Param, Policy, PolicyError, Pool, Selection, ranked
+from curate.select.base import Budget, Param, Policy, Pool, Selection, ranked
 from curate.select.scored import Superfiltering, numeric_column
 
 KERNEL = Param((str,), "auto", "dense (exact n x n), knn (sparse, FAISS) or auto (dense up to dense_max rows)",
@@ -113,10 +113,8 @@ class FacilityLocation(Policy):
     needs_budget = True
 
     def choose(self, pool: Pool) -> Selection:
+        k = pool.rows_budget(self.name)
         n = len(pool)
-        if pool.budget.tokens is not None:
-            raise PolicyError(f"policy {self.name}: takes a rows or fraction budget, not tokens")
-        k = min(pool.max_rows, n)
         if n == 0 or k == 0:
             return pool.take_in_order([])
         kernel = self.p["kernel"]

@@ -79,12 +79,6 @@ def take_by_quota(pool: Pool, groups: list, quota: dict, keys: np.ndarray, dropp
     return Selection([pool.ids[i] for _, _, i in order], dropped)
 
 
-def _rows_budget(pool: Pool, name: str) -> int:
-    if pool.budget.tokens is not None:
-        raise PolicyError(f"policy {name}: takes a rows or fraction budget, not tokens")
-    return min(pool.max_rows, len(pool))
-
-
 SCORE = Param((str,), None, "score column that ranks rows within a group (none: uniform)")
 WITHIN = Param((str,), "auto", "top (best score first), softmax (sample p ~ exp(score/T), kMQ), uniform, "
                                "or auto (top with a score, else uniform)",
@@ -128,7 +122,7 @@ class ClusterBalanced(_Quota):
     group_column = "cluster_id"
 
     def choose(self, pool: Pool) -> Selection:
-        budget = _rows_budget(pool, self.name)
+        budget = pool.rows_budget(self.name)
         groups, keys, dropped, sizes = self._prepare(pool)
         weight = {"proportional": float, "equal": lambda n: 1.0, "sqrt": math.sqrt}[self.p["quota"]]
         quota = allocate(budget, sizes, {g: weight(n) for g, n in sizes.items()})
@@ -152,7 +146,7 @@ class Mixture(_Quota):
             raise PolicyError("policy mixture: shares must be >= 0 and not all 0")
 
     def choose(self, pool: Pool) -> Selection:
-        budget = _rows_budget(pool, self.name)
+        budget = pool.rows_budget(self.name)
         groups, keys, dropped, sizes = self._prepare(pool)
         shares = {str(k): float(v) for k, v in self.p["shares"].items()}
         for i, g in enumerate(groups):

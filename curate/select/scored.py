@@ -5,9 +5,9 @@ Ties are broken by id (the pool is sorted by id and the sorts are stable).
 """
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
+
+from curate.cluster import sample_rank
 
 from curate.select.base import Param, Policy, PolicyError, Pool, Selection, ranked
 
@@ -17,13 +17,8 @@ HIGHER = Param((bool,), True, "true: larger scores are better")
 
 def hash_keys(ids: list[str], seed: int) -> np.ndarray:
     """A seeded pseudo-random key per id in [0, 1), from the id alone, so no order or batch
-    changes it (blake2b keyed by the seed)."""
-    key = str(seed).encode()
-    out = np.empty(len(ids), dtype=np.float64)
-    for i, rid in enumerate(ids):
-        h = hashlib.blake2b(rid.encode("utf-8"), digest_size=8, key=key).digest()
-        out[i] = int.from_bytes(h, "big") / 2.0 ** 64
-    return out
+    changes it (the k-means sample's ``sample_rank``, scaled)."""
+    return np.array([sample_rank(seed, rid) / 2.0 ** 64 for rid in ids], dtype=np.float64)
 
 
 def numeric_column(pool: Pool, name: str, policy: str) -> np.ndarray:
