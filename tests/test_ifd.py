@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from curate.scoring.ifd import IFDSettings, Pair, make_pair, mean_nlls, pairs_for, ratios, score_rows
+from curate.scoring.ifd import (IFDSettings, Pair, forward_batches, make_pair, mean_nlls, pairs_for, ratios, score_rows,
+                                target_nlls)
+from curate.onednn import use_onednn
 from tests.conftest import shared
 
 
@@ -22,7 +24,7 @@ class _TableLM(torch.nn.Module):
         self.embed = torch.nn.Embedding(vocab, logprobs.shape[1])
         self.embed.weight.data.copy_(logprobs)
         self.head = torch.nn.Identity()
-        self.base_model = lambda input_ids, attention_mask: SimpleNamespace(last_hidden_state=self.embed(input_ids))
+        self.base_model = lambda input_ids: SimpleNamespace(last_hidden_state=self.embed(input_ids))
 
     def get_output_embeddings(self):
         return self.head
@@ -65,7 +67,7 @@ class _UnigramLM(torch.nn.Module):
         self.head = torch.nn.Linear(1, vocab)
         self.head.weight.data.zero_()
         self.head.bias.data.copy_(self.logprobs)
-        self.base_model = lambda input_ids, attention_mask: SimpleNamespace(
+        self.base_model = lambda input_ids: SimpleNamespace(
             last_hidden_state=torch.zeros(*input_ids.shape, 1))
 
     def get_output_embeddings(self):
@@ -115,15 +117,66 @@ def test_truncation(tokenizer):
     assert make_pair([1, 2], [], 10).status == "empty_response"
 
 
+def test_sliced_vocabulary_nlls_equal_cross_entropy():
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(37, 16, generator=gen) * 3, torch.randn(1000, 16, generator=gen)
+    targets = torch.tensor([0, 255, 256, 511, 999] + list(range(300, 332)))  # slice edges, last (short) slice
+    want = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="none")
+    for slice_elements in (1, 256 * 37 * 2, None):  # 256-row slices (4, the last short), 512-row, one slice
+        got = target_nlls(hidden, weight, targets, slice_elements=slice_elements)
+        assert torch.allclose(got, want, atol=1e-5), slice_elements
+
+
+def test_forward_batches_bound_rows_and_padded_tokens():
+    lengths = [5, 300, 40, 41, 7, 2000, 39, 8, 8, 120]
+    batches = forward_batches(lengths, batch_tokens=100, max_rows=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    flat = [i for b in batches for i in b]
+    assert [lengths[i] for i in flat] == sorted(lengths)  # length order, ties by index
+    for b in batches:
+        assert len(b) <= 3
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 100  # one long row always gets a batch
+    assert [len(b) for b in batches] == [3, 2, 2, 1, 1, 1]
+
+
+def test_tiny_real_llama_scores_equal_its_own_loss_for_any_batching():
+    """A real transformers Llama (random weights, built from a config, nothing downloaded):
+    right padding without a mask, the sliced projection and any batching give each row's own
+    ``model(labels=...)`` loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=700, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    model.eval()
+    gen = np.random.default_rng(0)
+    pairs = [Pair([1] + gen.integers(2, 700, int(gen.integers(0, 9))).tolist(),
+                  gen.integers(2, 700, int(gen.integers(1, 40))).tolist()) for _ in range(30)]
+    want = []
+    for p in pairs:
+        ids = torch.tensor([p.ids])
+        labels = ids.clone()
+        labels[0, :len(p.prefix)] = -100
+        with torch.no_grad():
+            want.append(float(model(input_ids=ids, labels=labels).loss))
+    for batch_size, batch_tokens in ((1, None), (16, None), (64, 100), (8, 40)):
+        got = mean_nlls(model, pairs, batch_size=batch_size, pad_id=0, batch_tokens=batch_tokens)
+        assert np.allclose(got, want, atol=1e-5, rtol=0), (batch_size, batch_tokens)
+    if use_onednn(model):  # the stage's CPU kernel, the projection included
+        got = mean_nlls(model, pairs, batch_size=64, pad_id=0, batch_tokens=100)
+        assert np.allclose(got, want, atol=1e-5, rtol=0)
+
+
 def test_real_model_batched_equals_one_at_a_time_and_reruns_identically():
     from curate.models import load_causal_lm
 
     model, tok = load_causal_lm()
     # 64 real rows, batch 16 (the issue's check); max_length 192 keeps it to about two minutes on 2 cores
     rows = json.load(open(shared("alpaca_cherry_5pct.json")))[:32] + json.load(open(shared("gsm8k_train.json")))[:32]
+    single = score_rows(model, tok, rows, IFDSettings(max_length=192, batch_size=1))  # torch's own kernel
+    use_onednn(model)  # batched as the stage runs on a CPU: oneDNN linears where available
     settings = IFDSettings(max_length=192, batch_size=16)
     batched = score_rows(model, tok, rows, settings)
-    single = score_rows(model, tok, rows, IFDSettings(max_length=192, batch_size=1))
     again = score_rows(model, tok, rows, settings)
     for b, s, a in zip(batched, single, again):
         for key in ("ifd_nll_cond", "ifd_nll_direct", "rifd_nll_cond", "rifd_nll_direct"):
