@@ -26,7 +26,7 @@ from curate.io import fingerprint
 from pipelines import transforms as T
 from pipelines.embed_cluster import EmbedClusterDedup
 from pipelines.near_dedup import NearDedup
-from pipelines.score import Score, cache_folder
+from pipelines.score import Score, cache_folder, default_batch_tokens
 from pipelines.select import Select
 
 log = logging.getLogger("curate")
@@ -77,7 +77,7 @@ def reuse_check(previous: str, key: str) -> dict:
 
 def resolve_runtime(cfg: dict) -> dict:
     """Choices made at run time on this machine: model path and size, devices, dtypes."""
-    from curate import device, models
+    from curate import device, models, onednn
 
     rt = {}
     e = cfg["embed"]
@@ -101,8 +101,10 @@ def resolve_runtime(cfg: dict) -> dict:
         dtype = device.torch_dtype_name(dev, s["dtype"], gpu_default="bfloat16")
         folder = cache_folder(s, dtype)
         files = sorted(glob.glob(os.path.join(folder, "*.parquet"))) if s["cache"] else []
-        rt["score"] = {"model": s["model"], "device": dev, "dtype": dtype, "cache": folder if s["cache"] else None,
-                       "cache_files": files}
+        rt["score"] = {"model": s["model"], "device": dev, "dtype": dtype,
+                       "linear": onednn.kernel(dev, dtype, s["cpu_linear"]),
+                       "batch_tokens": s["batch_tokens"] or default_batch_tokens(dev),
+                       "cache": folder if s["cache"] else None, "cache_files": files}
     return rt
 
 
@@ -125,8 +127,7 @@ def build(p: beam.Pipeline, cfg: dict, folder: str, rt: dict | None = None) -> N
             os.path.join(folder, "embeddings", "part"), embeddings_schema(emb["dim"], emb["key"]),
             file_name_suffix=".parquet", codec="zstd")
     sc = rt.get("score", {})
-    scored = ec["records"] | "Score" >> Score(cfg, sc.get("device", "cpu"), sc.get("dtype", "float32"),
-                                              sc.get("cache_files", []), os.path.join(folder, "_scores_new"))
+    scored = ec["records"] | "Score" >> Score(cfg, sc, os.path.join(folder, "_scores_new"))
     selection = scored["records"] | "Select" >> Select(cfg)
     decided = selection["records"]
     rejects = (valid["rejects"], ids["rejects"]) | "AllRejects" >> beam.Flatten()

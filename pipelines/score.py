@@ -51,6 +51,14 @@ def cache_folder(p: dict, dtype: str) -> str:
     return os.path.join(p.get("cache_dir") or os.path.join(cache_root(), "scores"), settings_key(p, dtype))
 
 
+def default_batch_tokens(device: str) -> int:
+    """Padded tokens per forward pass when the job leaves ``batch_tokens`` unset. On a CPU about a
+    thousand keeps each layer's activations in cache (measured best of 512/768/1024/2048 on 2
+    cores); a GPU wants large batches (H100, bf16, SmolLM2-135M's shape: 443 rows/s at 16,384
+    tokens and 256 rows, 562 at 65,536; 16,384 leaves room for larger models)."""
+    return 16384 if device == "cuda" else 1024
+
+
 class WeakLM:
     """The loaded model and its tokenizer (Beam's model sharing needs an object it can weak-reference)."""
 
@@ -61,21 +69,26 @@ class WeakLM:
 class IFDHandler(ModelHandler[dict, dict, WeakLM]):
     """Records in, score dicts out; the weak LM is loaded once per worker."""
 
-    def __init__(self, p: dict, device: str, dtype: str):
-        # the scorer gets bucket_rows rows at a time and sorts them by length into forward batches of
-        # batch_size, so the padding stays small (measured on CPU, 500 rows: 1.18x the one-sample loop
-        # in batches of 8 from length-sorted rows, 1.00x one row per pass)
-        rows = max(p["bucket_rows"], p["batch_size"])
+    def __init__(self, p: dict, rt: dict):
+        # the scorer gets bucket_rows rows at a time and sorts their four branches by length into
+        # forward batches of at most batch_size rows and batch_tokens padded tokens, so the padding
+        # stays small and the tensors stay cache-sized on a CPU
+        rows = p["bucket_rows"]
         super().__init__(min_batch_size=rows, max_batch_size=rows)
-        self.p, self.device, self.dtype = p, device, dtype
+        self.p, self.device, self.dtype, self.linear = p, rt["device"], rt["dtype"], rt["linear"]
         self.settings = IFDSettings(max_length=p["max_length"], template=p["template"],
-                                    superfiltering_compat=p["superfiltering_compat"], batch_size=p["batch_size"])
+                                    superfiltering_compat=p["superfiltering_compat"], batch_size=p["batch_size"],
+                                    batch_tokens=rt["batch_tokens"])
 
     def load_model(self):
         from curate.models import load_causal_lm
+        from curate.onednn import use_onednn
 
-        log.info("score: loading %s on %s (%s)", self.p["model"], self.device, self.dtype)
-        return WeakLM(*load_causal_lm(self.p["model"], self.device, self.dtype))
+        log.info("score: loading %s on %s (%s, %s linears)", self.p["model"], self.device, self.dtype, self.linear)
+        model, tokenizer = load_causal_lm(self.p["model"], self.device, self.dtype)
+        if self.linear == "onednn":
+            use_onednn(model)
+        return WeakLM(model, tokenizer)
 
     def run_inference(self, batch, model, inference_args=None):
         scores = score_rows(model.model, model.tokenizer, [score_input(r) for r in batch], self.settings)
@@ -138,10 +151,12 @@ def _cache_row(record: dict) -> dict:
 class Score(beam.PTransform):
     """IFD / r-IFD columns on the rows still in play; the others keep nulls (never 0)."""
 
-    def __init__(self, cfg: dict, device: str, dtype: str, cache_files: list[str], new_folder: str):
+    def __init__(self, cfg: dict, rt: dict, new_folder: str):
+        """``rt``: the run-time choices of ``pipelines.job.resolve_runtime`` (device, dtype, linear
+        kernel, batch_tokens, cache files); empty when the stage is off."""
         super().__init__()
-        self.p, self.device, self.dtype = cfg["score"]["ifd"], device, dtype
-        self.cache_files, self.new_folder = cache_files, new_folder
+        self.p, self.rt, self.new_folder = cfg["score"]["ifd"], rt, new_folder
+        self.cache_files = rt.get("cache_files", [])
 
     def expand(self, records):
         p = records.pipeline
@@ -163,7 +178,7 @@ class Score(beam.PTransform):
         else:
             new, cached = live, p | "NothingCached" >> beam.Create([])
         scored = (new
-                  | "RunInference" >> RunInference(IFDHandler(self.p, self.device, self.dtype))
+                  | "RunInference" >> RunInference(IFDHandler(self.p, self.rt))
                   | "AttachScores" >> beam.ParDo(AttachScoresFn()).with_outputs(STATS, main="records"))
         stats.append(scored[STATS])
         from curate.schema import SCORE_CACHE
