@@ -4,6 +4,7 @@ import math
 
 import pandas as pd
 
+from curate.onednn import problem
 from tests.conftest import EXAMPLES, load_manifest, run_cli, write_job
 
 
@@ -16,6 +17,9 @@ def test_scores_written_then_reused_from_the_cache(job_dir):
     first = load_manifest("first")
     assert first["score"]["model_rows"] == 16 and first["score"]["cached_rows"] == 0
     assert first["score"]["ifd_status_share"] == {"ok": 1.0} and 0 <= first["score"]["ifd_ge_1_share"] <= 1
+    # the CPU path: oneDNN linears where this torch has them, about a thousand tokens per forward pass
+    assert first["score"]["linear"] == ("torch" if problem("cpu", "float32") else "onednn")
+    assert first["score"]["batch_tokens"] == 1024
     ann = pd.read_parquet("first/annotated").set_index("id").sort_index()
     assert ann.ifd_loss.notna().all() and (ann.ifd_status == "ok").all()
     assert (ann.ifd_tokens == ann.ifd_tokens_direct).all()
