@@ -102,6 +102,7 @@ SCHEMA: dict = {
         "batch_size": Opt((int,), 64, minimum=1),
         "device": Opt((str,), "auto", choices=("auto", "cpu", "cuda")),
         "dtype": Opt((str,), "auto", choices=("auto", "float32", "bfloat16", "float16")),
+        "cpu_linear": Opt((str,), "onednn", choices=("onednn", "torch")),
         "reuse": Opt((str,), None),
     },
     "score": {

@@ -24,8 +24,11 @@ def embed_text(record: dict, mode: str = "whole") -> str:
     return record["prompt"] + "\n" + record["response"]
 
 
-def load_embedder(model: str | None, device: str = "cpu", dtype: str = "float32", max_seq_length: int = 256):
-    """A SentenceTransformer on ``device`` in ``dtype``, loaded from a local path."""
+def load_embedder(model: str | None, device: str = "cpu", dtype: str = "float32", max_seq_length: int = 256,
+                  linear: str = "torch"):
+    """A SentenceTransformer on ``device`` in ``dtype``, loaded from a local path; ``linear="onednn"``
+    runs its float32 CPU linear layers on oneDNN (``curate.onednn``: 1.67x the rows/s on 2 AMD
+    cores, vectors within 3e-7)."""
     import torch
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
@@ -36,6 +39,10 @@ def load_embedder(model: str | None, device: str = "cpu", dtype: str = "float32"
         st = st.to(getattr(torch, dtype))
     st.max_seq_length = max_seq_length
     st.eval()
+    if linear == "onednn":
+        from curate.onednn import use_onednn
+
+        use_onednn(st)
     return st
 
 

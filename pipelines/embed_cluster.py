@@ -28,14 +28,15 @@ class SentenceTransformerHandler(ModelHandler[dict, np.ndarray, object]):
     """Records in, unit vectors out. Loading is separate from running (Beam shares the
     loaded model across the worker's threads); the batch size is the handler's."""
 
-    def __init__(self, model: str, device: str, dtype: str, max_seq_length: int, text: str, batch_size: int):
+    def __init__(self, model: str, device: str, dtype: str, max_seq_length: int, text: str, batch_size: int,
+                 linear: str = "torch"):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
-        self.model, self.device, self.dtype = model, device, dtype
+        self.model, self.device, self.dtype, self.linear = model, device, dtype, linear
         self.max_seq_length, self.text = max_seq_length, text
 
     def load_model(self):
-        log.info("embed: loading %s on %s (%s)", self.model, self.device, self.dtype)
-        return load_embedder(self.model, self.device, self.dtype, self.max_seq_length)
+        log.info("embed: loading %s on %s (%s, %s linears)", self.model, self.device, self.dtype, self.linear)
+        return load_embedder(self.model, self.device, self.dtype, self.max_seq_length, self.linear)
 
     def run_inference(self, batch, model, inference_args=None):
         start = time.perf_counter()
@@ -167,10 +168,10 @@ class Embed(beam.PTransform):
     settings; rows whose text hash is among them skip the model.
     """
 
-    def __init__(self, e: dict, device: str, dtype: str, reuse: str | None = None):
+    def __init__(self, e: dict, device: str, dtype: str, reuse: str | None = None, linear: str = "torch"):
         super().__init__()
         self.handler = SentenceTransformerHandler(e["model"], device, dtype, e["max_seq_length"], e["text"],
-                                                  e["batch_size"])
+                                                  e["batch_size"], linear)
         self.text_mode, self.reuse = e["text"], reuse
 
     def expand(self, records):
@@ -242,10 +243,11 @@ class EmbedClusterDedup(beam.PTransform):
 
     Returns records, stats, reports and the (id, embedding) rows for embeddings/."""
 
-    def __init__(self, cfg: dict, device: str, dtype: str, use_gpu: bool, reuse: str | None = None):
+    def __init__(self, cfg: dict, device: str, dtype: str, use_gpu: bool, reuse: str | None = None,
+                 linear: str = "torch"):
         super().__init__()
         self.e, self.c, self.s = cfg["embed"], cfg["cluster"], cfg["dedup"]["semantic"]
-        self.device, self.dtype, self.use_gpu, self.reuse = device, dtype, use_gpu, reuse
+        self.device, self.dtype, self.use_gpu, self.reuse, self.linear = device, dtype, use_gpu, reuse, linear
 
     def expand(self, records):
         p = records.pipeline
@@ -256,7 +258,7 @@ class EmbedClusterDedup(beam.PTransform):
         live = records | "Live" >> beam.Filter(lambda r: r.get("drop_reason") is None)
         done = (records | "Dropped" >> beam.Filter(lambda r: r.get("drop_reason") is not None)
                 | "NullColumns" >> beam.Map(_null_columns))
-        emb = live | "Embed" >> Embed(self.e, self.device, self.dtype, self.reuse)
+        emb = live | "Embed" >> Embed(self.e, self.device, self.dtype, self.reuse, self.linear)
         mode = self.e["text"]
         embeddings = emb["records"] | "EmbeddingRows" >> beam.Map(
             lambda r: {"id": r["id"], "text_hash": r.get("_text_hash") or text_hash(embed_text(r, mode)),

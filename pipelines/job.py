@@ -89,7 +89,8 @@ def resolve_runtime(cfg: dict) -> dict:
         dtype = device.torch_dtype_name(dev, e["dtype"])
         key = embed_key(e["model"], e["max_seq_length"], dtype, e["text"])
         rt["embed"] = {"model": e["model"], "path": path, "device": dev, "dtype": dtype,
-                       "dim": models.embedding_dim(path), "key": key}
+                       "linear": onednn.kernel(dev, dtype, e["cpu_linear"]), "dim": models.embedding_dim(path),
+                       "key": key}
         if e["reuse"]:
             rt["embed"]["reuse"] = reuse_check(e["reuse"], key)
     if cfg["cluster"]["enabled"]:
@@ -119,7 +120,7 @@ def build(p: beam.Pipeline, cfg: dict, folder: str, rt: dict | None = None) -> N
     reuse = emb.get("reuse", {})
     ec = near["records"] | "EmbedCluster" >> EmbedClusterDedup(
         cfg, emb.get("device", "cpu"), emb.get("dtype", "float32"), rt.get("cluster", {}).get("faiss_gpu", False),
-        reuse["from"] if reuse.get("used") else None)
+        reuse["from"] if reuse.get("used") else None, emb.get("linear", "torch"))
     if emb:
         from curate.schema import embeddings_schema
 

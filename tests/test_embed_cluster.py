@@ -44,6 +44,13 @@ def test_embeddings_do_not_depend_on_batch_size_and_match_direct_encode(model, t
     assert np.abs(direct - whole).max() <= 1e-5
     assert whole.dtype == np.float32 and whole.shape == (64, 384)
     assert np.allclose(np.linalg.norm(whole, axis=1), 1.0, atol=1e-6)
+    from curate.onednn import use_onednn
+
+    if use_onednn(model):  # the stage's CPU kernel gives the same vectors
+        try:
+            assert np.abs(encode(model, texts) - whole).max() <= 1e-5
+        finally:
+            use_onednn(model, on=False)
 
 
 def test_device_and_index_choice():
