@@ -15,6 +15,7 @@ layer does not match torch's own result; the model then keeps torch's kernel.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
@@ -56,7 +57,8 @@ def kernel(device: str, dtype: str, want: str) -> str:
         return "torch"
     why = problem(device, dtype)
     if why:
-        log.info("oneDNN linears not used: %s", why)
+        if device == "cpu":  # off the CPU oneDNN is never expected: no news
+            log.info("oneDNN linears not used: %s", why)
         return "torch"
     return "onednn"
 
@@ -79,6 +81,6 @@ def use_onednn(model, on: bool = True) -> int:
     return switched
 
 
-def linear_of(module) -> callable:
+def linear_of(module) -> Callable:
     """The function a linear layer computes with: oneDNN for switched layers, else torch's."""
     return onednn_linear if isinstance(module, OneDNNLinear) else torch.nn.functional.linear
