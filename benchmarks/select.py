@@ -20,6 +20,8 @@ import numpy as np
 from benchmarks.common import emit
 from curate.select.diversity import dense_kernel, greedy_dense, greedy_sparse, knn_kernel
 
+DEITA_THRESHOLD = 0.9  # the reference's default
+
 
 def vectors(n: int, d: int = 384, clusters: int = 200, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -42,14 +44,14 @@ def deita_numpy(x: np.ndarray, order: np.ndarray, threshold: float, cap: int) ->
     return chosen
 
 
-def deita_setup(x: np.ndarray, order: np.ndarray):
+def deita_setup(x: np.ndarray, order: np.ndarray, threshold: float):
     """curate's deita policy and a features table whose scores walk the rows in ``order``."""
     from curate.select import features_table, make
 
     rank = np.empty(len(order))
     rank[order] = np.arange(len(order), 0, -1)  # first in order = highest score
     table = features_table([{"id": f"{i:07d}", "ifd_loss": float(rank[i])} for i in range(len(order))])
-    return make("deita", {"column": "ifd_loss", "threshold": 0.9}), table
+    return make("deita", {"column": "ifd_loss", "threshold": threshold}), table
 
 
 def run(quick: bool):
@@ -79,12 +81,12 @@ def run(quick: bool):
     cap = m // 10
     from curate.select import Budget
 
-    policy, table = deita_setup(xd, order)
+    policy, table = deita_setup(xd, order, DEITA_THRESHOLD)
     t = time.perf_counter()
     ours = [int(i) for i in policy.run(table, Budget(rows=cap), 0, xd).selected]
     ours_s = time.perf_counter() - t
     t = time.perf_counter()
-    plain = deita_numpy(xd, order, 0.9, cap)
+    plain = deita_numpy(xd, order, DEITA_THRESHOLD, cap)
     plain_s = time.perf_counter() - t
     emit("select", "deita_faiss_vs_numpy_loop", "seconds", ours_s, "numpy_loop", plain_s, n=m,
          higher_is_better=False, selected=len(ours), same_picks=ours == plain)

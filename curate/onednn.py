@@ -14,6 +14,7 @@ layer does not match torch's own result; the model then keeps torch's kernel.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable
 
@@ -34,8 +35,10 @@ class OneDNNLinear(torch.nn.Linear):
         return onednn_linear(x, self.weight, self.bias)
 
 
+@functools.cache
 def problem(device: str, dtype: str) -> str | None:
-    """Why oneDNN linears cannot be used for a model on ``device`` in ``dtype``, or None."""
+    """Why oneDNN linears cannot be used for a model on ``device`` in ``dtype``, or None (the
+    self-check runs once per process)."""
     if device != "cpu" or dtype != "float32":
         return f"the model is {dtype} on {device}; oneDNN linears are for float32 on the CPU"
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):

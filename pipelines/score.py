@@ -82,13 +82,9 @@ class IFDHandler(ModelHandler[dict, dict, WeakLM]):
 
     def load_model(self):
         from curate.models import load_causal_lm
-        from curate.onednn import use_onednn
 
         log.info("score: loading %s on %s (%s, %s linears)", self.p["model"], self.device, self.dtype, self.linear)
-        model, tokenizer = load_causal_lm(self.p["model"], self.device, self.dtype)
-        if self.linear == "onednn":
-            use_onednn(model)
-        return WeakLM(model, tokenizer)
+        return WeakLM(*load_causal_lm(self.p["model"], self.device, self.dtype, self.linear))
 
     def run_inference(self, batch, model, inference_args=None):
         scores = score_rows(model.model, model.tokenizer, [score_input(r) for r in batch], self.settings)

@@ -97,15 +97,16 @@ def scored_count(pair: Pair) -> int:
     return max(len(pair.target) - (1 if pair.skip_first else 0), 0)
 
 
-def forward_batches(lengths: list[int], batch_tokens: int, max_rows: int) -> list[list[int]]:
+def forward_batches(lengths: list[int], batch_tokens: int | None, max_rows: int) -> list[list[int]]:
     """Indices grouped for forward passes: sorted by length, each batch at most ``max_rows`` rows
-    and ``rows x longest`` at most ``batch_tokens`` (one row always fits), so padding stays small
-    and every batch's tensors stay about the same size whatever the lengths."""
+    and ``rows x longest`` at most ``batch_tokens`` (None: no token bound; one row always fits),
+    so padding stays small and every batch's tensors stay about the same size whatever the lengths."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
     for i in order:
-        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * lengths[i] <= batch_tokens:
-            batches[-1].append(i)
+        last = batches[-1] if batches else []
+        if last and len(last) < max_rows and (batch_tokens is None or (len(last) + 1) * lengths[i] <= batch_tokens):
+            last.append(i)
         else:
             batches.append([i])
     return batches
@@ -177,7 +178,7 @@ def mean_nlls(model, pairs: list[Pair], batch_size: int = 16, pad_id: int = 0,
     body = model.base_model
     device = next(model.parameters()).device
     lengths = [len(pairs[i].ids) for i in live]
-    for batch in forward_batches(lengths, batch_tokens or max(lengths, default=1) * batch_size, batch_size):
+    for batch in forward_batches(lengths, batch_tokens, batch_size):
         chunk = [live[k] for k in batch]
         width = max(len(pairs[i].ids) for i in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)

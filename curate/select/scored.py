@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 
 from curate.cluster import sample_rank
-
 from curate.select.base import Param, Policy, PolicyError, Pool, Selection, ranked
 
 COLUMN = Param((str,), None, "score column to rank by (any numeric column of annotated/)", required=True)
