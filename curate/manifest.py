@@ -41,7 +41,7 @@ def summarize(stats: dict[str, float]) -> dict:
     totals = {"rows_in": 0, "selected": 0, "dropped": defaultdict(int), "rejected": defaultdict(int)}
     for key, value in stats.items():
         k = parse_stat_key(key)
-        stage, metric, reason, source = k["stage"], k["metric"], k["reason"], k["source"]
+        stage, metric, reason, source = k["stage"], k["metric"], k["reason"], k["source"] or "(none)"
         name = f"{metric}:{reason}" if reason else metric
         stages[stage][name] += value
         if stage == "read" and metric == "rows":
@@ -51,6 +51,7 @@ def summarize(stats: dict[str, float]) -> dict:
             totals["selected"] += int(value)
             by_source[source]["selected"] += int(value)
         elif stage == "write" and metric in ("dropped", "rejected"):
+            reason = reason or "unspecified"  # a row dropped or rejected with no reason still counts
             totals[metric][reason] += int(value)
             bucket = by_source[source][metric]
             bucket[reason] = bucket.get(reason, 0) + int(value)

@@ -50,6 +50,7 @@ class SentenceTransformerHandler(ModelHandler[dict, np.ndarray, object]):
 
 class AttachVectorFn(StageFn):
     stage = "embed"
+    metrics = ("rows", "model_rows", "model_s")
 
     def handle(self, result):
         record = result.example
@@ -64,6 +65,7 @@ class ReuseFn(StageFn):
     """Rows whose text was embedded by an earlier run with the same settings take that vector."""
 
     stage = "embed"
+    metrics = ("rows", "reused")
     NEW = "new"
 
     def __init__(self, text_mode: str):
@@ -116,6 +118,7 @@ def _train(sample, n_rows: int, p: dict, use_gpu: bool):
 
 class AssignFn(StageFn):
     stage = "cluster"
+    metrics = ("rows",)
 
     def __init__(self, use_gpu: bool):
         self.use_gpu = use_gpu
@@ -131,6 +134,7 @@ class AssignFn(StageFn):
 
 class SemanticDedupFn(StageFn):
     stage = "semantic_dedup"
+    metrics = ("sweep", "dropped", "rows")
 
     def __init__(self, p: dict):
         self.p = p

@@ -25,6 +25,7 @@ import numpy as np
 from curate.dedup import minhash
 from curate.dedup.near import (UnionFind, band_keys, bucket_edges, resolve_cluster, size_histogram,
                                source_salt)
+from curate.stats import stat_key
 from pipelines.stage import STATS, StageFn
 
 log = logging.getLogger("curate")
@@ -44,6 +45,7 @@ def _signatures(batch: list[dict], p: dict) -> np.ndarray:
 
 class SignatureFn(StageFn):
     stage = STAGE
+    metrics = ("rows",)
 
     def __init__(self, p: dict):
         self.p = p
@@ -68,6 +70,7 @@ class CandidateSignatureFn(StageFn):
     """(id, signature bytes) for the records that are on a candidate edge."""
 
     stage = STAGE
+    metrics = ("candidates",)
 
     def __init__(self, p: dict):
         self.p = p
@@ -82,6 +85,7 @@ class CandidateSignatureFn(StageFn):
 
 class BucketEdgesFn(StageFn):
     stage = STAGE
+    metrics = ("big_buckets",)
 
     def __init__(self, max_bucket: int):
         self.max_bucket = max_bucket
@@ -111,6 +115,7 @@ def _fan_out(element):
 
 class VerifyFn(StageFn):
     stage = STAGE
+    metrics = ("edges_verified", "edges_rejected")
 
     def __init__(self, threshold: float):
         self.threshold = threshold
@@ -167,6 +172,7 @@ class RouteFn(beam.DoFn):
 
 class ResolveClusterFn(StageFn):
     stage = STAGE
+    metrics = ("dropped",)
 
     def handle(self, element):
         cluster, records = element
@@ -178,7 +184,7 @@ class ResolveClusterFn(StageFn):
 
 def _histogram_stats(clusters: dict):
     for size, n in size_histogram(clusters).items():
-        yield f"{STAGE}.clusters:size_{size}", n
+        yield stat_key(STAGE, "clusters", f"size_{size}"), n
 
 
 class NearDedup(beam.PTransform):

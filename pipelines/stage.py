@@ -1,7 +1,9 @@
 """The base of every curate DoFn: it owns the bookkeeping, the subclass owns one decision.
 
-A subclass implements ``handle(element)`` (a generator) and calls
-``self.count(metric, n, reason=..., source=...)``. The base times ``handle``,
+A subclass sets ``stage``, declares the ``metrics`` it counts, implements
+``handle(element)`` (a generator) and calls ``self.count(metric, n, reason=..., source=...)``
+with a declared metric only (a test checks every declared name makes a key the
+manifest can read). The base times ``handle``,
 logs progress, mirrors counts into Beam metrics, and emits the summed stats of
 each bundle on the ``stats`` output, so the job can check its accounting and
 write the manifest from data rather than from runner-specific metrics.
@@ -23,6 +25,12 @@ STATS = "stats"
 
 class StageFn(beam.DoFn):
     stage = "stage"
+    metrics: tuple[str, ...] = ()
+    BASE_METRICS = ("busy_s",)
+
+    @classmethod
+    def declared_metrics(cls) -> tuple[str, ...]:
+        return cls.BASE_METRICS + tuple(cls.metrics)
 
     def setup(self):
         self._progress = Progress(self.stage)
@@ -37,6 +45,8 @@ class StageFn(beam.DoFn):
         self._stats[key] += n
         counter = self._metrics.get(key)
         if counter is None:
+            if metric not in self.declared_metrics():
+                raise ValueError(f"{type(self).__name__} counts {metric!r}, which it does not declare in metrics")
             counter = self._metrics[key] = Metrics.counter("curate", key)
         if float(n).is_integer():
             counter.inc(int(n))

@@ -43,6 +43,7 @@ def read_units(cfg: dict) -> list[dict]:
 
 class ReadFn(StageFn):
     stage = "read"
+    metrics = ("files", "rows", "rows_seen")
 
     def __init__(self, sample: dict, batch_size: int):
         self.sample, self.batch_size = sample, batch_size
@@ -93,6 +94,7 @@ def row_specs(cfg: dict) -> dict[str, RowSpec]:
 
 class ValidateFn(StageFn):
     stage = "validate"
+    metrics = ("rejected", "records")
 
     def __init__(self, specs: dict[str, RowSpec]):
         self.specs = specs
@@ -131,6 +133,7 @@ class Validate(beam.PTransform):
 
 class UniqueIdsFn(StageFn):
     stage = "ids"
+    metrics = ("rows", "renumbered", "rejected")
 
     def __init__(self, user_id_sources: frozenset[str]):
         self.user_id_sources = user_id_sources
@@ -166,6 +169,7 @@ class UniqueIds(beam.PTransform):
 
 class ExactDedupFn(StageFn):
     stage = "exact_dedup"
+    metrics = ("rows", "groups", "dropped")
 
     def __init__(self, source_rank: dict[str, int]):
         self.source_rank = source_rank
@@ -207,6 +211,7 @@ class TallyFn(StageFn):
     """Counts rows handed to a writer, by decision, reason and source."""
 
     stage = "write"
+    metrics = ("rejected", "selected", "dropped")
 
     def __init__(self, kind: str):
         self.kind = kind
