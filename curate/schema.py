@@ -116,8 +116,6 @@ def embeddings_schema(dim: int, key: str = "") -> pa.Schema:
 ANNOTATED = _schema("annotated", ANNOTATED_FIELDS)
 SELECTED = _schema("selected", ANNOTATED_FIELDS)
 REJECTS = _schema("rejects", REJECT_FIELDS)
-SCORE_CACHE = _schema("score_cache", [pa.field("text_hash", pa.string(), nullable=False),
-                                       *[f for f in SCORE_FIELDS]])
 EMBEDDINGS = embeddings_schema(384)  # as written with the default model; the dim follows the model
 SCHEMAS = {"annotated": ANNOTATED, "selected": SELECTED, "rejects": REJECTS, "embeddings": EMBEDDINGS}
 

@@ -21,7 +21,9 @@ import uuid
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from curate import cache_store
 from curate import manifest as manifest_mod
+from curate.errors import CurateError
 from curate.io import fingerprint
 from pipelines import transforms as T
 from pipelines.embed_cluster import EmbedClusterDedup
@@ -32,11 +34,11 @@ from pipelines.select import Select
 log = logging.getLogger("curate")
 
 
-class OutputExistsError(Exception):
+class OutputExistsError(CurateError):
     pass
 
 
-class InputError(Exception):
+class InputError(CurateError):
     """An input file could not be read while the job ran (one line, names the file)."""
 
 
@@ -101,7 +103,7 @@ def resolve_runtime(cfg: dict) -> dict:
         dev = device.torch_device(s["device"])
         dtype = device.torch_dtype_name(dev, s["dtype"], gpu_default="bfloat16")
         folder = cache_folder(s, dtype)
-        files = sorted(glob.glob(os.path.join(folder, "*.parquet"))) if s["cache"] else []
+        files = cache_store.files(folder) if s["cache"] else []
         rt["score"] = {"model": s["model"], "device": dev, "dtype": dtype,
                        "linear": onednn.kernel(dev, dtype, s["cpu_linear"]),
                        "batch_tokens": s["batch_tokens"] or default_batch_tokens(dev),
@@ -109,7 +111,7 @@ def resolve_runtime(cfg: dict) -> dict:
     return rt
 
 
-def build(p: beam.Pipeline, cfg: dict, folder: str, rt: dict | None = None) -> None:
+def build(p: beam.Pipeline, cfg: dict, folder: str, rt: dict | None = None, run_id: str = "run") -> None:
     rt = rt if rt is not None else resolve_runtime(cfg)
     read = p | "Read" >> T.Read(cfg)
     valid = read["records"] | "Validate" >> T.Validate(cfg)
@@ -128,7 +130,7 @@ def build(p: beam.Pipeline, cfg: dict, folder: str, rt: dict | None = None) -> N
             os.path.join(folder, "embeddings", "part"), embeddings_schema(emb["dim"], emb["key"]),
             file_name_suffix=".parquet", codec="zstd")
     sc = rt.get("score", {})
-    scored = ec["records"] | "Score" >> Score(cfg, sc, os.path.join(folder, "_scores_new"))
+    scored = ec["records"] | "Score" >> Score(cfg, sc, run_id)
     selection = scored["records"] | "Select" >> Select(cfg)
     decided = selection["records"]
     rejects = (valid["rejects"], ids["rejects"]) | "AllRejects" >> beam.Flatten()
@@ -140,18 +142,16 @@ def build(p: beam.Pipeline, cfg: dict, folder: str, rt: dict | None = None) -> N
     reports | "Reports" >> T.WriteJson(os.path.join(folder, "_reports.json"))
 
 
-def _keep_new_scores(tmp: str, rt: dict) -> None:
-    """Move this run's new scores into the score cache (or drop them when caching is off)."""
-    new = os.path.join(tmp, "_scores_new")
-    cache = rt.get("score", {}).get("cache")
-    if cache and os.path.isdir(new):
-        import pyarrow.parquet as pq
-
-        os.makedirs(cache, exist_ok=True)
-        for path in glob.glob(os.path.join(new, "*.parquet")):
-            if pq.read_metadata(path).num_rows:
-                shutil.move(path, os.path.join(cache, f"{uuid.uuid4().hex}.parquet"))
-    shutil.rmtree(new, ignore_errors=True)
+def _compact_caches(rt: dict, run_id: str) -> None:
+    """Merge the cache shards this run wrote into one file per cache (the shards are already
+    readable; this only keeps the file count down). A failure here costs nothing but files."""
+    for section in rt.values():
+        folder = section.get("cache") if isinstance(section, dict) else None
+        if folder:
+            try:
+                cache_store.compact(folder, run_id)
+            except OSError as exc:
+                log.warning("cache %s: shards not merged (%s); they stay readable", folder, exc)
 
 
 def _write_report(folder: str) -> None:
@@ -188,7 +188,8 @@ def run(cfg: dict, beam_args: list[str] | None = None, overwrite: bool = False) 
         raise OutputExistsError(f"output {cfg['output']} already exists; pass --overwrite to replace it")
     rt = resolve_runtime(cfg)  # model paths and devices: fail before anything is written
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
+    run_id = cache_store.new_run_id()
+    tmp = f"{out}.tmp-{run_id}"
     os.makedirs(tmp)
     flags = beam_flags(cfg["beam"], beam_args)
     options = PipelineOptions(flags)
@@ -198,7 +199,7 @@ def run(cfg: dict, beam_args: list[str] | None = None, overwrite: bool = False) 
     log.info("curate: running job %r with %s", cfg["name"], " ".join(flags))
     try:
         p = beam.Pipeline(options=options)
-        build(p, cfg, tmp, rt)
+        build(p, cfg, tmp, rt, run_id)
         result = p.run()
         state = result.wait_until_finish()
         if state not in (None, "DONE", beam.runners.runner.PipelineState.DONE):
@@ -214,7 +215,7 @@ def run(cfg: dict, beam_args: list[str] | None = None, overwrite: bool = False) 
         for name in ("annotated", "selected", "rejects"):
             os.makedirs(os.path.join(tmp, name), exist_ok=True)
             man["outputs"][f"{name}_files"] = len(glob.glob(os.path.join(tmp, name, "*.parquet")))
-        _keep_new_scores(tmp, rt)
+        _compact_caches(rt, run_id)
         man["outputs"]["report"] = os.path.join(out, "report.html")
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as fh:
             json.dump(man, fh, indent=2, default=str)

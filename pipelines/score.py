@@ -1,12 +1,11 @@
-"""The IFD / r-IFD scoring stage: RunInference with the weak LM, and a score cache.
+"""The IFD / r-IFD scoring stage: the weak LM through the cached-inference block.
 
-    live records -> (cache side input) -> cached: scores from the cache
-                                       -> new: RunInference(IFDHandler) -> scores
-    new scores -> <tmp>/_scores_new/*.parquet, moved into the cache by the driver after success
+    live records -> CachedInference(IFDHandler) -> CountScores -> records with score columns
 
 The cache lives under ``curate.models.cache_root()/scores/<settings key>/`` (settings:
-model, template, max_length, compat mode, dtype), one Parquet file per run, keyed by a
-hash of (instruction, input, output). Delete the folder to clear it.
+model, template, max_length, compat mode, dtype), keyed by a hash of (instruction, input,
+output); new scores are written there while the stage runs (``pipelines.cached``). Delete
+the folder to clear it.
 """
 from __future__ import annotations
 
@@ -17,15 +16,12 @@ import math
 import os
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from curate.scoring.ifd import IFDSettings, score_rows
+from pipelines.cached import CachedInference, StageHandler
 from pipelines.stage import STATS, StageFn
 
 log = logging.getLogger("curate")
-SCORE_FIELDS = ("ifd_nll_cond", "ifd_nll_direct", "ifd_tokens", "ifd_tokens_direct", "ifd_loss", "ifd_ppl",
-                "ifd_status", "rifd_nll_cond", "rifd_nll_direct", "rifd_loss", "rifd", "rifd_status")
-NEW = "new"
 
 
 def score_input(record: dict) -> dict:
@@ -41,6 +37,7 @@ def score_text_hash(record: dict) -> str:
 def settings_key(p: dict, dtype: str) -> str:
     spec = {k: p[k] for k in ("model", "template", "max_length", "superfiltering_compat")}
     spec["dtype"] = dtype
+    spec["cache_format"] = 2  # 2: shards keyed by "key" (pipelines.cached)
     return hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
@@ -66,8 +63,10 @@ class WeakLM:
         self.model, self.tokenizer = model, tokenizer
 
 
-class IFDHandler(ModelHandler[dict, dict, WeakLM]):
+class IFDHandler(StageHandler):
     """Records in, score dicts out; the weak LM is loaded once per worker."""
+
+    stage = "score"
 
     def __init__(self, p: dict, rt: dict):
         # the scorer gets bucket_rows rows at a time and sorts their four branches by length into
@@ -86,43 +85,18 @@ class IFDHandler(ModelHandler[dict, dict, WeakLM]):
         log.info("score: loading %s on %s (%s, %s linears)", self.p["model"], self.device, self.dtype, self.linear)
         return WeakLM(*load_causal_lm(self.p["model"], self.device, self.dtype, self.linear))
 
-    def run_inference(self, batch, model, inference_args=None):
-        scores = score_rows(model.model, model.tokenizer, [score_input(r) for r in batch], self.settings)
-        return [PredictionResult(r, s) for r, s in zip(batch, scores)]
+    def infer(self, batch, model, progress):
+        return score_rows(model.model, model.tokenizer, [score_input(r) for r in batch], self.settings, progress)
 
     def get_metrics_namespace(self) -> str:
         return "curate.score"
-
-
-class FromCacheFn(StageFn):
-    stage = "score"
-
-    def handle(self, record, cached):
-        record["_score_hash"] = h = score_text_hash(record)
-        hit = cached.get(h)
-        if hit is None:
-            yield beam.pvalue.TaggedOutput(NEW, record)
-        else:
-            record.update({k: hit[k] for k in SCORE_FIELDS})
-            self.count("cached")
-            yield record
-
-
-class AttachScoresFn(StageFn):
-    stage = "score"
-
-    def handle(self, result):
-        record = result.example
-        record["_score_hash"] = record.get("_score_hash") or score_text_hash(record)
-        record.update(result.inference)
-        self.count("model_rows", progress=True)
-        yield record
 
 
 class CountScoresFn(StageFn):
     """Per-status counts and the IFD >= 1 count, for the manifest."""
 
     stage = "score"
+    metrics = ("rows", "ifd_status", "rifd_status", "ifd_ge_1")
 
     def handle(self, record):
         self.count("rows")
@@ -135,26 +109,28 @@ class CountScoresFn(StageFn):
 
 
 def _null_scores(record: dict) -> dict:
-    for k in SCORE_FIELDS:
+    from curate.schema import SCORE_FIELDS
+
+    for f in SCORE_FIELDS:
+        k = f.name
         record.setdefault(k, None)
     return record
-
-
-def _cache_row(record: dict) -> dict:
-    return {"text_hash": record["_score_hash"], **{k: record[k] for k in SCORE_FIELDS}}
 
 
 class Score(beam.PTransform):
     """IFD / r-IFD columns on the rows still in play; the others keep nulls (never 0)."""
 
-    def __init__(self, cfg: dict, rt: dict, new_folder: str):
+    def __init__(self, cfg: dict, rt: dict, run_id: str = "run", handler=None):
         """``rt``: the run-time choices of ``pipelines.job.resolve_runtime`` (device, dtype, linear
-        kernel, batch_tokens, cache files); empty when the stage is off."""
+        kernel, batch_tokens, cache folder and files); empty when the stage is off. ``handler``
+        replaces the weak LM (tests)."""
         super().__init__()
-        self.p, self.rt, self.new_folder = cfg["score"]["ifd"], rt, new_folder
-        self.cache_files = rt.get("cache_files", [])
+        self.p, self.rt, self.run_id = cfg["score"]["ifd"], rt, run_id
+        self.handler = handler
 
     def expand(self, records):
+        from curate.schema import SCORE_FIELDS as COLUMNS
+
         p = records.pipeline
         if not self.p["enabled"]:
             return {"records": records | "NoScores" >> beam.Map(_null_scores),
@@ -162,28 +138,9 @@ class Score(beam.PTransform):
         live = records | "Live" >> beam.Filter(lambda r: r.get("drop_reason") is None)
         done = (records | "Dropped" >> beam.Filter(lambda r: r.get("drop_reason") is not None)
                 | "NullScores" >> beam.Map(_null_scores))
-        stats = []
-        if self.cache_files:
-            stored = (p | "CacheFiles" >> beam.Create(self.cache_files)
-                      | "ReadCache" >> beam.io.ReadAllFromParquet()
-                      | "CachePairs" >> beam.Map(lambda r: (r["text_hash"], r)))
-            split = live | "FromCache" >> beam.ParDo(FromCacheFn(), beam.pvalue.AsDict(stored)).with_outputs(
-                NEW, STATS, main="cached")
-            new, cached = split[NEW], split.cached
-            stats.append(split[STATS])
-        else:
-            new, cached = live, p | "NothingCached" >> beam.Create([])
-        scored = (new
-                  | "RunInference" >> RunInference(IFDHandler(self.p, self.rt))
-                  | "AttachScores" >> beam.ParDo(AttachScoresFn()).with_outputs(STATS, main="records"))
-        stats.append(scored[STATS])
-        from curate.schema import SCORE_CACHE
-
-        (scored.records | "CacheRows" >> beam.Map(_cache_row)
-         | "WriteNewScores" >> beam.io.WriteToParquet(os.path.join(self.new_folder, "part"), SCORE_CACHE,
-                                                      file_name_suffix=".parquet"))
-        counted = ((cached, scored.records) | "AllScored" >> beam.Flatten()
-                   | "CountScores" >> beam.ParDo(CountScoresFn()).with_outputs(STATS, main="records"))
-        stats.append(counted[STATS])
+        handler = self.handler or IFDHandler(self.p, self.rt)
+        scored = live | "Infer" >> CachedInference("score", handler, score_text_hash, COLUMNS,
+                                                   self.rt.get("cache"), self.rt.get("cache_files"), self.run_id)
+        counted = scored["records"] | "CountScores" >> beam.ParDo(CountScoresFn()).with_outputs(STATS, main="records")
         return {"records": (done, counted.records) | "ScoreOut" >> beam.Flatten(),
-                "stats": stats | "ScoreStats" >> beam.Flatten()}
+                "stats": (scored["stats"], counted[STATS]) | "ScoreStats" >> beam.Flatten()}

@@ -160,14 +160,15 @@ def target_nlls(hidden, weight, targets, linear=None, slice_elements: int | None
 
 
 def mean_nlls(model, pairs: list[Pair], batch_size: int = 16, pad_id: int = 0,
-              batch_tokens: int | None = None) -> list[float]:
+              batch_tokens: int | None = None, on_batch=None) -> list[float]:
     """Mean NLL of each pair's scored target tokens (NaN where nothing can be scored).
 
     Forward batches come from :func:`forward_batches` (``batch_size`` rows at most, and
     ``batch_tokens`` padded tokens at most when given). Rows are right-padded and run with no
     attention mask: under causal attention a real token only sees the tokens before it, never
     the padding after it, so the scores are those of each row alone. Only the hidden states that
-    predict a target token go through the vocabulary projection.
+    predict a target token go through the vocabulary projection. ``on_batch(n)``, when given,
+    is called after each forward batch with the number of pairs it scored (progress).
     """
     import torch
 
@@ -204,6 +205,8 @@ def mean_nlls(model, pairs: list[Pair], batch_size: int = 16, pad_id: int = 0,
         counts = np.bincount(rows, minlength=len(chunk))
         for r, i in enumerate(chunk):
             out[i] = float(sums[r] / counts[r])
+        if on_batch is not None:
+            on_batch(len(chunk))
     return out
 
 
@@ -259,13 +262,15 @@ def _status(a: Pair, b: Pair) -> str:
     return "ok"
 
 
-def score_rows(model, tokenizer, rows: list[dict], s: IFDSettings) -> list[dict]:
-    """IFD and r-IFD columns for each row (see the module docstring)."""
+def score_rows(model, tokenizer, rows: list[dict], s: IFDSettings, progress=None) -> list[dict]:
+    """IFD and r-IFD columns for each row (see the module docstring). ``progress(rows)``, when
+    given, hears of the work done after each forward batch, in rows (four pairs a row)."""
     cond, direct, rcond, rdirect = pairs_for(rows, tokenizer, s)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    on_batch = None if progress is None else (lambda n: progress(n / 4))
     try:
         # all four branches in one length sort: fewer, fuller batches
-        flat = mean_nlls(model, cond + direct + rcond + rdirect, s.batch_size, pad, s.batch_tokens)
+        flat = mean_nlls(model, cond + direct + rcond + rdirect, s.batch_size, pad, s.batch_tokens, on_batch)
         n = len(rows)
         nll = [flat[k * n:(k + 1) * n] for k in range(4)]
         failed = False

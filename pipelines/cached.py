@@ -1,0 +1,168 @@
+"""One building block for every costly per-row stage: look rows up in a cache, run the model on
+the misses only, write the new results to the cache as they come.
+
+    records -> (key, record) --CoGroupByKey-- (key, cached row) <- cache shards (Parquet)
+        hit  -> record + cached columns
+        miss -> RunInference(StageHandler) -> record + new columns -> staged cache shards
+
+The lookup is a keyed join, not a side input: no worker holds the whole cache. New results are
+written in shards while the stage runs (``curate.cache_store``), so a run that fails later, or
+is killed half way, keeps what its model computed and the rerun reads it; the driver merges a
+successful run's shards (``cache_store.compact``). Cached and fresh results are the same values:
+the columns are stored with their declared Arrow types.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+
+from curate import cache_store
+from curate.stats import Progress
+from pipelines.stage import STATS, StageFn
+
+log = logging.getLogger("curate")
+MISS = "miss"
+TOTAL = "_todo_total"  # rows this stage will send to the model, carried on each miss (for the ETA)
+
+
+class StageHandler(ModelHandler):
+    """A Beam ModelHandler for a curate stage: ``load_model`` and ``infer(batch, model, progress)``
+    returning one dict of output columns per row. The base times each batch (the stage's busy
+    time) and gives ``infer`` a progress callback (rows done, may be fractional) that logs at
+    once after the first forward pass, then every 10 s, with an ETA."""
+
+    stage = "stage"
+
+    def infer(self, batch: list[dict], model, progress) -> list[dict]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _progress(self, total: int | None) -> Progress:
+        p = getattr(self, "_progress_obj", None)
+        if p is None:
+            p = self._progress_obj = Progress(self.stage, total=total, log_first=True)
+        return p
+
+    def run_inference(self, batch, model, inference_args=None):
+        progress = self._progress(batch[0].get(TOTAL) if batch else None)
+        start = time.perf_counter()
+        outputs = self.infer(batch, model, progress.add)
+        per_row = (time.perf_counter() - start) / max(len(batch), 1)
+        return [PredictionResult(r, (o, per_row)) for r, o in zip(batch, outputs)]
+
+
+class SplitFn(StageFn):
+    """A cache hit takes the cached columns; a miss goes to the model."""
+
+    metrics = ("cached",)
+
+    def __init__(self, stage: str, columns: tuple[str, ...], key_field: str):
+        self.stage, self.columns, self.key_field = stage, columns, key_field
+
+    def handle(self, element):
+        key, grouped = element
+        hits = list(grouped["cache"])
+        hit = hits[0] if hits else None
+        for record in grouped["rows"]:
+            record[self.key_field] = key
+            if hit is None:
+                yield beam.pvalue.TaggedOutput(MISS, record)
+            else:
+                record.update({c: hit[c] for c in self.columns})
+                self.count("cached")
+                yield record
+
+
+class AttachFn(StageFn):
+    """The model's columns onto the record; model time counts as the stage's busy time."""
+
+    metrics = ("model_rows", "model_s")
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def handle(self, result):
+        record = result.example
+        columns, seconds = result.inference
+        record.pop(TOTAL, None)
+        record.update(columns)
+        self.count("model_rows")
+        self.count("model_s", seconds)
+        yield record
+
+
+class WriteCacheFn(beam.DoFn):
+    """Appends each new result to the cache in shards (every 64 rows or 30 s, and at bundle end)."""
+
+    def __init__(self, folder: str, schema: pa.Schema, key_field: str, run_id: str):
+        self.folder, self.schema, self.key_field, self.run_id = folder, schema, key_field, run_id
+
+    def start_bundle(self):
+        self._writer = cache_store.ShardWriter(self.folder, self.schema, self.run_id)
+
+    def process(self, record):
+        row = {c: record[c] for c in self.schema.names if c != cache_store.KEY}
+        row[cache_store.KEY] = record[self.key_field]
+        self._writer.add(row)
+
+    def finish_bundle(self):
+        self._writer.flush()
+
+
+def _with_total(record: dict, total: int) -> dict:
+    record[TOTAL] = total
+    return record
+
+
+class CachedInference(beam.PTransform):
+    """Records -> records with the handler's columns, from the cache where it has them.
+
+    ``key_fn(record)``: the content key (a hash of exactly what the model reads); the cache
+    folder already names the settings fingerprint. ``columns``: the Arrow fields the handler
+    returns. ``cache``: the folder (None: no cache), ``cache_files``: the shards found there when
+    the job started (listed by the driver, so the graph is fixed before it runs)."""
+
+    def __init__(self, stage: str, handler: StageHandler, key_fn, columns: list[pa.Field],
+                 cache: str | None = None, cache_files: list[str] | None = None, run_id: str = "run"):
+        super().__init__()
+        self.stage, self.handler, self.key_fn, self.columns = stage, handler, key_fn, list(columns)
+        self.cache, self.cache_files, self.run_id = cache, list(cache_files or []), run_id
+        self.key_field = f"_{stage}_key"
+
+    def cache_schema(self) -> pa.Schema:
+        return pa.schema([pa.field(cache_store.KEY, pa.string(), nullable=False), *self.columns],
+                         metadata={"curate.cache_stage": self.stage})
+
+    def expand(self, records):
+        p = records.pipeline
+        names = tuple(f.name for f in self.columns)
+        stats = []
+        if self.cache_files:
+            key_fn = self.key_fn
+            keyed = records | "Key" >> beam.Map(lambda r: (key_fn(r), r))
+            stored = (p | "CacheFiles" >> beam.Create(self.cache_files)
+                      | "ReadCache" >> beam.io.ReadAllFromParquet(columns=[cache_store.KEY, *names])
+                      | "CacheKey" >> beam.Map(lambda row: (row[cache_store.KEY], row)))
+            split = ({"rows": keyed, "cache": stored} | "Join" >> beam.CoGroupByKey()
+                     | "Split" >> beam.ParDo(SplitFn(self.stage, names, self.key_field)).with_outputs(
+                         MISS, STATS, main="hits"))
+            misses, hits = split[MISS], split.hits
+            stats.append(split[STATS])
+        else:
+            key_fn, field = self.key_fn, self.key_field
+            misses = records | "Key" >> beam.Map(lambda r: {**r, field: key_fn(r)})
+            hits = p | "NoHits" >> beam.Create([])
+        total = misses | "CountMisses" >> beam.combiners.Count.Globally()
+        fresh = (misses
+                 | "Total" >> beam.Map(_with_total, beam.pvalue.AsSingleton(total))
+                 | "RunInference" >> RunInference(self.handler)
+                 | "Attach" >> beam.ParDo(AttachFn(self.stage)).with_outputs(STATS, main="records"))
+        stats.append(fresh[STATS])
+        if self.cache:
+            fresh.records | "WriteCache" >> beam.ParDo(
+                WriteCacheFn(self.cache, self.cache_schema(), self.key_field, self.run_id))
+        return {"records": (hits, fresh.records) | "Merge" >> beam.Flatten(),
+                "stats": stats | "Stats" >> beam.Flatten()}

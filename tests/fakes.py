@@ -1,0 +1,53 @@
+"""Small stand-ins for the model stages: the graph logic is tested in seconds, the real models in
+their own tests. Scores are a deterministic function of the text, so reruns can be compared."""
+import math
+import zlib
+
+from pipelines.cached import StageHandler
+from pipelines.score import score_input
+
+
+def fake_scores(row: dict) -> dict:
+    """IFD-shaped columns from the text: ifd_loss spreads over [0.5, 1.5), so some rows are >= 1;
+    an empty response gets NaN with its status, as the real scorer gives."""
+    r = score_input(row)
+    if not r["output"].strip():
+        nan = math.nan
+        return {"ifd_nll_cond": nan, "ifd_nll_direct": nan, "ifd_tokens": 0, "ifd_tokens_direct": 0,
+                "ifd_loss": nan, "ifd_ppl": nan, "ifd_status": "empty_response", "rifd_nll_cond": nan,
+                "rifd_nll_direct": nan, "rifd_loss": nan, "rifd": nan, "rifd_status": "empty_response"}
+    h = zlib.crc32((r["instruction"] + "\x1f" + r["output"]).encode()) / 2**32
+    direct = 1.0 + len(r["output"]) % 5 / 10
+    cond = direct * (0.5 + h)
+    rd = 2.0
+    rc = rd * (0.3 + h / 2)
+    return {"ifd_nll_cond": cond, "ifd_nll_direct": direct, "ifd_tokens": len(r["output"].split()),
+            "ifd_tokens_direct": len(r["output"].split()), "ifd_loss": cond / direct,
+            "ifd_ppl": math.exp(cond - direct), "ifd_status": "ok", "rifd_nll_cond": rc, "rifd_nll_direct": rd,
+            "rifd_loss": rc / rd, "rifd": math.exp(rc - rd), "rifd_status": "ok"}
+
+
+class FakeModel:
+    """Beam shares a loaded model through a weak reference, which a bare ``object()`` cannot take."""
+
+
+class FakeIFDHandler(StageHandler):
+    """The IFD stage's handler without a model. ``fail_after``: raise once this worker has scored
+    that many rows (a run killed half way)."""
+
+    stage = "score"
+
+    def __init__(self, p=None, rt=None, *, batch: int = 4, fail_after: int | None = None):
+        super().__init__(min_batch_size=batch, max_batch_size=batch)
+        self.fail_after = fail_after
+        self.done = 0
+
+    def load_model(self):
+        return FakeModel()
+
+    def infer(self, batch, model, progress):
+        if self.fail_after is not None and self.done + len(batch) > self.fail_after:
+            raise RuntimeError("fake scorer stopped on purpose")
+        self.done += len(batch)
+        progress(len(batch))
+        return [fake_scores(r) for r in batch]
