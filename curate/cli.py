@@ -1,21 +1,27 @@
 """``curate`` command line: run, validate, inspect, select, policies, export, report.
 
-Exit codes: 0 success; 2 a problem with the job file, an input or the output
-folder (one line on stderr, no traceback); 1 an unexpected failure (a bug:
-the traceback is printed).
+Exit codes: 0 success; 2 a problem the user can fix (a ``CurateError``: the job
+file, an input, a model, the output folder; one line on stderr, no traceback);
+1 an unexpected failure (a bug): one line on stderr naming the error and a log
+file that holds the traceback.
 """
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
+import re
 import sys
+import traceback
 
 from curate import __version__
 from curate.config import ConfigError
+from curate.errors import CurateError
 
 USAGE_ERROR = 2
+BUG = 1
 
 
 class _QuietBeamImports(logging.Filter):
@@ -89,13 +95,8 @@ def cmd_run(args, beam_args: list[str]) -> int:
         else:
             return _fail(f"unexpected argument {token!r} (Beam options look like --name=value)")
     beam_args = flags
-    from curate.device import DeviceUnavailable
-    from curate.models import ModelNotFound
-
-    try:
-        man = job.run(cfg, beam_args, overwrite=args.overwrite)
-    except (job.OutputExistsError, job.InputError, ModelNotFound, DeviceUnavailable) as err:
-        return _fail(str(err))
+    args.output_dir = cfg["output"]  # where a crash log goes (beside the output)
+    man = job.run(cfg, beam_args, overwrite=args.overwrite)
     print(summary(man))
     out = os.path.dirname(man["outputs"]["manifest"])
     print(f"\noutputs in {out}/")
@@ -272,18 +273,61 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` of an exception in one line. Beam wraps a worker's error in a long
+    message whose last ``SomeError: ...`` line is the cause; that line is the one shown."""
+    text = str(exc)
+    causes = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[A-Za-z_][\w.]*(Error|Exception): ", ln)]
+    line = causes[-1] if causes else f"{type(exc).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
+    line = re.sub(r" \[while running '.*$", "", line).strip()
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def crash_log(command: str, output: str | None, exc: BaseException) -> str:
+    """Write the traceback to a log file and return its path: beside the run's output folder
+    when there is one, else under curate's cache folder."""
+    from curate.models import cache_root
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidates = []
+    if output:
+        out = os.path.abspath(output)
+        candidates.append(f"{out}.error-{stamp}.log")
+    candidates.append(os.path.join(cache_root(), "logs", f"curate-{command}-{stamp}-{os.getpid()}.log"))
+    body = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    for path in candidates:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(f"curate {__version__} {command}: {one_line(exc)}\n\n{body}")
+            return path
+        except OSError:
+            continue
+    return "(no log could be written; the traceback follows)\n" + body
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = parser()
     args, extra = ap.parse_known_args(argv)
     _setup_logging(args.verbose)
-    if args.command == "run":
-        return cmd_run(args, extra)
-    if extra:
-        return _fail(f"unrecognized arguments: {' '.join(extra)}")
     commands = {"validate": cmd_validate, "inspect": cmd_inspect, "select": cmd_select, "policies": cmd_policies,
                 "export": cmd_export, "report": cmd_report}
-    return commands[args.command](args)
+    try:
+        if args.command == "run":
+            return cmd_run(args, extra)
+        if extra:
+            return _fail(f"unrecognized arguments: {' '.join(extra)}")
+        return commands[args.command](args)
+    except CurateError as err:
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        print("curate: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a bug: one line here, the traceback in a log
+        path = crash_log(args.command, getattr(args, "output_dir", None) or getattr(args, "output", None), exc)
+        print(f"curate: unexpected error: {one_line(exc)} (traceback in {path})", file=sys.stderr)
+        return BUG
 
 
 if __name__ == "__main__":

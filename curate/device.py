@@ -7,10 +7,12 @@ decisions that depend on them are made on float32 numpy arrays on the CPU.
 """
 from __future__ import annotations
 
+from curate.errors import CurateError
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class DeviceUnavailable(Exception):
+class DeviceUnavailable(CurateError):
     """A device the job asks for is not there (one line, exit code 2 from the CLI)."""
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 

@@ -16,11 +16,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
+from curate.errors import CurateError
+
 FORMATS = ("auto", "json", "jsonl", "parquet")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 
 
-class SourceReadError(Exception):
+class SourceReadError(CurateError):
     """A whole input file cannot be read; the message names the file."""
 
 

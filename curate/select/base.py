@@ -17,10 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.config import ConfigError, Opt, check_value
+from curate.errors import CurateError
+from curate.options import ConfigError, Opt, check_value
 
 
-class PolicyError(ValueError):
+class PolicyError(CurateError, ValueError):
     """A policy that cannot run on this pool or with these parameters (one-line message)."""
 
 
