@@ -49,6 +49,8 @@ def _run_pipeline(build) -> float:
 
 
 def run(quick: bool):
+    from curate.settings import Cluster as ClusterSettings
+    from curate.settings import Embed as EmbedSettings
     from pipelines.embed_cluster import Cluster, Embed
 
     n = 1_000 if quick else 5_000
@@ -65,10 +67,10 @@ def run(quick: bool):
     bare_peak = _peak_mb()
 
     linear = kernel("cpu", "float32", "onednn")  # what the stage uses on this machine
-    stage_cfg = {"enabled": True, "model": "all-MiniLM-L6-v2", "text": "whole", "max_seq_length": 256,
-                 "batch_size": BATCH}
+    stage_cfg = EmbedSettings(batch_size=BATCH, cache=False)
+    rt = {"device": "cpu", "dtype": "float32", "linear": linear, "dim": bare.shape[1]}  # no cache: always computed
     stage_s = _run_pipeline(lambda p: (p | beam.Create(recs, reshuffle=False)
-                                       | Embed(stage_cfg, "cpu", "float32", linear=linear))["records"]
+                                       | Embed(stage_cfg, rt))["records"]
                           | beam.Map(lambda r: None))
     steady = max(stage_s - load_s, 1e-9)
     emit("embed", "beam_stage_vs_bare_encode", "rows_per_s", n / steady, "sentence_transformers_encode",
@@ -87,8 +89,7 @@ def run(quick: bool):
          min_cosine_to_fp32=round(float(cos.min()), 6), mean_cosine_to_fp32=round(float(cos.mean()), 6))
 
     k = clustering.default_k(n)
-    cfg = {"enabled": True, "k": None, "k_min": 2, "k_max": 1024, "niter": 20, "sample_per_centroid": 256,
-           "max_sample": 100_000, "seed": 0}
+    cfg = ClusterSettings(seed=0)
     with_vec = [{**r, "_vector": v} for r, v in zip(recs, bare)]
     stage_k_s = _run_pipeline(lambda p: (p | beam.Create(with_vec, reshuffle=False)
                                          | Cluster(cfg, False))["records"] | beam.Map(lambda r: None))

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 from benchmarks.common import emit, real_rows
-from curate.config import SCHEMA
+from curate.settings import IFD as IFDStage
 from curate.models import load_causal_lm
 from curate.onednn import onednn_linear, use_onednn
 from curate.scoring.ifd import IFDSettings, mean_nlls, pairs_for
 from pipelines.score import default_batch_tokens
 
 BUCKET = 128  # the stage's score.ifd.bucket_rows default
-ROWS = SCHEMA["score"]["ifd"]["batch_size"].default  # the stage's defaults: rows and CPU tokens per pass
+ROWS = IFDStage().batch_size  # the stage's defaults: rows and CPU tokens per pass
 TOKENS = default_batch_tokens("cpu")
 
 

@@ -15,6 +15,8 @@ first it meets; a retried bundle that writes a key twice does no harm.
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import logging
 import os
 import time
@@ -62,6 +64,12 @@ def compact(folder: str | None, run_id: str) -> int:
     for p in mine:
         os.remove(p)
     return table.num_rows
+
+
+def fingerprint(spec: dict) -> str:
+    """A short stable hash of the settings a cached result depends on (the cache folder's name)."""
+    text = json.dumps(spec, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def new_run_id() -> str:

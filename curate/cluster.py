@@ -17,6 +17,14 @@ import hashlib
 import math
 
 import numpy as np
+import pyarrow as pa
+
+from curate.columns import Column, StageColumns
+
+COLUMNS = StageColumns("cluster", ("cluster.enabled", "embed.enabled"), (
+    Column("cluster_id", pa.int32(), "k-means cluster of the row's embedding, null for rows dropped before embedding"),
+    Column("cluster_sim", pa.float32(), "cosine similarity of the row's embedding to its cluster centroid"),
+))
 
 
 def default_k(n: int, k_min: int = 2, k_max: int = 1024) -> int:

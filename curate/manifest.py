@@ -11,12 +11,13 @@ from collections import defaultdict
 from importlib import metadata
 
 from curate.schema import SCHEMA_VERSION
-from curate.stats import parse_stat_key
+from curate.settings import Job, to_dict
+from curate.stats import END, START, parse_stat_key
 
 MANIFEST_VERSION = "1.0"
 # Pipeline order of the stages, for reports; a stage not listed sorts after these.
 STAGE_ORDER = ("read", "validate", "ids", "exact_dedup", "near_dedup", "embed", "cluster",
-               "semantic_dedup", "score", "rewrite", "select", "write")
+               "semantic_dedup", "score", "degradation", "rewrite", "select", "write")
 
 
 class AccountingError(Exception):
@@ -58,7 +59,13 @@ def summarize(stats: dict[str, float]) -> dict:
     stage_out = {}
     order = {name: i for i, name in enumerate(STAGE_ORDER)}
     for stage in sorted(stages, key=lambda s: (order.get(s, len(order)), s)):
-        metrics = stages[stage]
+        metrics = dict(stages[stage])
+        for start in [m for m in metrics if m.endswith(START)]:  # a time span: X_start_t, X_end_t -> X_wall_s
+            base = start[: -len(START)]
+            end = metrics.pop(base + END, None)
+            began = metrics.pop(start)
+            if end is not None:
+                metrics[base + "_wall_s"] = end - began
         clean = {m: (round(v, 3) if m.endswith("_s") else int(v)) for m, v in sorted(metrics.items())}
         stage_out[stage] = clean
     return {
@@ -104,21 +111,21 @@ def by_reason(stage: dict, metric: str) -> dict[str, int]:
     return {k[len(prefix):]: int(v) for k, v in sorted(stage.items()) if k.startswith(prefix)}
 
 
-def near_dedup_report(cfg: dict, stages: dict, reports: dict) -> dict:
+def near_dedup_report(cfg: Job, stages: dict, reports: dict) -> dict:
     """The near-dup section: parameters and S-curve points, removed rows, cluster sizes, examples."""
     from curate.dedup.near import candidate_probability
 
-    p = cfg["dedup"]["near"]
-    if not p["enabled"]:
+    p = cfg.dedup.near
+    if not p.enabled:
         return {"enabled": False}
     st = stages.get("near_dedup", {})
     sizes = {int(r.removeprefix("size_")): n for r, n in by_reason(st, "clusters").items()}
     return {
         "enabled": True,
-        "bands": p["bands"], "rows": p["rows"], "bands_rows_from": p["bands_rows_from"],
-        "threshold": p["threshold"], "num_perm": p["num_perm"], "shingles": f"{p['unit']} {p['ngram']}-grams",
-        "text": p["text"], "scope": p["scope"], "verify": p["verify"],
-        "candidate_probability": {str(s): round(candidate_probability(s, p["bands"], p["rows"]), 4)
+        "bands": p.bands, "rows": p.rows, "bands_rows_from": p.bands_rows_from,
+        "threshold": p.threshold, "num_perm": p.num_perm, "shingles": f"{p.unit} {p.ngram}-grams",
+        "text": p.text, "scope": p.scope, "verify": p.verify,
+        "candidate_probability": {str(s): round(candidate_probability(s, p.bands, p.rows), 4)
                                   for s in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)},
         "removed": int(st.get("dropped", 0)),
         "clusters": sum(sizes.values()),
@@ -130,44 +137,47 @@ def near_dedup_report(cfg: dict, stages: dict, reports: dict) -> dict:
     }
 
 
-def embed_cluster_report(cfg: dict, stages: dict, reports: dict, runtime: dict) -> dict:
+def embed_cluster_report(cfg: Job, stages: dict, reports: dict, runtime: dict) -> dict:
     """Embedding model and device, k-means summary, semantic dedup with its eps sweep."""
-    out: dict = {"embed": {"enabled": cfg["embed"]["enabled"]}}
-    if cfg["embed"]["enabled"]:
-        out["embed"].update({**runtime.get("embed", {}), "text": cfg["embed"]["text"],
-                             "max_seq_length": cfg["embed"]["max_seq_length"],
-                             "batch_size": cfg["embed"]["batch_size"]})
-    c = cfg["cluster"]
-    out["cluster"] = {"enabled": c["enabled"]}
-    if c["enabled"]:
+    out: dict = {"embed": {"enabled": cfg.embed.enabled}}
+    if cfg.embed.enabled:
+        rt = {k: v for k, v in runtime.get("embed", {}).items() if k != "cache_files"}
+        st = stages.get("embed", {})
+        out["embed"].update({**rt, "model_rows": int(st.get("model_rows", 0)),
+                             "cached_rows": int(st.get("cached", 0)), "text": cfg.embed.text,
+                             "max_seq_length": cfg.embed.max_seq_length,
+                             "batch_size": cfg.embed.batch_size})
+    c = cfg.cluster
+    out["cluster"] = {"enabled": c.enabled}
+    if c.enabled:
         sizes = reports.get("cluster.sizes", [])
         model = reports.get("cluster.model", {})
         out["cluster"].update({
-            "k": model.get("k"), "sample": model.get("sample"), "niter": c["niter"], "seed": c["seed"],
+            "k": model.get("k"), "sample": model.get("sample"), "niter": c.niter, "seed": c.seed,
             "faiss_gpu": runtime.get("cluster", {}).get("faiss_gpu"),
             "nonempty_clusters": len(sizes),
             "size_min": min(sizes) if sizes else None, "size_max": max(sizes) if sizes else None,
             "size_median": sorted(sizes)[len(sizes) // 2] if sizes else None})
-        sd = cfg["dedup"]["semantic"]
+        sd = cfg.dedup.semantic
         st = stages.get("semantic_dedup", {})
         out["semantic_dedup"] = {
-            "enabled": sd["enabled"], "eps": sd["eps"], "keep": sd["keep"], "removed": int(st.get("dropped", 0)),
+            "enabled": sd.enabled, "eps": sd.eps, "keep": sd.keep, "removed": int(st.get("dropped", 0)),
             "sweep_would_remove": {r.removeprefix("eps_"): n for r, n in by_reason(st, "sweep").items()}}
     return out
 
 
-def score_report(cfg: dict, stages: dict, runtime: dict) -> dict:
+def score_report(cfg: Job, stages: dict, runtime: dict) -> dict:
     """The IFD stage: model, settings, cache use, status shares and the share of IFD >= 1."""
-    s = cfg["score"]["ifd"]
-    if not s["enabled"]:
+    s = cfg.score.ifd
+    if not s.enabled:
         return {"enabled": False}
     st = stages.get("score", {})
     rows = int(st.get("rows", 0))
     share = lambda n: round(n / rows, 4) if rows else None  # noqa: E731
     rt = {k: v for k, v in runtime.get("score", {}).items() if k != "cache_files"}
     return {
-        "enabled": True, **rt, "template": s["template"], "max_length": s["max_length"],
-        "superfiltering_compat": s["superfiltering_compat"], "rows": rows,
+        "enabled": True, **rt, "template": s.template, "max_length": s.max_length,
+        "superfiltering_compat": s.superfiltering_compat, "rows": rows,
         "model_rows": int(st.get("model_rows", 0)), "cached_rows": int(st.get("cached", 0)),
         "ifd_ge_1_share": share(int(st.get("ifd_ge_1", 0))),
         "ifd_status_share": {r: share(n) for r, n in by_reason(st, "ifd_status").items()},
@@ -175,21 +185,36 @@ def score_report(cfg: dict, stages: dict, runtime: dict) -> dict:
     }
 
 
-def build(cfg: dict, stats: dict, inputs: list[dict], *, beam_options: dict, started: str,
+def degradation_report(cfg: Job, stages: dict, runtime: dict) -> dict:
+    """The degradation stage: the model pair, cache use and status shares."""
+    d = cfg.score.degradation
+    if not d.enabled:
+        return {"enabled": False}
+    st = stages.get("degradation", {})
+    rows = int(st.get("rows", 0))
+    rt = {k: v for k, v in runtime.get("degradation", {}).items() if k != "cache_files"}
+    return {"enabled": True, **rt, "cutoff": d.cutoff, "rows": rows, "model_rows": int(st.get("model_rows", 0)),
+            "cached_rows": int(st.get("cached", 0)),
+            "status_share": {r: round(n / rows, 4) for r, n in by_reason(st, "status").items()} if rows else {}}
+
+
+def build(cfg: Job, stats: dict, inputs: list[dict], *, beam_options: dict, started: str,
           finished: str, wall_s: float, reports: dict | None = None, runtime: dict | None = None) -> dict:
     counts = summarize(stats)
     acc = check_accounting(counts)
     stages = counts.pop("stages")
     for s in stages.values():
-        busy = s.get("busy_s", 0) + s.get("model_s", 0)
+        if "model_s" in s:  # a model stage is busy while its model runs, not only in its own DoFns
+            s["busy_s"] = round(s.get("busy_s", 0) + s["model_s"], 3)
+        busy = s.get("busy_s", 0)
         rows = s.get("rows", s.get("records", 0))
         if busy and rows:
             s["rows_per_busy_s"] = round(rows / busy, 1)
     return {
         "manifest_version": MANIFEST_VERSION,
         "schema_version": SCHEMA_VERSION,
-        "job": cfg,
-        "seed": cfg["seed"],
+        "job": to_dict(cfg),
+        "seed": cfg.seed,
         "versions": package_versions(),
         "platform": {"system": platform.system(), "machine": platform.machine(),
                      "python_executable": sys.executable},
@@ -201,6 +226,7 @@ def build(cfg: dict, stats: dict, inputs: list[dict], *, beam_options: dict, sta
         "near_dedup": near_dedup_report(cfg, stages, reports or {}),
         **embed_cluster_report(cfg, stages, reports or {}, runtime or {}),
         "score": score_report(cfg, stages, runtime or {}),
+        "degradation": degradation_report(cfg, stages, runtime or {}),
         "select": (reports or {}).get("select"),
         "timing": {"started": started, "finished": finished, "wall_s": round(wall_s, 3)},
     }

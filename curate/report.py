@@ -16,10 +16,11 @@ import numpy as np
 import pyarrow.compute as pc
 
 from curate import runs
+from curate.schema import rank_columns
 from curate.select.features import DEDUP_REASONS
 
 SECTIONS = ("summary", "funnel", "policy", "scores", "clusters", "map", "duplicates")
-SCORE_COLUMNS = ("ifd_loss", "ifd_ppl", "rifd")
+SCORE_COLUMNS = rank_columns()  # declared by the score stages (curate.columns)
 MAP_POINTS = 5000
 
 

@@ -15,18 +15,36 @@ import sys
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.4"
+from curate.cluster import COLUMNS as CLUSTER_COLUMNS
+from curate.dedup.exact import COLUMNS as EXACT_COLUMNS
+from curate.dedup.near import COLUMNS as NEAR_COLUMNS
+from curate.dedup.semantic import COLUMNS as SEMANTIC_COLUMNS
+from curate.scoring.degradation import COLUMNS as DEGRADATION_COLUMNS
+from curate.scoring.ifd import COLUMNS as IFD_COLUMNS
+
+SCHEMA_VERSION = "1.5"
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
-# IFD / r-IFD columns (curate.scoring.ifd); null on rows not scored, NaN where a score is undefined
-SCORE_FIELDS = [
-    pa.field("ifd_nll_cond", pa.float64()), pa.field("ifd_nll_direct", pa.float64()),
-    pa.field("ifd_tokens", pa.int32()), pa.field("ifd_tokens_direct", pa.int32()),
-    pa.field("ifd_loss", pa.float64()), pa.field("ifd_ppl", pa.float64()), pa.field("ifd_status", pa.string()),
-    pa.field("rifd_nll_cond", pa.float64()), pa.field("rifd_nll_direct", pa.float64()),
-    pa.field("rifd_loss", pa.float64()), pa.field("rifd", pa.float64()), pa.field("rifd_status", pa.string()),
-]
+# Every stage's declared columns (curate.columns), in pipeline order.
+STAGE_COLUMNS = (EXACT_COLUMNS, NEAR_COLUMNS, CLUSTER_COLUMNS, SEMANTIC_COLUMNS, IFD_COLUMNS, DEGRADATION_COLUMNS)
+# Score columns: those of the score.* stages (null on rows not scored, NaN where undefined)
+SCORE_FIELDS = [f for st in STAGE_COLUMNS if st.stage.startswith("score.") for f in st.fields()]
+
+
+def declared_columns() -> list:
+    return [c for st in STAGE_COLUMNS for c in st.columns]
+
+
+def rank_columns() -> tuple[str, ...]:
+    """Score columns that policies and the report rank rows by."""
+    return tuple(c.name for c in declared_columns() if c.rank)
+
+
+def stage_of(column: str):
+    """The ``StageColumns`` that declares ``column``, or None (a base column)."""
+    return next((st for st in STAGE_COLUMNS if column in st.names), None)
+
 
 # Every row that passed validation, kept or dropped, with the decision and why.
 ANNOTATED_FIELDS = [
@@ -38,13 +56,7 @@ ANNOTATED_FIELDS = [
     pa.field("input", pa.string()),
     pa.field("messages", pa.list_(MESSAGE), nullable=False),
     pa.field("original", pa.string(), nullable=False),
-    pa.field("exact_dup_of", pa.string()),
-    pa.field("near_dup_cluster", pa.string()),
-    pa.field("near_dup_of", pa.string()),
-    pa.field("cluster_id", pa.int32()),
-    pa.field("cluster_sim", pa.float32()),
-    pa.field("semantic_dup_of", pa.string()),
-    *SCORE_FIELDS,
+    *[c.field() for c in declared_columns()],
     pa.field("selected", pa.bool_(), nullable=False),
     pa.field("rank", pa.int64()),
     pa.field("drop_reason", pa.string()),
@@ -68,26 +80,8 @@ FIELD_DOCS = {
     "input": "Alpaca input, empty when the row had none (chat rows: empty)",
     "messages": "the conversation in chat form: prompt turns then the response as the last assistant turn",
     "original": "the input row as canonical JSON (sorted keys)",
-    "exact_dup_of": "id of the kept row this row exactly duplicates, else null",
-    "near_dup_cluster": "near-duplicate cluster (its smallest member id) this row belongs to, else null",
-    "near_dup_of": "id of the cluster member kept in place of this row, else null",
-    "cluster_id": "k-means cluster of the row's embedding, null for rows dropped before embedding",
-    "cluster_sim": "cosine similarity of the row's embedding to its cluster centroid",
-    "semantic_dup_of": "id of the row kept in place of this semantic duplicate (SemDeDup), else null",
     "embedding": "L2-normalized float32 sentence embedding (dimension in the schema metadata)",
     "text_hash": "blake2b-128 of the embedded (embeddings) or scored (score cache) text: with curate.embed_key, what a rerun reuses vectors by",
-    "ifd_nll_cond": "mean NLL of the response tokens after the templated prompt, s(A|Q)",
-    "ifd_nll_direct": "mean NLL of the same response tokens after only the start token, s(A)",
-    "ifd_tokens": "response tokens scored in the conditional branch",
-    "ifd_tokens_direct": "response tokens scored in the direct branch (one fewer in superfiltering_compat)",
-    "ifd_loss": "s(A|Q) / s(A), Cherry LLM's IFD (the default ranking key); NaN when undefined",
-    "ifd_ppl": "exp(s(A|Q) - s(A)), Superfiltering's perplexity-ratio IFD; NaN when undefined",
-    "ifd_status": "ok, empty_response, prompt_truncated, response_truncated or error; null when not scored",
-    "rifd_nll_cond": "mean NLL of the instruction after the reverse prompt holding the response, s(Q|A)",
-    "rifd_nll_direct": "mean NLL of the instruction after only the start token, s(Q)",
-    "rifd_loss": "s(Q|A) / s(Q)",
-    "rifd": "exp(s(Q|A) - s(Q)), reversed IFD of Selective Reflection-Tuning; NaN when undefined",
-    "rifd_status": "status of the r-IFD scores, as ifd_status",
     "selected": "true if the row is in selected/",
     "rank": "the selection policy's rank (1 = chosen first), null when not selected",
     "drop_reason": "why the row is not selected: exact_duplicate, near_duplicate, semantic_duplicate, or the policy's '<policy>:<reason>' (superfiltering:ifd_ge_upper, ...); null when selected",
@@ -96,6 +90,7 @@ FIELD_DOCS = {
     "reason": "reject reason code (see curate.records.REJECT_REASONS)",
     "detail": "human-readable detail of the reject",
     "raw": "the rejected row or line as text",
+    **{c.name: c.doc for c in declared_columns()},
 }
 
 

@@ -47,6 +47,21 @@ def stat_key(stage: str, metric: str, reason: str | None = None, source: str | N
     return key
 
 
+START, END = "_start_t", "_end_t"  # metrics that are times: merged by min / max, not summed
+
+
+def merge(key: str, values) -> float:
+    """The run's value of a stat from its per-bundle values: a sum, or for a ``*_start_t`` /
+    ``*_end_t`` metric (an epoch time) the earliest / latest."""
+    metric = key.split(".", 1)[1].split(":", 1)[0].split("@", 1)[0]
+    values = list(values)
+    if metric.endswith(START):
+        return min(values)
+    if metric.endswith(END):
+        return max(values)
+    return sum(values)
+
+
 def parse_stat_key(key: str) -> dict:
     m = _KEY.match(key)
     if not m:

@@ -48,10 +48,11 @@ class StageHandler(ModelHandler):
 
     def run_inference(self, batch, model, inference_args=None):
         progress = self._progress(batch[0].get(TOTAL) if batch else None)
-        start = time.perf_counter()
+        began, start = time.time(), time.perf_counter()
         outputs = self.infer(batch, model, progress.add)
         per_row = (time.perf_counter() - start) / max(len(batch), 1)
-        return [PredictionResult(r, (o, per_row)) for r, o in zip(batch, outputs)]
+        timing = (per_row, began, time.time())
+        return [PredictionResult(r, (o, timing)) for r, o in zip(batch, outputs)]
 
 
 class SplitFn(StageFn):
@@ -79,18 +80,20 @@ class SplitFn(StageFn):
 class AttachFn(StageFn):
     """The model's columns onto the record; model time counts as the stage's busy time."""
 
-    metrics = ("model_rows", "model_s")
+    metrics = ("model_rows", "model_s", "model_start_t", "model_end_t")
 
     def __init__(self, stage: str):
         self.stage = stage
 
     def handle(self, result):
         record = result.example
-        columns, seconds = result.inference
+        columns, (seconds, began, ended) = result.inference
         record.pop(TOTAL, None)
         record.update(columns)
         self.count("model_rows")
         self.count("model_s", seconds)
+        self.count("model_start_t", began)
+        self.count("model_end_t", ended)
         yield record
 
 
@@ -104,8 +107,9 @@ class WriteCacheFn(beam.DoFn):
         self._writer = cache_store.ShardWriter(self.folder, self.schema, self.run_id)
 
     def process(self, record):
-        row = {c: record[c] for c in self.schema.names if c != cache_store.KEY}
-        row[cache_store.KEY] = record[self.key_field]
+        key_column = self.schema.names[0]
+        row = {c: record[c] for c in self.schema.names[1:]}
+        row[key_column] = record[self.key_field]
         self._writer.add(row)
 
     def finish_bundle(self):
@@ -126,14 +130,15 @@ class CachedInference(beam.PTransform):
     the job started (listed by the driver, so the graph is fixed before it runs)."""
 
     def __init__(self, stage: str, handler: StageHandler, key_fn, columns: list[pa.Field],
-                 cache: str | None = None, cache_files: list[str] | None = None, run_id: str = "run"):
+                 cache: str | None = None, cache_files: list[str] | None = None, run_id: str = "run",
+                 key_column: str = cache_store.KEY):
         super().__init__()
         self.stage, self.handler, self.key_fn, self.columns = stage, handler, key_fn, list(columns)
         self.cache, self.cache_files, self.run_id = cache, list(cache_files or []), run_id
-        self.key_field = f"_{stage}_key"
+        self.key_field, self.key_column = f"_{stage}_key", key_column
 
     def cache_schema(self) -> pa.Schema:
-        return pa.schema([pa.field(cache_store.KEY, pa.string(), nullable=False), *self.columns],
+        return pa.schema([pa.field(self.key_column, pa.string(), nullable=False), *self.columns],
                          metadata={"curate.cache_stage": self.stage})
 
     def expand(self, records):
@@ -141,11 +146,11 @@ class CachedInference(beam.PTransform):
         names = tuple(f.name for f in self.columns)
         stats = []
         if self.cache_files:
-            key_fn = self.key_fn
+            key_fn, key_column = self.key_fn, self.key_column
             keyed = records | "Key" >> beam.Map(lambda r: (key_fn(r), r))
             stored = (p | "CacheFiles" >> beam.Create(self.cache_files)
-                      | "ReadCache" >> beam.io.ReadAllFromParquet(columns=[cache_store.KEY, *names])
-                      | "CacheKey" >> beam.Map(lambda row: (row[cache_store.KEY], row)))
+                      | "ReadCache" >> beam.io.ReadAllFromParquet(columns=[key_column, *names])
+                      | "CacheKey" >> beam.Map(lambda row: (row[key_column], row)))
             split = ({"rows": keyed, "cache": stored} | "Join" >> beam.CoGroupByKey()
                      | "Split" >> beam.ParDo(SplitFn(self.stage, names, self.key_field)).with_outputs(
                          MISS, STATS, main="hits"))

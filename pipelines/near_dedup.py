@@ -23,10 +23,13 @@ import apache_beam as beam
 import numpy as np
 
 from curate.dedup import minhash
+from curate.dedup.near import COLUMNS as NEAR_COLUMNS
 from curate.dedup.near import (UnionFind, band_keys, bucket_edges, resolve_cluster, size_histogram,
                                source_salt)
+from curate.settings import Job
+from curate.settings import NearDedup as NearDedupSettings
 from curate.stats import stat_key
-from pipelines.stage import STATS, StageFn
+from pipelines.stage import STATS, LiveStage, StageFn
 
 log = logging.getLogger("curate")
 N_SHARDS = 16
@@ -38,27 +41,27 @@ def near_text(record: dict, which: str) -> str:
     return record["response"] if which == "response" else record["prompt"] + "\n" + record["response"]
 
 
-def _signatures(batch: list[dict], p: dict) -> np.ndarray:
-    return minhash.signatures([near_text(r, p["text"]) for r in batch], p["num_perm"], p["seed"],
-                              p["ngram"], p["unit"])
+def _signatures(batch: list[dict], p: NearDedupSettings) -> np.ndarray:
+    return minhash.signatures([near_text(r, p.text) for r in batch], p.num_perm, p.seed,
+                              p.ngram, p.unit)
 
 
 class SignatureFn(StageFn):
     stage = STAGE
     metrics = ("rows",)
 
-    def __init__(self, p: dict):
+    def __init__(self, p: NearDedupSettings):
         self.p = p
 
     def handle(self, batch):
         p = self.p
         sigs = _signatures(batch, p)
         salts = (np.array([source_salt(r["source"]) for r in batch], dtype=np.uint64)
-                 if p["scope"] == "source" else None)
-        keys = band_keys(sigs, p["bands"], p["rows"], salts)
+                 if p.scope == "source" else None)
+        keys = band_keys(sigs, p.bands, p.rows, salts)
         ids = [r["id"] for r in batch]
         flat = keys.ravel()
-        owner = np.repeat(np.arange(len(batch)), p["bands"])
+        owner = np.repeat(np.arange(len(batch)), p.bands)
         shard = (flat % np.uint64(N_SHARDS)).astype(np.int64)
         for s in np.unique(shard):
             mask = shard == s
@@ -72,7 +75,7 @@ class CandidateSignatureFn(StageFn):
     stage = STAGE
     metrics = ("candidates",)
 
-    def __init__(self, p: dict):
+    def __init__(self, p: NearDedupSettings):
         self.p = p
 
     def handle(self, batch, candidates):
@@ -187,33 +190,29 @@ def _histogram_stats(clusters: dict):
         yield stat_key(STAGE, "clusters", f"size_{size}"), n
 
 
-class NearDedup(beam.PTransform):
+class NearDedup(LiveStage):
     """Mark near-duplicates (MinHash LSH, see ``curate.dedup.near``); keep one per cluster."""
 
-    def __init__(self, cfg: dict):
-        super().__init__()
-        self.p = dict(cfg["dedup"]["near"])
-        self.batch_size = cfg["batch_size"]
+    columns = NEAR_COLUMNS.names
+    extra_outputs = ("reports",)
 
-    def expand(self, records):
+    def __init__(self, cfg: Job):
+        super().__init__()
+        self.p = cfg.dedup.near
+        self.batch_size = cfg.batch_size
+        self.enabled = self.p.enabled
+
+    def expand_live(self, live):
         p = self.p
-        if not p["enabled"]:
-            out = records | "NoNearDedup" >> beam.Map(_with_near_fields)
-            empty = records.pipeline | "NoNearStats" >> beam.Create([])
-            return {"records": out, "stats": empty, "reports": empty}
-        live = records | "Live" >> beam.Filter(lambda r: r.get("drop_reason") is None)
-        done = (records
-                | "AlreadyDropped" >> beam.Filter(lambda r: r.get("drop_reason") is not None)
-                | "PassThrough" >> beam.Map(_with_near_fields))
         batches = live | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size,
                                                        max_batch_size=self.batch_size)
         sig = batches | "Signatures" >> beam.ParDo(SignatureFn(p)).with_outputs(BUCKETS, STATS)
         bucket = (sig[BUCKETS]
                   | "GroupShards" >> beam.GroupByKey()
-                  | "StarEdges" >> beam.ParDo(BucketEdgesFn(p["max_bucket_size"])).with_outputs(STATS, main="edges"))
+                  | "StarEdges" >> beam.ParDo(BucketEdgesFn(p.max_bucket_size)).with_outputs(STATS, main="edges"))
         edges = bucket.edges | "DistinctEdges" >> beam.Distinct()
         stats = [sig[STATS], bucket[STATS]]
-        if p["verify"]:
+        if p.verify:
             candidates = (edges
                           | "EdgeEnds" >> beam.FlatMap(lambda e: e)
                           | "CandidateSet" >> beam.combiners.ToSet())
@@ -224,7 +223,7 @@ class NearDedup(beam.PTransform):
                     | "JoinFirst" >> beam.CoGroupByKey() | "FanOut" >> beam.FlatMap(_fan_out))
             verified = ({"sig": cand.sigs, "from": to_b}
                         | "JoinSecond" >> beam.CoGroupByKey()
-                        | "Verify" >> beam.ParDo(VerifyFn(p["threshold"])).with_outputs(STATS, main="edges"))
+                        | "Verify" >> beam.ParDo(VerifyFn(p.threshold)).with_outputs(STATS, main="edges"))
             stats.append(verified[STATS])
             kept_edges = verified.edges
         else:
@@ -242,5 +241,5 @@ class NearDedup(beam.PTransform):
                     | "ExampleReport" >> beam.Map(lambda xs: ("near_dedup.examples", [
                         {"a": a, "b": b, "estimated_jaccard": round(j, 4) if j >= 0 else None}
                         for j, a, b in xs])))
-        out = (done, routed.single, resolved.records) | "NearOut" >> beam.Flatten()
+        out = (routed.single, resolved.records) | "NearOut" >> beam.Flatten()
         return {"records": out, "stats": stats | "NearStats" >> beam.Flatten(), "reports": examples}

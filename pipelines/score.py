@@ -10,16 +10,19 @@ the folder to clear it.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
 
 import apache_beam as beam
 
+from curate import cache_store
+from curate.scoring.ifd import COLUMNS as IFD_COLUMNS
 from curate.scoring.ifd import IFDSettings, score_rows
+from curate.settings import IFD as IFDStage
+from curate.settings import Job
 from pipelines.cached import CachedInference, StageHandler
-from pipelines.stage import STATS, StageFn
+from pipelines.stage import STATS, LiveStage, StageFn
 
 log = logging.getLogger("curate")
 
@@ -34,18 +37,11 @@ def score_text_hash(record: dict) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-def settings_key(p: dict, dtype: str) -> str:
-    spec = {k: p[k] for k in ("model", "template", "max_length", "superfiltering_compat")}
-    spec["dtype"] = dtype
-    spec["cache_format"] = 2  # 2: shards keyed by "key" (pipelines.cached)
-    return hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=8).hexdigest()
-
-
-def cache_folder(p: dict, dtype: str) -> str:
-    """``cache_dir`` (default: ``cache_root()/scores``) / settings key."""
-    from curate.models import cache_root
-
-    return os.path.join(p.get("cache_dir") or os.path.join(cache_root(), "scores"), settings_key(p, dtype))
+def settings_key(p: IFDStage, dtype: str) -> str:
+    """What the scores depend on besides the text: model, template, max_length, compat mode, dtype."""
+    return cache_store.fingerprint({"model": p.model, "template": p.template, "max_length": p.max_length,
+                                    "superfiltering_compat": p.superfiltering_compat, "dtype": dtype,
+                                    "cache_format": 2})  # 2: shards keyed by "key" (pipelines.cached)
 
 
 def default_batch_tokens(device: str) -> int:
@@ -68,22 +64,22 @@ class IFDHandler(StageHandler):
 
     stage = "score"
 
-    def __init__(self, p: dict, rt: dict):
+    def __init__(self, p: IFDStage, rt: dict):
         # the scorer gets bucket_rows rows at a time and sorts their four branches by length into
         # forward batches of at most batch_size rows and batch_tokens padded tokens, so the padding
         # stays small and the tensors stay cache-sized on a CPU
-        rows = p["bucket_rows"]
+        rows = p.bucket_rows
         super().__init__(min_batch_size=rows, max_batch_size=rows)
         self.p, self.device, self.dtype, self.linear = p, rt["device"], rt["dtype"], rt["linear"]
-        self.settings = IFDSettings(max_length=p["max_length"], template=p["template"],
-                                    superfiltering_compat=p["superfiltering_compat"], batch_size=p["batch_size"],
+        self.settings = IFDSettings(max_length=p.max_length, template=p.template,
+                                    superfiltering_compat=p.superfiltering_compat, batch_size=p.batch_size,
                                     batch_tokens=rt["batch_tokens"])
 
     def load_model(self):
         from curate.models import load_causal_lm
 
-        log.info("score: loading %s on %s (%s, %s linears)", self.p["model"], self.device, self.dtype, self.linear)
-        return WeakLM(*load_causal_lm(self.p["model"], self.device, self.dtype, self.linear))
+        log.info("score: loading %s on %s (%s, %s linears)", self.p.model, self.device, self.dtype, self.linear)
+        return WeakLM(*load_causal_lm(self.p.model, self.device, self.dtype, self.linear))
 
     def infer(self, batch, model, progress):
         return score_rows(model.model, model.tokenizer, [score_input(r) for r in batch], self.settings, progress)
@@ -108,39 +104,22 @@ class CountScoresFn(StageFn):
         yield record
 
 
-def _null_scores(record: dict) -> dict:
-    from curate.schema import SCORE_FIELDS
+class Score(LiveStage):
+    """IFD / r-IFD columns on the rows still in play (see ``LiveStage`` for the others)."""
 
-    for f in SCORE_FIELDS:
-        k = f.name
-        record.setdefault(k, None)
-    return record
+    columns = IFD_COLUMNS.names
 
-
-class Score(beam.PTransform):
-    """IFD / r-IFD columns on the rows still in play; the others keep nulls (never 0)."""
-
-    def __init__(self, cfg: dict, rt: dict, run_id: str = "run", handler=None):
-        """``rt``: the run-time choices of ``pipelines.job.resolve_runtime`` (device, dtype, linear
-        kernel, batch_tokens, cache folder and files); empty when the stage is off. ``handler``
-        replaces the weak LM (tests)."""
+    def __init__(self, cfg: Job, rt: dict, run_id: str = "run", handler=None):
+        """``rt``: the run-time choices of ``pipelines.runtime.resolve_runtime`` (device, dtype,
+        linear kernel, batch_tokens, cache folder and files); empty when the stage is off.
+        ``handler`` replaces the weak LM (tests)."""
         super().__init__()
-        self.p, self.rt, self.run_id = cfg["score"]["ifd"], rt, run_id
-        self.handler = handler
+        self.p, self.rt, self.run_id, self.handler = cfg.score.ifd, rt, run_id, handler
+        self.enabled = self.p.enabled
 
-    def expand(self, records):
-        from curate.schema import SCORE_FIELDS as COLUMNS
-
-        p = records.pipeline
-        if not self.p["enabled"]:
-            return {"records": records | "NoScores" >> beam.Map(_null_scores),
-                    "stats": p | "NoScoreStats" >> beam.Create([])}
-        live = records | "Live" >> beam.Filter(lambda r: r.get("drop_reason") is None)
-        done = (records | "Dropped" >> beam.Filter(lambda r: r.get("drop_reason") is not None)
-                | "NullScores" >> beam.Map(_null_scores))
+    def expand_live(self, live):
         handler = self.handler or IFDHandler(self.p, self.rt)
-        scored = live | "Infer" >> CachedInference("score", handler, score_text_hash, COLUMNS,
+        scored = live | "Infer" >> CachedInference("score", handler, score_text_hash, IFD_COLUMNS.fields(),
                                                    self.rt.get("cache"), self.rt.get("cache_files"), self.run_id)
         counted = scored["records"] | "CountScores" >> beam.ParDo(CountScoresFn()).with_outputs(STATS, main="records")
-        return {"records": (done, counted.records) | "ScoreOut" >> beam.Flatten(),
-                "stats": (scored["stats"], counted[STATS]) | "ScoreStats" >> beam.Flatten()}
+        return {"records": counted.records, "stats": (scored["stats"], counted[STATS]) | "ScoreStats" >> beam.Flatten()}

@@ -6,12 +6,16 @@ Each stage returns a dict of PCollections: ``records`` (rows going on),
 """
 from __future__ import annotations
 
+import dataclasses
+
 import apache_beam as beam
 
 from curate.dedup.exact import dedup_key, resolve_group
 from curate.ids import resolve_ids
 from curate.io import SourceReadError, iter_file, sample_rows
 from curate.records import FieldMap, RowSpec, convert, make_reject
+from curate.settings import Job, Sample
+from curate.stats import merge
 from pipelines.stage import STATS, StageFn
 
 REJECTS = "rejects"
@@ -29,15 +33,15 @@ def _batches(items, size):
         yield batch
 
 
-def read_units(cfg: dict) -> list[dict]:
+def read_units(cfg: Job) -> list[dict]:
     """What the Read stage reads in parallel: one file, or a whole source when sampling
     (a sample is taken over a source's rows, so its files are read in one place)."""
     units = []
-    for spec in cfg["inputs"]:
-        files = spec["files"]
-        groups = [files] if cfg["sample"]["mode"] != "none" else [[f] for f in files]
+    for spec in cfg.inputs:
+        files = list(spec.files)
+        groups = [files] if cfg.sample.mode != "none" else [[f] for f in files]
         for group in groups:
-            units.append({"source": spec["source"], "files": group})
+            units.append({"source": spec.source, "files": group})
     return units
 
 
@@ -45,7 +49,7 @@ class ReadFn(StageFn):
     stage = "read"
     metrics = ("files", "rows", "rows_seen")
 
-    def __init__(self, sample: dict, batch_size: int):
+    def __init__(self, sample: Sample, batch_size: int):
         self.sample, self.batch_size = sample, batch_size
 
     def handle(self, unit):
@@ -56,13 +60,13 @@ class ReadFn(StageFn):
             nonlocal seen
             for f in unit["files"]:
                 self.count("files", source=source)
-                for row in iter_file(f["path"], f["format"]):
+                for row in iter_file(f.path, f.format):
                     seen += 1
                     yield row
 
         s = self.sample
         try:
-            chosen = sample_rows(rows(), source, s["mode"], s["n"], s["fraction"], s["seed"])
+            chosen = sample_rows(rows(), source, s.mode, s.n, s.fraction, s.seed)
             for batch in _batches(chosen, self.batch_size):
                 self.count("rows", len(batch), source=source, progress=True)
                 yield source, batch
@@ -74,22 +78,22 @@ class ReadFn(StageFn):
 class Read(beam.PTransform):
     """Input files to batches of raw rows, ``(source, [RawRow, ...])``."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: Job):
         super().__init__()
         self.cfg = cfg
 
     def expand(self, pbegin):
         out = (pbegin
                | "Units" >> beam.Create(read_units(self.cfg), reshuffle=True)
-               | "ReadFiles" >> beam.ParDo(ReadFn(self.cfg["sample"], self.cfg["batch_size"]))
+               | "ReadFiles" >> beam.ParDo(ReadFn(self.cfg.sample, self.cfg.batch_size))
                .with_outputs(STATS, main="records"))
         return {"records": out.records, "stats": out[STATS]}
 
 
-def row_specs(cfg: dict) -> dict[str, RowSpec]:
-    return {s["source"]: RowSpec(source=s["source"], form=s["form"], fields=FieldMap(**s["fields"]),
-                                 id_field=s["id_field"], max_chars=cfg["validate"]["max_chars"])
-            for s in cfg["inputs"]}
+def row_specs(cfg: Job) -> dict[str, RowSpec]:
+    return {s.source: RowSpec(source=s.source, form=s.form, fields=FieldMap(**dataclasses.asdict(s.fields)),
+                              id_field=s.id_field, max_chars=cfg.validate.max_chars)
+            for s in cfg.inputs}
 
 
 class ValidateFn(StageFn):
@@ -121,7 +125,7 @@ class ValidateFn(StageFn):
 class Validate(beam.PTransform):
     """Raw rows to records; bad rows to rejects with a reason code."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: Job):
         super().__init__()
         self.specs = row_specs(cfg)
 
@@ -154,9 +158,9 @@ class UniqueIdsFn(StageFn):
 class UniqueIds(beam.PTransform):
     """Group by id so every id names one row (see ``curate.ids``)."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: Job):
         super().__init__()
-        self.user = frozenset(s["source"] for s in cfg["inputs"] if s["id_field"])
+        self.user = frozenset(s.source for s in cfg.inputs if s.id_field)
 
     def expand(self, records):
         # user ids may repeat across sources: key by (source, id) there, by id otherwise
@@ -189,11 +193,11 @@ class ExactDedupFn(StageFn):
 class ExactDedup(beam.PTransform):
     """Mark exact duplicates (normalized prompt + response); keep one per group."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: Job):
         super().__init__()
-        self.enabled = cfg["dedup"]["exact"]["enabled"]
-        self.scope = cfg["dedup"]["exact"]["scope"]
-        self.rank = {s["source"]: i for i, s in enumerate(cfg["inputs"])}
+        self.enabled = cfg.dedup.exact.enabled
+        self.scope = cfg.dedup.exact.scope
+        self.rank = {s.source: i for i, s in enumerate(cfg.inputs)}
 
     def expand(self, records):
         if not self.enabled:
@@ -275,11 +279,13 @@ class WriteJson(beam.PTransform):
 
 
 class WriteStats(beam.PTransform):
-    """Sums every stage's stats into one JSON file."""
+    """Every stage's stats merged into one JSON file (sums; earliest / latest for times)."""
 
     def __init__(self, path: str):
         super().__init__()
         self.path = path
 
     def expand(self, stats):
-        return stats | "Sum" >> beam.CombinePerKey(sum) | "Json" >> WriteJson(self.path)
+        return (stats | "ByKey" >> beam.GroupByKey()
+                | "Merge" >> beam.MapTuple(lambda key, values: (key, merge(key, values)))
+                | "Json" >> WriteJson(self.path))

@@ -49,6 +49,26 @@ def ids(out, name: str = "selected") -> list[str]:
     return sorted(read_table(out, name).column("id").to_pylist())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fresh_caches(tmp_path_factory):
+    """Score and embedding caches start empty in every test session (a developer's earlier runs
+    must not turn model rows into cache hits); the converted model weights are shared, since
+    converting the GGUF again would only cost time."""
+    from curate.models import cache_root
+
+    real = cache_root()
+    root = tmp_path_factory.mktemp("curate-cache")
+    os.makedirs(os.path.join(real, "models"), exist_ok=True)
+    os.symlink(os.path.join(real, "models"), root / "models")
+    old = os.environ.get("CURATE_CACHE")
+    os.environ["CURATE_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("CURATE_CACHE", None)
+    else:
+        os.environ["CURATE_CACHE"] = old
+
+
 @pytest.fixture
 def job_dir(tmp_path, monkeypatch):
     """A scratch folder that is also the working directory (relative paths resolve there)."""

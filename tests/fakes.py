@@ -51,3 +51,34 @@ class FakeIFDHandler(StageHandler):
         self.done += len(batch)
         progress(len(batch))
         return [fake_scores(r) for r in batch]
+
+
+def fake_vector(text: str, dim: int = 8):
+    """A unit vector from the text's words: the same text gives the same vector, texts sharing
+    most words point the same way (a stand-in for a sentence embedding)."""
+    import numpy as np
+
+    v = np.zeros(dim, dtype=np.float32)
+    for word in text.lower().split():
+        v[zlib.crc32(word.encode()) % dim] += 1.0
+    v[0] += 1e-3  # never the zero vector
+    return v / np.linalg.norm(v)
+
+
+class FakeEmbedHandler(StageHandler):
+    """The embed stage's handler without a model (``fake_vector`` of the embedded text)."""
+
+    stage = "embed"
+
+    def __init__(self, text: str = "whole", dim: int = 8, batch: int = 4):
+        super().__init__(min_batch_size=batch, max_batch_size=batch)
+        self.text, self.dim = text, dim
+
+    def load_model(self):
+        return FakeModel()
+
+    def infer(self, batch, model, progress):
+        from curate.embed import embed_text
+
+        progress(len(batch))
+        return [{"embedding": fake_vector(embed_text(r, self.text), self.dim)} for r in batch]

@@ -13,12 +13,13 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from curate import cache_store
-from curate.schema import SCORE_FIELDS
+from curate.scoring.ifd import COLUMNS as IFD_COLUMNS
 from pipelines.cached import CachedInference
 from pipelines.score import score_text_hash
 from tests.fakes import FakeIFDHandler, fake_scores
 
-COLUMNS = [f.name for f in SCORE_FIELDS]
+SCORE_FIELDS = IFD_COLUMNS.fields()
+COLUMNS = list(IFD_COLUMNS.names)
 
 
 def records(n: int, empty_every: int = 5) -> list[dict]:

@@ -1,6 +1,9 @@
+import dataclasses
+
 import pytest
 
 from curate.config import ConfigError, apply_overrides, load, validate
+from curate.settings import ExactDedup
 from tests.conftest import EXAMPLES, write_job
 
 
@@ -12,10 +15,21 @@ def _job(**extra):
 
 def test_defaults_filled():
     cfg = validate(_job())
-    assert cfg["dedup"]["exact"] == {"enabled": True, "scope": "global"}
-    assert cfg["beam"]["runner"] == "FnApiRunner"
-    assert cfg["sample"]["seed"] == 0
-    assert cfg["inputs"][0]["files"][0]["format"] == "jsonl"
+    assert cfg.dedup.exact == ExactDedup(enabled=True, scope="global")
+    assert cfg.beam["runner"] == "FnApiRunner"
+    assert cfg.sample.seed == 0
+    assert cfg.inputs[0].files[0].format == "jsonl"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 3  # typed and frozen: a stage cannot change the job under another
+
+
+def test_schema_is_derived_from_the_settings_and_round_trips():
+    from curate.config import SCHEMA
+    from curate.settings import Job, build, schema_of, to_dict
+
+    assert SCHEMA == schema_of(Job)
+    cfg = validate(_job(select={"policy": "random", "budget": {"rows": 3}}))
+    assert build(Job, to_dict(cfg)).select == cfg.select
 
 
 @pytest.mark.parametrize("cfg, message", [
@@ -37,8 +51,8 @@ def test_errors_are_one_line_and_name_the_key(cfg, message):
 def test_overrides():
     raw = apply_overrides(_job(), ["sample.mode=head", "sample.n=5", "inputs.0.source=b", "beam.direct_num_workers=2"])
     cfg = validate(raw)
-    assert cfg["sample"]["n"] == 5 and cfg["inputs"][0]["source"] == "b"
-    assert cfg["beam"]["direct_num_workers"] == 2
+    assert cfg.sample.n == 5 and cfg.inputs[0].source == "b"
+    assert cfg.beam["direct_num_workers"] == 2
     with pytest.raises(ConfigError, match="not an index"):
         apply_overrides(_job(), ["inputs.3.source=x"])
 
@@ -50,7 +64,7 @@ def test_load_names_file_and_bad_yaml(tmp_path):
     bad.write_text("output: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load(str(bad))
-    assert load(write_job(tmp_path, _job(), "named.yaml"))["name"] == "named"
+    assert load(write_job(tmp_path, _job(), "named.yaml")).name == "named"
 
 
 def test_select_problems_are_caught_before_the_run(job_dir):
@@ -69,4 +83,4 @@ def test_select_problems_are_caught_before_the_run(job_dir):
     for select, message in cases:
         with pytest.raises(ConfigError, match=message.replace("(", "\\(")):
             validate({**base, **off, "select": select})
-    assert validate({**base, "select": {"policy": "superfiltering", "budget": {"fraction": 0.1}}})["select"]["seed"] == 0
+    assert validate({**base, "select": {"policy": "superfiltering", "budget": {"fraction": 0.1}}}).select.seed == 0

@@ -209,20 +209,21 @@ def test_rerun_reuses_embeddings_without_running_the_model(job_dir):
     base = {"inputs": [{"source": "g", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}], "sample": {"mode": "head", "n": 40},
             "dedup": {"near": {"enabled": False}}}
     base = without_scores(base)
-    assert run_cli("run", write_job(job_dir, {**base, "output": "first"}, "first.yaml")) == 0
+    first_cfg = {**base, "output": "first", "embed": {"cache": False}}
+    assert run_cli("run", write_job(job_dir, first_cfg, "first.yaml")) == 0
     first = load_manifest("first")
-    assert first["stages"]["embed"]["model_rows"] == 40 and "reused" not in first["stages"]["embed"]
-    again = {**base, "output": "again", "embed": {"reuse": "first"}}
+    assert first["stages"]["embed"]["model_rows"] == 40 and "cached" not in first["stages"]["embed"]
+    again = {**base, "output": "again", "embed": {"reuse": "first", "cache": False}}
     assert run_cli("run", write_job(job_dir, again, "again.yaml")) == 0
     man = load_manifest("again")
-    assert man["stages"]["embed"]["reused"] == 40 and "model_rows" not in man["stages"]["embed"]
+    assert man["stages"]["embed"]["cached"] == 40 and "model_rows" not in man["stages"]["embed"]
     assert man["embed"]["reuse"]["used"] is True
     a = pq.read_table("first/embeddings").to_pandas().set_index("id").sort_index()
     b = pq.read_table("again/embeddings").to_pandas().set_index("id").sort_index()
     assert np.array_equal(np.stack(a.embedding), np.stack(b.embedding)) and a.text_hash.equals(b.text_hash)
     assert pd.read_parquet("first/annotated").set_index("id").sort_index().cluster_id.equals(
         pd.read_parquet("again/annotated").set_index("id").sort_index().cluster_id)
-    other = {**base, "output": "other", "embed": {"reuse": "first", "max_seq_length": 128}}
+    other = {**base, "output": "other", "embed": {"reuse": "first", "max_seq_length": 128, "cache": False}}
     assert run_cli("run", write_job(job_dir, other, "other.yaml")) == 0
     man = load_manifest("other")
     assert man["embed"]["reuse"]["used"] is False and man["stages"]["embed"]["model_rows"] == 40

@@ -34,7 +34,7 @@ def test_scores_written_then_reused_from_the_cache(job_dir):
     cols = ["ifd_nll_cond", "ifd_nll_direct", "ifd_loss", "ifd_ppl", "rifd", "rifd_loss"]
     assert ann[cols].equals(ann2[cols])
     # another template is another cache entry: computed afresh
-    other = {**cfg, "output": "other", "score": {"ifd": {**cfg["score"]["ifd"], "template": "alpaca"}}}
+    other = {**cfg, "output": "other", "score": {"ifd": {**cfg["score"]["ifd"], "template": "alpaca"}}}  # a dict: the job file
     assert run_cli("run", write_job(job_dir, other, "other.yaml")) == 0
     assert load_manifest("other")["score"]["model_rows"] == 16
 

@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import hashlib
 
+import pyarrow as pa
+
+from curate.columns import Column, StageColumns
 from curate.dedup import keep_one
 from curate.records import normalize_text
 
 SCOPES = ("global", "source")
+COLUMNS = StageColumns("dedup.exact", ("dedup.exact.enabled",), (
+    Column("exact_dup_of", pa.string(), "id of the kept row this row exactly duplicates, else null"),
+))
 
 
 def dedup_key(prompt: str, response: str, source: str, scope: str = "global") -> str:

@@ -19,9 +19,17 @@ wires them into Beam.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
+from curate.columns import Column, StageColumns
 from curate.dedup import keep_one
 from curate.dedup.minhash import EMPTY, splitmix64
+
+COLUMNS = StageColumns("dedup.near", ("dedup.near.enabled",), (
+    Column("near_dup_cluster", pa.string(),
+           "near-duplicate cluster (its smallest member id) this row belongs to, else null"),
+    Column("near_dup_of", pa.string(), "id of the cluster member kept in place of this row, else null"),
+))
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 

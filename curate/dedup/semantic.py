@@ -16,9 +16,16 @@ bounded (block x block floats) whatever the cluster size.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
+from curate.columns import Column, StageColumns
 from curate.dedup import keep_one
 from curate.dedup.near import UnionFind
+
+COLUMNS = StageColumns("dedup.semantic", ("dedup.semantic.enabled", "cluster.enabled", "embed.enabled"), (
+    Column("semantic_dup_of", pa.string(),
+           "id of the row kept in place of this semantic duplicate (SemDeDup), else null"),
+))
 
 KEEP_RULES = ("least_similar_to_centroid", "most_similar_to_centroid", "longest_response")
 SWEEP_EPS = (0.005, 0.01, 0.02, 0.05, 0.1)

@@ -35,6 +35,35 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+
+from curate.columns import Column, StageColumns
+
+_NLL = "mean NLL of"
+# null on rows not scored, NaN (with the status) where a score is undefined
+COLUMNS = StageColumns("score.ifd", ("score.ifd.enabled",), (
+    Column("ifd_nll_cond", pa.float64(), f"{_NLL} the response tokens after the templated prompt, s(A|Q)",
+           status="ifd_status"),
+    Column("ifd_nll_direct", pa.float64(), f"{_NLL} the same response tokens after only the start token, s(A)",
+           status="ifd_status"),
+    Column("ifd_tokens", pa.int32(), "response tokens scored in the conditional branch"),
+    Column("ifd_tokens_direct", pa.int32(),
+           "response tokens scored in the direct branch (one fewer in superfiltering_compat)"),
+    Column("ifd_loss", pa.float64(), "s(A|Q) / s(A), Cherry LLM's IFD (the default ranking key); NaN when undefined",
+           status="ifd_status", rank=True),
+    Column("ifd_ppl", pa.float64(), "exp(s(A|Q) - s(A)), Superfiltering's perplexity-ratio IFD; NaN when undefined",
+           status="ifd_status", rank=True),
+    Column("ifd_status", pa.string(),
+           "ok, empty_response, prompt_truncated, response_truncated or error; null when not scored"),
+    Column("rifd_nll_cond", pa.float64(),
+           f"{_NLL} the instruction after the reverse prompt holding the response, s(Q|A)", status="rifd_status"),
+    Column("rifd_nll_direct", pa.float64(), f"{_NLL} the instruction after only the start token, s(Q)",
+           status="rifd_status"),
+    Column("rifd_loss", pa.float64(), "s(Q|A) / s(Q)", status="rifd_status"),
+    Column("rifd", pa.float64(), "exp(s(Q|A) - s(Q)), reversed IFD of Selective Reflection-Tuning; NaN when undefined",
+           status="rifd_status", rank=True),
+    Column("rifd_status", pa.string(), "status of the r-IFD scores, as ifd_status"),
+))
 
 TEMPLATES = ("none", "alpaca", "chat")
 STATUSES = ("ok", "empty_response", "prompt_truncated", "response_truncated", "error")

@@ -1,0 +1,284 @@
+"""Typed job settings: one frozen dataclass per job-file section, passed to the stages.
+
+Each field declares its job-file option once (``opt(...)``: default, types, choices, bounds);
+``schema_of`` turns a section into the schema that ``curate.options`` checks a job file with,
+so the declaration, the validation and the typed value cannot drift apart. Fields marked
+``derived`` are filled by ``curate.config`` after the checks (resolved files, LSH bands) and
+cannot be set in a job file. ``to_dict`` gives the plain form the manifest records.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from curate.io import FORMATS
+from curate.options import REQUIRED, FreeMap, ListOf, Opt
+from curate.records import FORMS
+
+SEMANTIC_KEEP = ("least_similar_to_centroid", "most_similar_to_centroid", "longest_response")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _types(default: Any) -> tuple:
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, float):
+        return (float,)
+    return (type(default),)
+
+
+def opt(default: Any = None, *, types: tuple | None = None, choices: tuple | None = None,
+        minimum: float | None = None, maximum: float | None = None, required: bool = False):
+    """A field that is a job-file option (types default to the default's type)."""
+    if types is None:
+        if default is None:
+            raise TypeError("opt(None) needs types=")
+        types = _types(default)
+    spec = Opt(types, REQUIRED if required else default, choices, minimum, maximum)
+    return field(default=default, metadata={"opt": spec})
+
+
+def free_map():
+    """A mapping whose keys are not checked here (Beam options, policy parameters)."""
+    return field(default_factory=dict, metadata={"opt": FreeMap()})
+
+
+def section(cls):
+    return field(default_factory=cls, metadata={"section": cls})
+
+
+def derived(default: Any = None):
+    return field(default=default, metadata={"derived": True})
+
+
+def schema_of(cls) -> dict:
+    """The ``curate.options`` schema of a settings class."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "opt" in meta:
+            out[f.name] = meta["opt"]
+        elif "section" in meta:
+            out[f.name] = schema_of(meta["section"])
+        elif "list_of" in meta:
+            out[f.name] = ListOf(schema_of(meta["list_of"]))
+    return out
+
+
+def build(cls, values: dict):
+    """A settings object from a checked dict (unknown keys were refused by the checks)."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value, meta = values[f.name], f.metadata
+        if "section" in meta:
+            value = build(meta["section"], value or {})
+        elif "list_of" in meta:
+            value = tuple(build(meta["list_of"], item) for item in value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def to_dict(settings) -> dict:
+    """Plain dicts and lists (JSON-ready), as the manifest and ``curate validate --show`` print."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(settings)
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Column names of one source; every one can be remapped in the job file."""
+
+    instruction: str = opt("instruction")
+    input: str = opt("input")
+    output: str = opt("output")
+    messages: str = opt("messages")
+    conversations: str = opt("conversations")
+    role: str = opt("role")
+    content: str = opt("content")
+    speaker: str = opt("from")
+    text: str = opt("value")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    format: str
+
+
+@dataclass(frozen=True)
+class Input:
+    source: str = opt(None, types=(str,), required=True)
+    path: Any = opt(None, types=(str, list), required=True)
+    format: str = opt("auto", choices=FORMATS)
+    form: str = opt("auto", choices=FORMS)
+    id_field: str | None = opt(None, types=(str,))
+    fields: Fields = section(Fields)
+    files: tuple = derived(())  # (InputFile, ...) the path resolved and each file's format checked
+
+
+@dataclass(frozen=True)
+class Sample:
+    mode: str = opt("none", choices=("none", "head", "random"))
+    n: int | None = opt(None, types=(int,), minimum=1)
+    fraction: float | None = opt(None, types=(float, int), minimum=0.0, maximum=1.0)
+    seed: int | None = opt(None, types=(int,))
+
+
+@dataclass(frozen=True)
+class Validate:
+    max_chars: int = opt(100_000, minimum=1)
+
+
+@dataclass(frozen=True)
+class ExactDedup:
+    enabled: bool = opt(True)
+    scope: str = opt("global", choices=("global", "source"))
+
+
+@dataclass(frozen=True)
+class NearDedup:
+    enabled: bool = opt(True)
+    threshold: float = opt(0.8, minimum=0.01, maximum=0.99)
+    num_perm: int = opt(128, minimum=8, maximum=1024)
+    ngram: int = opt(5, minimum=1, maximum=64)
+    unit: str = opt("word", choices=("word", "char"))
+    text: str = opt("prompt_response", choices=("prompt_response", "response"))
+    bands: int | None = opt(None, types=(int,), minimum=1)
+    rows: int | None = opt(None, types=(int,), minimum=1)
+    fp_weight: float = opt(0.5, minimum=0.0)
+    fn_weight: float = opt(0.5, minimum=0.0)
+    verify: bool = opt(True)
+    scope: str = opt("global", choices=("global", "source"))
+    max_bucket_size: int = opt(1000, minimum=2)
+    seed: int | None = opt(None, types=(int,))
+    bands_rows_from: str = derived("threshold")  # "threshold" or "job file"
+
+
+@dataclass(frozen=True)
+class SemanticDedup:
+    enabled: bool = opt(True)
+    eps: float = opt(0.01, minimum=0.0, maximum=1.0)
+    keep: str = opt("least_similar_to_centroid", choices=SEMANTIC_KEEP)
+    block_size: int = opt(2048, minimum=16)
+
+
+@dataclass(frozen=True)
+class Dedup:
+    exact: ExactDedup = section(ExactDedup)
+    near: NearDedup = section(NearDedup)
+    semantic: SemanticDedup = section(SemanticDedup)
+
+
+@dataclass(frozen=True)
+class Embed:
+    enabled: bool = opt(True)
+    model: str = opt("all-MiniLM-L6-v2")
+    text: str = opt("whole", choices=("whole", "instruction", "response"))
+    max_seq_length: int = opt(256, minimum=8)
+    batch_size: int = opt(64, minimum=1)
+    device: str = opt("auto", choices=DEVICES)
+    dtype: str = opt("auto", choices=DTYPES)
+    cpu_linear: str = opt("onednn", choices=("onednn", "torch"))
+    reuse: str | None = opt(None, types=(str,))
+    cache: bool = opt(True)
+    cache_dir: str | None = opt(None, types=(str,))
+
+
+@dataclass(frozen=True)
+class IFD:
+    enabled: bool = opt(True)
+    model: str = opt("SmolLM2-135M-Instruct")
+    template: str = opt("none", choices=("none", "alpaca", "chat"))
+    max_length: int = opt(1024, minimum=8)
+    superfiltering_compat: bool = opt(False)
+    batch_size: int = opt(256, minimum=1)
+    batch_tokens: int | None = opt(None, types=(int,), minimum=1)
+    cpu_linear: str = opt("onednn", choices=("onednn", "torch"))
+    bucket_rows: int = opt(128, minimum=1)
+    device: str = opt("auto", choices=DEVICES)
+    dtype: str = opt("auto", choices=DTYPES)
+    cache: bool = opt(True)
+    cache_dir: str | None = opt(None, types=(str,))
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """What compression took from the model, per row (``curate.scoring.degradation``)."""
+
+    enabled: bool = opt(False)
+    model: str = opt("SmolLM2-135M-Instruct")  # the dense model
+    compressed: str | None = opt(None, types=(str,))  # a folder from `curate compress` (or any model)
+    cutoff: int = opt(256, minimum=8)  # tokens of prompt + response
+    batch_size: int = opt(8, minimum=1)  # rows per forward pass
+    bucket_rows: int = opt(64, minimum=1)  # rows handed to the scorer at once
+    device: str = opt("auto", choices=DEVICES)
+    dtype: str = opt("auto", choices=DTYPES)
+    cache: bool = opt(True)
+    cache_dir: str | None = opt(None, types=(str,))
+
+
+@dataclass(frozen=True)
+class Score:
+    ifd: IFD = section(IFD)
+    degradation: Degradation = section(Degradation)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    enabled: bool = opt(True)
+    k: int | None = opt(None, types=(int,), minimum=1)
+    k_min: int = opt(2, minimum=1)
+    k_max: int = opt(1024, minimum=1)
+    niter: int = opt(20, minimum=1)
+    sample_per_centroid: int = opt(256, minimum=1)
+    max_sample: int = opt(100_000, minimum=1)
+    seed: int | None = opt(None, types=(int,))
+    device: str = opt("auto", choices=DEVICES)
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    rows: int | None = opt(None, types=(int,), minimum=0)
+    fraction: float | None = opt(None, types=(int, float), minimum=0.0, maximum=1.0)
+    tokens: int | None = opt(None, types=(int,), minimum=0)
+
+    def given(self) -> dict:
+        """The budget keys that are set, as ``curate.select.Budget.parse`` takes them."""
+        return {k: v for k, v in (("rows", self.rows), ("fraction", self.fraction), ("tokens", self.tokens))
+                if v is not None}
+
+
+@dataclass(frozen=True)
+class Select:
+    policy: str = opt("all")
+    params: dict = free_map()
+    budget: BudgetSpec = section(BudgetSpec)
+    seed: int | None = opt(None, types=(int,))
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str | None = opt(None, types=(str,))
+    output: str = opt(None, types=(str,), required=True)
+    seed: int = opt(0)
+    inputs: tuple = field(default=(), metadata={"list_of": Input})
+    sample: Sample = section(Sample)
+    validate: Validate = section(Validate)
+    dedup: Dedup = section(Dedup)
+    embed: Embed = section(Embed)
+    score: Score = section(Score)
+    cluster: Cluster = section(Cluster)
+    select: Select = section(Select)
+    batch_size: int = opt(512, minimum=1)
+    beam: dict = free_map()

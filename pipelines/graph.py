@@ -1,0 +1,49 @@
+"""The job's Beam graph: one line per stage, in pipeline order.
+
+Every stage returns a dict of PCollections: ``records`` going on, ``stats`` (stat key, number)
+pairs, and where it has them ``rejects``, ``reports`` and ``embeddings``. The stats and reports
+of all stages end in two JSON files the driver reads after the run (``pipelines.job``).
+"""
+from __future__ import annotations
+
+import os
+
+import apache_beam as beam
+
+from curate.settings import Job
+from pipelines import transforms as T
+from pipelines.degradation import DegradationStage
+from pipelines.embed_cluster import EmbedClusterDedup
+from pipelines.near_dedup import NearDedup
+from pipelines.score import Score
+from pipelines.select import Select
+
+STATS_FILE, REPORTS_FILE = "_stats.json", "_reports.json"
+
+
+def build(p: beam.Pipeline, cfg: Job, folder: str, rt: dict, run_id: str = "run") -> None:
+    """Add the job's stages to ``p``, writing outputs under ``folder``; ``rt`` from
+    ``pipelines.runtime.resolve_runtime``; ``run_id`` names this run's cache shards."""
+    read = p | "Read" >> T.Read(cfg)
+    valid = read["records"] | "Validate" >> T.Validate(cfg)
+    ids = valid["records"] | "UniqueIds" >> T.UniqueIds(cfg)
+    exact = ids["records"] | "ExactDedup" >> T.ExactDedup(cfg)
+    near = exact["records"] | "NearDedup" >> NearDedup(cfg)
+    ec = near["records"] | "EmbedCluster" >> EmbedClusterDedup(cfg, rt, run_id)
+    scored = ec["records"] | "Score" >> Score(cfg, rt.get("score", {}), run_id)
+    degraded = scored["records"] | "Degradation" >> DegradationStage(cfg, rt.get("degradation", {}), run_id)
+    selection = degraded["records"] | "Select" >> Select(cfg)
+
+    if "embed" in rt:
+        from curate.schema import embeddings_schema
+
+        ec["embeddings"] | "WriteEmbeddings" >> beam.io.WriteToParquet(
+            os.path.join(folder, "embeddings", "part"), embeddings_schema(rt["embed"]["dim"], rt["embed"]["key"]),
+            file_name_suffix=".parquet", codec="zstd")
+    rejects = (valid["rejects"], ids["rejects"]) | "AllRejects" >> beam.Flatten()
+    written = {"annotated": selection["records"], "rejects": rejects} | "Write" >> T.WriteOutputs(folder)
+    stats = (read["stats"], valid["stats"], ids["stats"], exact["stats"], near["stats"], ec["stats"],
+             scored["stats"], degraded["stats"], written["stats"])
+    stats | "FlattenStats" >> beam.Flatten() | "Stats" >> T.WriteStats(os.path.join(folder, STATS_FILE))
+    reports = (near["reports"], ec["reports"], selection["reports"]) | "FlattenReports" >> beam.Flatten()
+    reports | "Reports" >> T.WriteJson(os.path.join(folder, REPORTS_FILE))
