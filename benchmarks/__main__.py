@@ -13,6 +13,7 @@ BENCHMARKS = {
     "embed": "benchmarks.embed",
     "ifd": "benchmarks.ifd",
     "select": "benchmarks.select",
+    "recovery": "benchmarks.recovery",
 }
 
 

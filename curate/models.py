@@ -113,18 +113,36 @@ def load_causal_lm(name: str | None = None, device: str = "cpu", dtype: str = "f
     return model, tok
 
 
+def weak_lm_folder(name: str | None = None) -> str:
+    """A model folder ``from_pretrained`` can load: the converted cache of a packaged GGUF model
+    (converted on first use, once), or ``name`` as given."""
+    name = name or DEFAULT_WEAK_LM
+    if name not in _GGUF:
+        return name
+    folder = _gguf_cache_folder(name)
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        _load_gguf(name)
+    return folder
+
+
+def _gguf_cache_folder(name: str) -> str:
+    import hashlib
+
+    folder, filename = gguf_location(*_GGUF[name])
+    stat = os.stat(os.path.join(folder, filename))
+    key = hashlib.blake2b(f"{filename}|{stat.st_size}".encode(), digest_size=6).hexdigest()
+    return os.path.join(cache_root(), "models", f"{name}-{key}")
+
+
 def _load_gguf(name: str):
     """(float32 model, tokenizer) from the GGUF file, through the safetensors cache."""
-    import hashlib
     import json
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, filename = gguf_location(*_GGUF[name])
-    stat = os.stat(os.path.join(folder, filename))
-    key = hashlib.blake2b(f"{filename}|{stat.st_size}".encode(), digest_size=6).hexdigest()
-    cached = os.path.join(cache_root(), "models", f"{name}-{key}")
+    cached = _gguf_cache_folder(name)
     weights = os.path.join(cached, "model.safetensors")
     if os.path.isfile(weights):
         from safetensors.torch import load_model

@@ -27,7 +27,13 @@ def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str 
     pool = pool_of(table)
     ids = pool.column("id").to_pylist()
     emb = runs.embeddings(folder, ids) if policy.wants_embeddings() else None
-    result = policy.run(pool, budget, seed, emb)
+    texts = None
+    if policy.wants_text():
+        by_id = dict(zip(table.column("id").to_pylist(),
+                         (p + "\n" + r for p, r in zip(table.column("prompt").to_pylist(),
+                                                      table.column("response").to_pylist()))))
+        texts = [by_id[i] for i in ids]
+    result = policy.run(pool, budget, seed, emb, texts=texts)
     ranks = result.ranks()
     rows = pool.select(["id", "source", "cluster_id"]).to_pylist()
     rep = selection_report(policy, budget, seed, rows, ranks, result.dropped)

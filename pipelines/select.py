@@ -14,19 +14,21 @@ import numpy as np
 from curate.select.base import Budget
 from curate.select.features import feature_row, features_table, selection_report
 from curate.select.registry import make
+from curate.settings import Job
 
 
-def policy_from(cfg: dict):
-    s = cfg["select"]
-    return make(s["policy"], s["params"]), Budget.parse(s["budget"], "select.budget"), s["seed"]
+def policy_from(cfg: Job):
+    s = cfg.select
+    return make(s.policy, s.params), Budget.parse(s.budget.given(), "select.budget"), s.seed
 
 
-def decide(rows: list[dict], cfg: dict) -> dict:
+def decide(rows: list[dict], cfg: Job) -> dict:
     """Run the job's policy on the candidates' features: {"decisions": {id: [rank, reason]}, "report": ...}."""
     policy, budget, seed = policy_from(cfg)
     table = features_table(rows)  # the policy sorts by id: the combine order does not matter
     emb = np.stack([r["_vector"] for r in rows]) if policy.wants_embeddings() and rows else None
-    result = policy.run(table, budget, seed, emb)
+    texts = [r["_text"] for r in rows] if policy.wants_text() else None
+    result = policy.run(table, budget, seed, emb, texts=texts)
     ranks = result.ranks()
     decisions = {rid: [rank, None] for rid, rank in ranks.items()}
     decisions.update({rid: [None, reason] for rid, reason in result.dropped.items()})
@@ -47,17 +49,19 @@ def apply_decision(record: dict, decided: dict) -> dict:
 class Select(beam.PTransform):
     """Records (kept or dropped) to records with ``selected``, ``rank`` and ``drop_reason``."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: Job):
         super().__init__()
         self.cfg = cfg
         policy, _, _ = policy_from(cfg)  # fail at graph construction, not in a worker
-        self.with_vectors = policy.wants_embeddings()
+        self.with_vectors, self.with_text = policy.wants_embeddings(), policy.wants_text()
 
     def expand(self, records):
-        cfg, with_vectors = self.cfg, self.with_vectors
+        cfg, with_vectors, with_text = self.cfg, self.with_vectors, self.with_text
 
         def features(r):
             row = feature_row(r)
+            if with_text:
+                row["_text"] = r["prompt"] + "\n" + r["response"]
             if with_vectors:
                 if r.get("_vector") is None:
                     raise ValueError(f"select: row {r['id']} has no embedding (is the embed stage on?)")

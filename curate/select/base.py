@@ -132,11 +132,13 @@ class Pool:
     """What ``choose`` works on: the features sorted by id, the budget, the seed, embeddings."""
 
     def __init__(self, table: pa.Table, budget: Budget, seed: int, embeddings: np.ndarray | None = None,
-                 start_size: int | None = None):
+                 start_size: int | None = None, texts: list[str] | None = None):
         order = pc.sort_indices(table, sort_keys=[("id", "ascending")]) if table.num_rows else None
         self.table = table.take(order) if order is not None else table
         self.embeddings = None if embeddings is None else np.asarray(embeddings, dtype=np.float32)[
             order.to_numpy() if order is not None else slice(None)]
+        self.texts = None if texts is None else (
+            [texts[i] for i in order.to_numpy()] if order is not None else list(texts))
         self.ids: list[str] = self.table.column("id").to_pylist() if table.num_rows else []
         self.budget = budget
         self.seed = seed
@@ -221,6 +223,7 @@ class Policy:
     params: ClassVar[dict[str, Param]] = {}
     requires: ClassVar[tuple[str, ...]] = ()
     needs_embeddings: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = False  # the pool carries each row's prompt + response (Pool.texts)
     needs_budget: ClassVar[bool] = False
     keeps_step_names: ClassVar[bool] = False  # composite policies: reasons keep their steps' prefixes
 
@@ -243,6 +246,9 @@ class Policy:
     def wants_embeddings(self) -> bool:
         return self.needs_embeddings
 
+    def wants_text(self) -> bool:
+        return self.needs_text
+
     def describe(self) -> dict:
         return {"policy": self.name, "params": dict(self.p)}
 
@@ -250,7 +256,8 @@ class Policy:
         raise NotImplementedError
 
     def run(self, table: pa.Table, budget: Budget | None = None, seed: int = 0,
-            embeddings: np.ndarray | None = None, start_size: int | None = None) -> Selection:
+            embeddings: np.ndarray | None = None, start_size: int | None = None,
+            texts: list[str] | None = None) -> Selection:
         """Apply the policy; every id of ``table`` ends up selected or dropped with a reason
         prefixed by the policy name (``superfiltering:ifd_not_below_upper``)."""
         budget = budget or Budget()
@@ -266,7 +273,7 @@ class Policy:
         ids = table.column("id").to_pylist()
         if len(set(ids)) != len(ids):
             raise PolicyError(f"policy {self.name}: ids in the pool are not unique")
-        pool = Pool(table, budget, seed, embeddings, start_size)
+        pool = Pool(table, budget, seed, embeddings, start_size, texts)
         result = self.choose(pool)
         return self._checked(result, set(ids))
 

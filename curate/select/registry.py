@@ -10,6 +10,7 @@ from typing import Any
 
 from curate.select.base import Budget, Param, Policy, PolicyError, Pool, Selection
 from curate.select.diversity import Deita, FacilityLocation, SuperfilteringDiverse
+from curate.select.paser import Paser
 from curate.select.quotas import ClusterBalanced, Mixture
 from curate.select.scored import All, Random, Superfiltering, Threshold, TopK
 
@@ -48,28 +49,32 @@ class Chain(Policy):
     def wants_embeddings(self) -> bool:
         return any(p.wants_embeddings() for p, _ in self.steps)
 
+    def wants_text(self) -> bool:
+        return any(p.wants_text() for p, _ in self.steps)
+
     def describe(self) -> dict:
         return {"policy": self.name, "steps": [{**p.describe(), **({"budget": b.as_dict()} if b else {})}
                                                for p, b in self.steps]}
 
     def choose(self, pool: Pool) -> Selection:
-        table, emb, dropped = pool.table, pool.embeddings, {}
+        table, emb, texts, dropped = pool.table, pool.embeddings, pool.texts, {}
         result = Selection([], {})
         for n, (policy, budget) in enumerate(self.steps):
             last = n == len(self.steps) - 1
             budget = budget or (pool.budget if last else Budget())
-            result = policy.run(table, budget, pool.seed, emb, pool.start_size)
+            result = policy.run(table, budget, pool.seed, emb, pool.start_size, texts)
             dropped.update(result.dropped)
             kept = set(result.selected)
             rows = [i for i, rid in enumerate(table.column("id").to_pylist()) if rid in kept]
             table = table.take(rows)
             emb = None if emb is None else emb[rows]
+            texts = None if texts is None else [texts[i] for i in rows]
         return Selection(result.selected, dropped)
 
 
 BUILTINS: dict[str, type[Policy]] = {cls.name: cls for cls in (
     All, Random, Threshold, TopK, Superfiltering, SuperfilteringDiverse, FacilityLocation, ClusterBalanced,
-    Deita, Mixture, Chain)}
+    Deita, Mixture, Chain, Paser)}
 
 
 def available() -> dict[str, type[Policy]]:

@@ -1,0 +1,98 @@
+"""The headline: which selection recovers a pruned model best, at one budget.
+
+A pool of real rows (Alpaca Cherry 5% and GSM8K train from ../shared/data, the NQ sample from
+examples/data) goes through the pipeline with IFD, degradation (dense SmolLM2-135M-Instruct vs
+its one-shot 50% Wanda pruning) and embeddings; ``curate evaluate`` then recovers the pruned
+model with LoRA on each policy's selection (random, superfiltering, cluster_balanced, paser)
+with paired seeds and measures held-out response NLL, the share of the compression gap closed
+and KL to the dense model. Prints one JSON line per policy and the table; writes everything to
+``runs/bench-recovery/``. About an hour on 2 CPU cores (a LoRA step of 8 x 256 tokens takes
+~20 s); ``--quick`` is a few minutes on fewer rows, one seed and two policies.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from benchmarks.common import REPO, emit, shared
+
+OUT = os.path.join(REPO, "runs", "bench-recovery")
+
+
+def _cpu() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
+        isa = "AVX-512" if "avx512f" in out else ("AVX2" if "avx2" in out else "no AVX2")
+        return f"{name}, {isa}, {os.cpu_count()} cores"
+    except OSError:
+        return platform.processor() or "unknown CPU"
+
+
+def _pool(path: str, n_alpaca: int, n_gsm: int, n_nq: int) -> None:
+    rows = []
+    with open(shared("alpaca_cherry_5pct.json"), encoding="utf-8") as fh:
+        rows += [{**r, "source": "alpaca"} for r in json.load(fh)[:n_alpaca]]
+    with open(shared("gsm8k_train.json"), encoding="utf-8") as fh:
+        rows += [{**r, "source": "gsm8k"} for r in json.load(fh)[:n_gsm]]
+    with open(os.path.join(REPO, "examples", "data", "nq_sharegpt_sample.json"), encoding="utf-8") as fh:
+        for r in json.load(fh)[:n_nq]:
+            turns = r["items"]
+            rows.append({"instruction": turns[0]["value"], "input": "", "output": turns[1]["value"], "source": "nq"})
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n")
+
+
+def _curate(*args: str) -> None:
+    cmd = [sys.executable, "-m", "curate", *args]
+    print("$ curate " + " ".join(args), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def run(quick: bool):
+    os.makedirs(OUT, exist_ok=True)
+    sizes = (48, 24, 12) if quick else (240, 120, 40)
+    budget, seeds, steps = (16, "0", 2) if quick else (64, "0,1,2", 8)
+    policies = "random,paser" if quick else "random,superfiltering,cluster_balanced,paser"
+    pool = os.path.join(OUT, "pool.jsonl")
+    _pool(pool, *sizes)
+    t0 = time.perf_counter()
+    model = os.path.join(OUT, "smollm2-wanda50")
+    _curate("compress", "--calibration", pool, "--out", model, "--method", "wanda", "--sparsity", "0.5",
+            "--calibration-rows", "32", "--heldout", "40")
+    compress_s = time.perf_counter() - t0
+    job = {"name": "bench-recovery", "output": os.path.join(OUT, "run"), "seed": 0,
+           "inputs": [{"source": "pool", "path": pool}],
+           "dedup": {"semantic": {"enabled": False}},
+           "score": {"ifd": {"max_length": 512},
+                     "degradation": {"enabled": True, "compressed": model, "cutoff": 256}},
+           "select": {"policy": "all"}}
+    job_path = os.path.join(OUT, "job.yaml")
+    import yaml
+
+    with open(job_path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(job, fh)
+    t1 = time.perf_counter()
+    _curate("run", job_path, "--overwrite")
+    score_s = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    _curate("evaluate", job["output"], "--model", model, "--rows", str(budget), "--policies", policies,
+            "--seeds", seeds, "--heldout", "48", "--steps", str(steps), "--batch-size", "8", "--cutoff", "256",
+            "--param", "cluster_balanced.score=ifd_loss", "--out", os.path.join(OUT, "eval"))
+    eval_s = time.perf_counter() - t2
+    with open(os.path.join(OUT, "eval", "summary.json"), encoding="utf-8") as fh:
+        summary = json.load(fh)
+    cpu = _cpu()
+    for name, e in summary["policies"].items():
+        emit("recovery", name, "heldout_nll", e["heldout_nll"], "random", summary["policies"]["random"]["heldout_nll"],
+             n=budget, higher_is_better=False, gap_closed=round(e["gap_closed"], 4), kl_dense=round(e["kl_dense"], 4),
+             vs_random_nll=e.get("vs_random_nll"), vs_random_ci95=e.get("vs_random_ci95"), seeds=e["seeds"],
+             steps=steps, pool=summary["selectable_rows"], heldout=summary["heldout_rows"],
+             nll_dense=round(summary["nll_dense"], 4), nll_compressed=round(summary["nll_compressed"], 4), cpu=cpu)
+    emit("recovery", "wall", "seconds", compress_s + score_s + eval_s, n=budget, compress_s=round(compress_s, 1),
+         pipeline_s=round(score_s, 1), evaluate_s=round(eval_s, 1), cpu=cpu)
