@@ -125,7 +125,7 @@ def spectral_clusters(x: np.ndarray, k: int, neighbours: int = 15, seed: int = 0
     vals, vecs = eigsh(2 * sp.identity(n) - lap, k=k, which="LA", v0=v0)
     emb = vecs[:, np.argsort(-vals)]
     emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12
-    km = faiss.Kmeans(k, k, niter=50, seed=seed, nredo=3, verbose=False)
+    km = faiss.Kmeans(k, k, niter=50, seed=seed, nredo=3, verbose=False, min_points_per_centroid=1)
     km.train(np.ascontiguousarray(emb, dtype=np.float32))
     _, lab = km.index.search(np.ascontiguousarray(emb, dtype=np.float32), 1)
     lab = lab.ravel()
