@@ -33,19 +33,26 @@ def _cpu() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def _pool(path: str, n_alpaca: int, n_gsm: int, n_nq: int) -> None:
-    rows = []
+def _pool(folder: str, n_alpaca: int, n_gsm: int, n_nq: int) -> list[dict]:
+    """One jsonl file per source (so the held-out split is stratified by source); the job's inputs."""
     with open(shared("alpaca_cherry_5pct.json"), encoding="utf-8") as fh:
-        rows += [{**r, "source": "alpaca"} for r in json.load(fh)[:n_alpaca]]
+        alpaca = json.load(fh)[:n_alpaca]
     with open(shared("gsm8k_train.json"), encoding="utf-8") as fh:
-        rows += [{**r, "source": "gsm8k"} for r in json.load(fh)[:n_gsm]]
+        gsm = json.load(fh)[:n_gsm]
     with open(os.path.join(REPO, "examples", "data", "nq_sharegpt_sample.json"), encoding="utf-8") as fh:
-        for r in json.load(fh)[:n_nq]:
-            turns = r["items"]
-            rows.append({"instruction": turns[0]["value"], "input": "", "output": turns[1]["value"], "source": "nq"})
-    with open(path, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n")
+        nq = [{"instruction": r["items"][0]["value"], "input": "", "output": r["items"][1]["value"]}
+              for r in json.load(fh)[:n_nq]]
+    inputs = []
+    with open(os.path.join(folder, "pool.jsonl"), "w", encoding="utf-8") as fh:  # all rows: the calibration pool
+        for r in alpaca + gsm + nq:
+            fh.write(json.dumps({k: r.get(k, "") for k in ("instruction", "input", "output")}) + "\n")
+    for source, rows in (("alpaca", alpaca), ("gsm8k", gsm), ("nq", nq)):
+        path = os.path.join(folder, f"{source}.jsonl")
+        with open(path, "w", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps({k: r.get(k, "") for k in ("instruction", "input", "output")}) + "\n")
+        inputs.append({"source": source, "path": path})
+    return inputs
 
 
 def _curate(*args: str) -> None:
@@ -59,15 +66,14 @@ def run(quick: bool):
     sizes = (48, 24, 12) if quick else (240, 120, 40)
     budget, seeds, steps = (16, "0", 2) if quick else (64, "0,1,2", 8)
     policies = "random,paser" if quick else "random,superfiltering,cluster_balanced,paser"
-    pool = os.path.join(OUT, "pool.jsonl")
-    _pool(pool, *sizes)
+    inputs = _pool(OUT, *sizes)
     t0 = time.perf_counter()
     model = os.path.join(OUT, "smollm2-wanda50")
-    _curate("compress", "--calibration", pool, "--out", model, "--method", "wanda", "--sparsity", "0.5",
+    _curate("compress", "--calibration", os.path.join(OUT, "pool.jsonl"), "--out", model, "--method", "wanda", "--sparsity", "0.5",
             "--calibration-rows", "32", "--heldout", "40")
     compress_s = time.perf_counter() - t0
     job = {"name": "bench-recovery", "output": os.path.join(OUT, "run"), "seed": 0,
-           "inputs": [{"source": "pool", "path": pool}],
+           "inputs": inputs,
            "dedup": {"semantic": {"enabled": False}},
            "score": {"ifd": {"max_length": 512},
                      "degradation": {"enabled": True, "compressed": model, "cutoff": 256}},
