@@ -191,9 +191,17 @@ def evaluate(folder: str, s: EvaluateSettings, out: str | None = None, progress=
             lo, hi = bootstrap_ci(diffs[ok_all], s.bootstrap, run_seed)
             entry.update(vs_random_nll=float(np.mean(diffs[ok_all])), vs_random_ci95=[lo, hi])
         summary["policies"][name] = entry
-    out = out or os.path.join(folder, "eval")
+    default = os.path.join(folder, "eval")
+    out = out or default
     _write(out, results, held_ids, held_rows, per_row, kl_rows, summary)
     summary["output"] = os.path.abspath(out)
+    if os.path.abspath(out) == os.path.abspath(default):  # the run's report shows its own evaluation
+        from curate.report import write_report
+
+        try:
+            write_report(folder)
+        except Exception as exc:  # noqa: BLE001 - the results are written; the report is a view of them
+            log.error("report.html not updated (%s); `curate report %s` retries it", exc, folder)
     return summary
 
 

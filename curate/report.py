@@ -1,7 +1,7 @@
 """report.html: one self-contained page (PNG plots embedded) that shows what a run kept and why.
 
 Sections (each a ``<section id=...>``): summary, funnel, policy, scores, clusters, map,
-duplicates. A section whose data the run does not have says so instead of failing. The
+duplicates, evaluation (``curate evaluate``'s results, when the run has ``eval/``). A section whose data the run does not have says so instead of failing. The
 same loaders and plots serve ``notebooks/explore_run.ipynb``.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from curate import runs
 from curate.schema import rank_columns
 from curate.select.features import DEDUP_REASONS
 
-SECTIONS = ("summary", "funnel", "policy", "scores", "clusters", "map", "duplicates")
+SECTIONS = ("summary", "funnel", "policy", "scores", "clusters", "map", "duplicates", "evaluation")
 SCORE_COLUMNS = rank_columns()  # declared by the score stages (curate.columns)
 MAP_POINTS = 5000
 
@@ -187,6 +187,41 @@ def _png(fig) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
+def plot_evaluation(summary: dict):
+    """Share of the compression gap each policy's recovery closed (mean over seeds)."""
+    names = list(summary["policies"])
+    closed = [summary["policies"][n]["gap_closed"] for n in names]
+    fig = _figure(7, 0.6 + 0.45 * len(names))
+    ax = fig.subplots()
+    ax.barh(names[::-1], closed[::-1], color=["#c44e52" if n == "random" else "#4c72b0" for n in names[::-1]])
+    for y, v in enumerate(closed[::-1]):
+        ax.text(v, y, f" {v:.1%}", va="center", fontsize=9)
+    finite = [v for v in closed if v == v]
+    ax.set_xlim(min(0.0, *finite) if finite else 0.0, max(0.05, *finite) * 1.2 if finite else 1.0)
+    ax.set_xlabel("share of the dense-to-compressed held-out NLL gap closed by recovery")
+    ax.set_title("recovery by selection policy")
+    fig.tight_layout()
+    return fig
+
+
+def evaluation_section(folder: str) -> str:
+    path = os.path.join(folder, "eval", "summary.json")
+    if not os.path.isfile(path):
+        return "<p>No evaluation: run <code>curate evaluate</code> on this run to compare policies by recovery.</p>"
+    with open(path, encoding="utf-8") as fh:
+        summary = json.load(fh)
+    rows = []
+    for name, e in summary["policies"].items():
+        ci = e.get("vs_random_ci95")
+        vs = f"{e['vs_random_nll']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "baseline"
+        rows.append((name, f"{e['heldout_nll']:.4f}", f"{e['gap_closed']:.1%}", f"{e['kl_dense']:.4f}", vs))
+    head = (f"<p>{summary['heldout_rows']} held-out rows; dense NLL {summary['nll_dense']:.4f}, compressed "
+            f"{summary['nll_compressed']:.4f}; budget {summary['settings']['budget']} rows, seeds "
+            f"{summary['settings']['seeds']}.</p>")
+    return head + _png(plot_evaluation(summary)) + _rows(rows, ("policy", "held-out NLL", "gap closed",
+                                                                "KL(dense || recovered)", "NLL - random [95% CI]"))
+
+
 def _rows(rows, header) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -239,9 +274,11 @@ def render(folder: str) -> str:
                      ("dropped row", "text", "kept row", "text")) if pairs else "<p>none in this run</p>"
         dups.append(f"<h3>{title}</h3>{body}")
     sec["duplicates"] = "".join(dups)
+    sec["evaluation"] = evaluation_section(folder)
     titles = {"summary": "Summary", "funnel": "Funnel: rows per stage and drop reason", "policy": "Selection policy",
               "scores": "Scores, selected vs not selected", "clusters": "Cluster sizes",
-              "map": "Embedding map", "duplicates": "Sample duplicate pairs"}
+              "map": "Embedding map", "duplicates": "Sample duplicate pairs",
+              "evaluation": "Recovery by selection policy (curate evaluate)"}
     body = "".join(f'<section id="{s}"><h2>{titles[s]}</h2>{sec[s]}</section>' for s in SECTIONS)
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>curate report: "
             f"{html.escape(str(man['job'].get('name')))}</title><style>"

@@ -219,6 +219,8 @@ def test_degradation_stage_and_evaluate_on_tiny_models(tiny, job_dir):
     assert len(res) == 6 and set(res.policy) == {"random", "paser", "cluster_balanced"}
     summary = json.load(open("run/eval/summary.json"))
     assert summary["heldout_rows"] == 8 and "vs_random_ci95" in summary["policies"]["paser"]
+    report = open("run/report.html", encoding="utf-8").read()  # evaluate rewrote the run's report
+    assert 'id="evaluation"' in report and "NLL - random [95% CI]" in report
     heldout = pd.read_parquet("run/eval/heldout.parquet")
     held = set(heldout.id)
     assert len(held) == 8 and heldout.groupby("source").id.nunique().to_dict() == {"a": 4, "g": 4}  # stratified
