@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from curate.io import FORMATS, SourceReadError, detect_format, preflight, resolve_paths
+from curate.io import SourceReadError, detect_format, preflight, resolve_paths
 from curate.options import ConfigError, _check
 from curate.settings import InputFile, Job, build, schema_of
 

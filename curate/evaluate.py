@@ -97,7 +97,6 @@ def evaluate(folder: str, s: EvaluateSettings, out: str | None = None, progress=
     """Run the comparison (see the module docstring); returns the summary."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from curate import lm_data, runs
     from curate.models import load_causal_lm

@@ -166,23 +166,30 @@ def embed_cluster_report(cfg: Job, stages: dict, reports: dict, runtime: dict) -
     return out
 
 
+def _model_stage(stages: dict, stage: str, runtime: dict, status_metrics: dict) -> dict:
+    """What every model stage reports: run-time choices (less the cache file list), rows, rows from
+    the model and from the cache, and the share of each status (``{name: metric}``)."""
+    st = stages.get(stage, {})
+    rows = int(st.get("rows", 0))
+    out = {k: v for k, v in runtime.items() if k != "cache_files"}
+    out.update(rows=rows, model_rows=int(st.get("model_rows", 0)), cached_rows=int(st.get("cached", 0)))
+    for name, metric in status_metrics.items():
+        out[name] = {r: round(n / rows, 4) for r, n in by_reason(st, metric).items()} if rows else {}
+    return out
+
+
 def score_report(cfg: Job, stages: dict, runtime: dict) -> dict:
     """The IFD stage: model, settings, cache use, status shares and the share of IFD >= 1."""
     s = cfg.score.ifd
     if not s.enabled:
         return {"enabled": False}
-    st = stages.get("score", {})
-    rows = int(st.get("rows", 0))
-    share = lambda n: round(n / rows, 4) if rows else None  # noqa: E731
-    rt = {k: v for k, v in runtime.get("score", {}).items() if k != "cache_files"}
-    return {
-        "enabled": True, **rt, "template": s.template, "max_length": s.max_length,
-        "superfiltering_compat": s.superfiltering_compat, "rows": rows,
-        "model_rows": int(st.get("model_rows", 0)), "cached_rows": int(st.get("cached", 0)),
-        "ifd_ge_1_share": share(int(st.get("ifd_ge_1", 0))),
-        "ifd_status_share": {r: share(n) for r, n in by_reason(st, "ifd_status").items()},
-        "rifd_status_share": {r: share(n) for r, n in by_reason(st, "rifd_status").items()},
-    }
+    out = _model_stage(stages, "score", runtime.get("score", {}),
+                       {"ifd_status_share": "ifd_status", "rifd_status_share": "rifd_status"})
+    rows = out["rows"]
+    ge_1 = int(stages.get("score", {}).get("ifd_ge_1", 0))
+    return {"enabled": True, **out, "template": s.template, "max_length": s.max_length,
+            "superfiltering_compat": s.superfiltering_compat,
+            "ifd_ge_1_share": round(ge_1 / rows, 4) if rows else None}
 
 
 def degradation_report(cfg: Job, stages: dict, runtime: dict) -> dict:
@@ -190,12 +197,8 @@ def degradation_report(cfg: Job, stages: dict, runtime: dict) -> dict:
     d = cfg.score.degradation
     if not d.enabled:
         return {"enabled": False}
-    st = stages.get("degradation", {})
-    rows = int(st.get("rows", 0))
-    rt = {k: v for k, v in runtime.get("degradation", {}).items() if k != "cache_files"}
-    return {"enabled": True, **rt, "cutoff": d.cutoff, "rows": rows, "model_rows": int(st.get("model_rows", 0)),
-            "cached_rows": int(st.get("cached", 0)),
-            "status_share": {r: round(n / rows, 4) for r, n in by_reason(st, "status").items()} if rows else {}}
+    out = _model_stage(stages, "degradation", runtime.get("degradation", {}), {"status_share": "status"})
+    return {"enabled": True, **out, "cutoff": d.cutoff}
 
 
 def build(cfg: Job, stats: dict, inputs: list[dict], *, beam_options: dict, started: str,

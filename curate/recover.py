@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -144,7 +143,3 @@ def recover(compressed: str, rows: list[dict], out: str | None, s: RecoverSettin
         os.replace(tmp, out)
     return model, tok, report
 
-
-def mean_finite(values) -> float:
-    vals = [v for v in values if math.isfinite(v)]
-    return sum(vals) / len(vals) if vals else math.nan

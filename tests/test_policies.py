@@ -2,7 +2,6 @@
 import math
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from curate.select import Budget, PolicyError, available, features_table, make

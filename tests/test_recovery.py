@@ -248,3 +248,26 @@ def test_smoke_the_whole_loop_with_the_packaged_model(job_dir):
                    "--seeds", "0", "--heldout", "4", "--steps", "1", "--batch-size", "4", "--cutoff", "160") == 0
     summary = json.load(open("run/eval/summary.json"))
     assert summary["nll_compressed"] > summary["nll_dense"]
+
+
+def test_encode_statuses_cover_every_branch(tiny):
+    """Loss only on the response; a long response is cut, a prompt past the cutoff or an empty
+    response gives a row that is never scored (NaN downstream, never 0)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    row = {"prompt": "What is 2 + 2?", "response": "It is 4. " * 40}
+    ok = lm_data.encode({**row, "response": "4"}, tok, 256)
+    cut = lm_data.encode(row, tok, 96)
+    long_prompt = lm_data.encode({"prompt": "word " * 400, "response": "x"}, tok, 96)
+    empty = lm_data.encode({"prompt": "q", "response": ""}, tok, 96)
+    assert ok.status == "ok" and ok.labels[-1] == tok.eos_token_id and ok.n_targets == 2
+    assert ok.labels[: len(ok.ids) - 2] == (lm_data.IGNORE,) * (len(ok.ids) - 2)
+    assert cut.status == "response_truncated" and len(cut.ids) == 96 and lm_data.usable(cut)
+    assert long_prompt.status == "prompt_too_long" and not lm_data.usable(long_prompt)
+    assert empty.status == "empty_response" and not lm_data.usable(empty)
+    from curate.models import load_causal_lm
+
+    model, _ = load_causal_lm(tiny)
+    nll = lm_data.response_nll(model, [ok, long_prompt, empty, cut], 0)
+    assert math.isfinite(nll[0]) and math.isfinite(nll[3]) and math.isnan(nll[1]) and math.isnan(nll[2])
