@@ -29,6 +29,48 @@ def real_rows() -> list[dict]:
     return rows
 
 
+def switches(settings=None, prefix: str = "") -> list[str]:
+    """Dotted names of every stage switch (``enabled``) in the job settings, e.g. ``dedup.near``."""
+    import dataclasses
+
+    from curate.settings import Job
+
+    out = []
+    for f in dataclasses.fields(settings or Job):
+        if f.name == "enabled":
+            out.append(prefix.rstrip("."))
+        elif isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            out += switches(f.default_factory, f"{prefix}{f.name}.")
+    return out
+
+
+def pinned_job(on: tuple[str, ...], **rest) -> dict:
+    """A job dict with every stage switched off except those named in ``on`` (dotted, as
+    :func:`switches` names them): a benchmark measures what it names, whatever the defaults become."""
+    unknown = set(on) - set(switches())
+    if unknown:
+        raise ValueError(f"no such stage switch: {', '.join(sorted(unknown))}")
+    job: dict = {}
+    for name in switches():
+        node = job
+        for part in name.split("."):
+            node = node.setdefault(part, {})
+        node["enabled"] = name in on
+    for key, value in rest.items():
+        if isinstance(value, dict) and isinstance(job.get(key), dict):
+            job[key] = _merge(job[key], value)
+        else:
+            job[key] = value
+    return job
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def run_measured(cmd: list[str], cwd: str | None = None, env: dict | None = None) -> dict:
     """Run a command; wall seconds and peak RSS (MB) of it and its children, sampled every 50 ms."""
     start = time.perf_counter()
@@ -50,6 +92,11 @@ def run_measured(cmd: list[str], cwd: str | None = None, env: dict | None = None
     return {"wall_s": wall, "peak_rss_mb": round(peak / 2**20, 1), "stdout": out}
 
 
+def spread(rows: list, n: int) -> list:
+    """``n`` rows spread over the whole list (both sources), the same ones every run."""
+    return [rows[(i * 7919) % len(rows)] for i in range(n)]
+
+
 def emit(name: str, case: str, metric: str, value: float, baseline: str | None = None,
          baseline_value: float | None = None, n: int | None = None, higher_is_better: bool = True,
          **extra) -> dict:
@@ -59,9 +106,17 @@ def emit(name: str, case: str, metric: str, value: float, baseline: str | None =
     if baseline_value:
         ratio = value / baseline_value if higher_is_better else baseline_value / value
     line = {"name": name, "case": case, "metric": metric, "value": _round(value), "baseline": baseline,
-            "baseline_value": _round(baseline_value), "ratio": _round(ratio), "n": n, **extra}
+            "baseline_value": _round(baseline_value), "ratio": _round(ratio), "n": n, **extra, "cpu": _cpu()}
     print(json.dumps(line), flush=True)
     return line
+
+
+def _cpu() -> str:
+    """The CPU every figure was measured on (model, SIMD flags, cores used, ISA caps if set)."""
+    from curate.kernel_choice import ENV_CAPS, cpu_name
+
+    caps = " ".join(f"{k}={os.environ[k]}" for k in ENV_CAPS if os.environ.get(k))
+    return f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores" + (f", {caps}" if caps else "")
 
 
 def _round(x):

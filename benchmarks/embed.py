@@ -4,7 +4,10 @@
   CPU. Bare ``SentenceTransformer.encode`` at steady state (after a warm-up batch) vs
   the curate ``Embed`` stage (RunInference) on the local runner; the stage's time
   includes its own model load, which is measured separately and reported, and
-  subtracted for the steady-state ratio. Also bf16 vs fp32: speed and cosine.
+  subtracted for the steady-state ratio. The stage's float32 linear kernel is the one
+  ``curate.kernel_choice`` picks on this CPU; bare encode is timed with both kernels
+  (``linear_kernel_choice``) so the pick can be checked. Also bf16 vs fp32: speed and cosine
+  (on a CPU without native bf16, a few batches only: it runs at a fraction of fp32's speed).
 - kmeans: the curate ``Cluster`` stage (seeded sample, FAISS spherical k-means,
   batched assignment) vs bare ``faiss.Kmeans`` + ``IndexFlatIP`` on the same vectors.
 Peak memory is the process's maximum resident size (ru_maxrss) after each case.
@@ -19,8 +22,9 @@ import numpy as np
 
 from benchmarks.common import emit, real_rows
 from curate import cluster as clustering
+from curate import kernel_choice
 from curate.embed import embed_text, encode, load_embedder
-from curate.onednn import kernel
+from curate.onednn import use_onednn
 
 BATCH = 64
 
@@ -66,7 +70,20 @@ def run(quick: bool):
     bare_s = time.perf_counter() - t
     bare_peak = _peak_mb()
 
-    linear = kernel("cpu", "float32", "onednn")  # what the stage uses on this machine
+    choice = kernel_choice.choose(lambda: kernel_choice.linear_shapes(model), "auto")
+    linear = choice.kernel  # what the stage uses on this CPU
+    rates = {"torch": n / bare_s}
+    if use_onednn(model):
+        encode(model, texts[:BATCH])
+        t = time.perf_counter()
+        for i in range(0, n, BATCH):
+            encode(model, texts[i:i + BATCH])
+        rates["onednn"] = n / (time.perf_counter() - t)
+        use_onednn(model, on=False)
+    other = next(k for k in kernel_choice.KERNELS if k != linear)
+    emit("embed", "linear_kernel_choice", "rows_per_s", rates[linear], f"{other}_linear", rates.get(other), n=n,
+         chosen=linear, how=choice.how, chooser_gflops=choice.gflops,
+         note="bare encode with each float32 kernel; ratio above 1: the chooser picked the faster one")
     stage_cfg = EmbedSettings(batch_size=BATCH, cache=False)
     rt = {"device": "cpu", "dtype": "float32", "linear": linear, "dim": bare.shape[1]}  # no cache: always computed
     stage_s = _run_pipeline(lambda p: (p | beam.Create(recs, reshuffle=False)
@@ -79,13 +96,15 @@ def run(quick: bool):
          linear=linear,
          baseline_peak_rss_mb=bare_peak)
 
+    name = kernel_choice.cpu_name()
+    m = n if ("avx512_bf16" in name or "amx_bf16" in name) else 2 * BATCH
     bf16 = load_embedder(None, "cpu", "bfloat16", 256)
     encode(bf16, texts[:BATCH])
     t = time.perf_counter()
-    low = np.concatenate([encode(bf16, texts[i:i + BATCH]) for i in range(0, n, BATCH)])
+    low = np.concatenate([encode(bf16, texts[i:i + BATCH]) for i in range(0, m, BATCH)])
     bf16_s = time.perf_counter() - t
-    cos = (low * bare).sum(axis=1)
-    emit("embed", "bf16_vs_fp32_cpu", "rows_per_s", n / bf16_s, "fp32", n / bare_s, n=n,
+    cos = (low * bare[:m]).sum(axis=1)
+    emit("embed", "bf16_vs_fp32_cpu", "rows_per_s", m / bf16_s, "fp32", n / bare_s, n=m,
          min_cosine_to_fp32=round(float(cos.min()), 6), mean_cosine_to_fp32=round(float(cos.mean()), 6))
 
     k = clustering.default_k(n)

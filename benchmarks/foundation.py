@@ -1,4 +1,4 @@
-"""Foundation job throughput: read, validate, exact dedup, write (near dedup off), on real rows.
+"""Foundation job throughput: read, validate, exact dedup, write (every other stage off), on real rows.
 
 Rows: the 10,584 real Alpaca + GSM8K rows repeated to size; each repeat gets a
 variant suffix on its instruction except a seeded 5% left as exact copies, so
@@ -16,7 +16,7 @@ import tempfile
 
 import yaml
 
-from benchmarks.common import REPO, emit, real_rows, run_measured
+from benchmarks.common import REPO, emit, pinned_job, real_rows, run_measured
 
 PANDAS_SCRIPT = r'''
 import json, sys, unicodedata
@@ -64,8 +64,8 @@ def run(quick: bool):
             job = os.path.join(tmp, f"{case}.yaml")
             with open(job, "w") as fh:
                 # like for like with the baseline: exact dedup only (benchmarks.minhash times near dedup)
-                yaml.safe_dump({"name": f"bench_{case}", "output": out, "dedup": {"near": {"enabled": False}},
-                                "inputs": [{"source": "bench", "path": data}]}, fh)
+                yaml.safe_dump(pinned_job(("dedup.exact",), name=f"bench_{case}", output=out,
+                                          inputs=[{"source": "bench", "path": data}]), fh)
             res = run_measured([sys.executable, "-m", "curate", "run", job, *flags], cwd=REPO)
             with open(os.path.join(out, "manifest.json")) as fh:
                 man = json.load(fh)

@@ -18,7 +18,7 @@ import unicodedata
 
 import yaml
 
-from benchmarks.common import REPO, emit, real_rows, run_measured
+from benchmarks.common import REPO, emit, pinned_job, real_rows, run_measured
 from benchmarks.foundation import make_rows
 from curate.dedup import minhash as mh
 
@@ -84,9 +84,8 @@ def stage_case(n: int, tmp: str) -> dict:
     job = os.path.join(tmp, f"near_{n}.yaml")
     out = os.path.join(tmp, f"out_{n}")
     with open(job, "w") as fh:
-        yaml.safe_dump({"name": f"near_{n}", "output": out, "batch_size": 1024,
-                        "dedup": {"exact": {"enabled": False}},
-                        "inputs": [{"source": "bench", "path": data}]}, fh)
+        yaml.safe_dump(pinned_job(("dedup.near",), name=f"near_{n}", output=out, batch_size=1024,
+                                  inputs=[{"source": "bench", "path": data}]), fh)
     res = run_measured([sys.executable, "-m", "curate", "run", job], cwd=REPO)
     with open(os.path.join(out, "manifest.json")) as fh:
         man = json.load(fh)

@@ -10,7 +10,7 @@ import tempfile
 import pandas as pd
 import yaml
 
-from benchmarks.common import REPO, emit, real_rows, run_measured
+from benchmarks.common import REPO, emit, pinned_job, real_rows, run_measured
 from benchmarks.dedup_quality import build, evaluate, write_jsonl
 
 
@@ -21,8 +21,8 @@ def run(quick: bool):
         data, job, out = (os.path.join(tmp, x) for x in ("labelled.jsonl", "job.yaml", "out"))
         write_jsonl(rows, data)
         with open(job, "w") as fh:
-            yaml.safe_dump({"output": out, "dedup": {"exact": {"enabled": False}},
-                            "inputs": [{"source": "lab", "path": data, "id_field": "id"}]}, fh)
+            yaml.safe_dump(pinned_job(("dedup.near",), output=out,
+                                      inputs=[{"source": "lab", "path": data, "id_field": "id"}]), fh)
         run_measured([sys.executable, "-m", "curate", "run", job], cwd=REPO)
         result = evaluate(rows, labels, pd.read_parquet(os.path.join(out, "annotated")).to_dict("records"))
     common = dict(n=len(rows), copies=len(labels["copies"]), unrelated=len(labels["unrelated"]), threshold=0.8)

@@ -2,10 +2,9 @@
 
 Why: torch's float32 ``linear`` on the CPU calls MKL's sgemm, and MKL takes its AVX2 path on
 AMD processors even when they have AVX-512. oneDNN, which ships inside every torch CPU build,
-picks the AVX-512 kernel. On this project's 2-core AMD EPYC machines the model's GEMM shapes
-run at about 380-410 GFLOP/s through oneDNN against 160-180 through MKL, in true float32
-(error against float64 at MKL's level; no bf16 or tf32 inside). On a CPU where MKL already
-uses AVX-512 the two are close.
+picks the AVX-512 kernel there, in true float32 (error against float64 at MKL's level; no bf16
+or tf32 inside). On an AVX2-only CPU it is the slower of the two. Which one a model uses is
+decided by measuring both on this CPU (``curate.kernel_choice``), not here.
 
 The switch changes the class of each ``nn.Linear`` in place (same parameters, tied weights stay
 tied), so it is undone by :func:`use_onednn` with ``on=False``. It is refused, with a logged reason,
@@ -54,18 +53,6 @@ def problem(device: str, dtype: str) -> str | None:
     return None
 
 
-def kernel(device: str, dtype: str, want: str) -> str:
-    """The linear kernel a model will use: ``onednn`` when asked for and possible, else ``torch``."""
-    if want != "onednn":
-        return "torch"
-    why = problem(device, dtype)
-    if why:
-        if device == "cpu":  # off the CPU oneDNN is never expected: no news
-            log.info("oneDNN linears not used: %s", why)
-        return "torch"
-    return "onednn"
-
-
 def use_onednn(model, on: bool = True) -> int:
     """Switch every linear layer of ``model`` to oneDNN (or back); the number switched.
 
@@ -73,7 +60,10 @@ def use_onednn(model, on: bool = True) -> int:
     """
     if on:
         param = next(model.parameters())
-        if kernel(param.device.type, str(param.dtype).removeprefix("torch."), "onednn") != "onednn":
+        why = problem(param.device.type, str(param.dtype).removeprefix("torch."))
+        if why:
+            if param.device.type == "cpu":  # off the CPU oneDNN is never expected: no news
+                log.info("oneDNN linears not used: %s", why)
             return 0
     old, new = (torch.nn.Linear, OneDNNLinear) if on else (OneDNNLinear, torch.nn.Linear)
     switched = 0

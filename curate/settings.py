@@ -19,6 +19,7 @@ from curate.records import FORMS
 SEMANTIC_KEEP = ("least_similar_to_centroid", "most_similar_to_centroid", "longest_response")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LINEAR_KERNELS = ("auto", "torch", "onednn")  # curate.kernel_choice: auto measures on this CPU
 
 
 def _types(default: Any) -> tuple:
@@ -189,7 +190,7 @@ class Embed:
     batch_size: int = opt(64, minimum=1)
     device: str = opt("auto", choices=DEVICES)
     dtype: str = opt("auto", choices=DTYPES)
-    cpu_linear: str = opt("onednn", choices=("onednn", "torch"))
+    cpu_linear: str = opt("auto", choices=LINEAR_KERNELS)
     reuse: str | None = opt(None, types=(str,))
     cache: bool = opt(True)
     cache_dir: str | None = opt(None, types=(str,))
@@ -204,7 +205,7 @@ class IFD:
     superfiltering_compat: bool = opt(False)
     batch_size: int = opt(256, minimum=1)
     batch_tokens: int | None = opt(None, types=(int,), minimum=1)
-    cpu_linear: str = opt("onednn", choices=("onednn", "torch"))
+    cpu_linear: str = opt("auto", choices=LINEAR_KERNELS)
     bucket_rows: int = opt(128, minimum=1)
     device: str = opt("auto", choices=DEVICES)
     dtype: str = opt("auto", choices=DTYPES)
@@ -220,6 +221,7 @@ class Degradation:
     model: str = opt("SmolLM2-135M-Instruct")  # the dense model
     compressed: str | None = opt(None, types=(str,))  # a folder from `curate compress` (or any model)
     cutoff: int = opt(256, minimum=8)  # tokens of prompt + response
+    cpu_linear: str = opt("auto", choices=LINEAR_KERNELS)
     batch_size: int = opt(8, minimum=1)  # rows per forward pass
     bucket_rows: int = opt(64, minimum=1)  # rows handed to the scorer at once
     device: str = opt("auto", choices=DEVICES)

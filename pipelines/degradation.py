@@ -44,13 +44,15 @@ class DegradationHandler(StageHandler):
     def __init__(self, d: Degradation, rt: dict):
         super().__init__(min_batch_size=d.bucket_rows, max_batch_size=d.bucket_rows)
         self.d, self.device, self.dtype = d, rt["device"], rt["dtype"]
+        self.linear = rt.get("linear", "torch")
 
     def load_model(self):
         from curate.models import load_causal_lm
 
-        log.info("degradation: loading %s and %s on %s (%s)", self.d.model, self.d.compressed, self.device, self.dtype)
-        dense, tok = load_causal_lm(self.d.model, self.device, self.dtype)
-        compressed, tok2 = load_causal_lm(self.d.compressed, self.device, self.dtype)
+        log.info("degradation: loading %s and %s on %s (%s, %s linears)", self.d.model, self.d.compressed,
+                 self.device, self.dtype, self.linear)
+        dense, tok = load_causal_lm(self.d.model, self.device, self.dtype, self.linear)
+        compressed, tok2 = load_causal_lm(self.d.compressed, self.device, self.dtype, self.linear)
         if tok.get_vocab() != tok2.get_vocab():
             raise ValueError("degradation: the dense and compressed models have different vocabularies")
         return ModelPair(dense, compressed, tok)

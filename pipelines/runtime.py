@@ -61,7 +61,7 @@ def _cache(enabled: bool, cache_dir: str | None, kind: str, key: str) -> tuple[s
 
 def resolve_runtime(cfg: Job) -> dict:
     """``{stage: choices}`` for the stages that are on (see the module docstring)."""
-    from curate import device, models, onednn
+    from curate import device, kernel_choice, models
     from pipelines.score import default_batch_tokens, settings_key
 
     rt = {}
@@ -74,8 +74,9 @@ def resolve_runtime(cfg: Job) -> dict:
         dtype = device.torch_dtype_name(dev, e.dtype)
         key = embed_key(e.model, e.max_seq_length, dtype, e.text)
         folder, files = _cache(e.cache, e.cache_dir, "embeddings", key)
+        linear = kernel_choice.choose(lambda: kernel_choice.meta_shapes(path, "encoder"), e.cpu_linear, dev, dtype)
         rt["embed"] = {"model": e.model, "path": path, "device": dev, "dtype": dtype,
-                       "linear": onednn.kernel(dev, dtype, e.cpu_linear), "dim": models.embedding_dim(path),
+                       "linear": linear.kernel, "linear_choice": linear.as_dict(), "dim": models.embedding_dim(path),
                        "key": key, "cache": folder, "cache_files": files}
         if e.reuse:
             reuse = reuse_check(e.reuse, key)
@@ -89,8 +90,10 @@ def resolve_runtime(cfg: Job) -> dict:
         dev = device.torch_device(s.device)
         dtype = device.torch_dtype_name(dev, s.dtype, gpu_default="bfloat16")
         folder, files = _cache(s.cache, s.cache_dir, "scores", settings_key(s, dtype))
+        linear = kernel_choice.choose(lambda: kernel_choice.meta_shapes(models.weak_lm_folder(s.model)),
+                                      s.cpu_linear, dev, dtype)
         rt["score"] = {"model": s.model, "device": dev, "dtype": dtype,
-                       "linear": onednn.kernel(dev, dtype, s.cpu_linear),
+                       "linear": linear.kernel, "linear_choice": linear.as_dict(),
                        "batch_tokens": s.batch_tokens or default_batch_tokens(dev),
                        "cache": folder, "cache_files": files}
     d = cfg.score.degradation
@@ -101,6 +104,9 @@ def resolve_runtime(cfg: Job) -> dict:
         dev = device.torch_device(d.device)
         dtype = device.torch_dtype_name(dev, d.dtype, gpu_default="bfloat16")
         folder, files = _cache(d.cache, d.cache_dir, "degradation", degradation_key(d, dtype))
+        linear = kernel_choice.choose(lambda: kernel_choice.meta_shapes(models.weak_lm_folder(d.model)),
+                                      d.cpu_linear, dev, dtype)
         rt["degradation"] = {"model": d.model, "compressed": os.path.abspath(d.compressed), "device": dev,
-                             "dtype": dtype, "cache": folder, "cache_files": files}
+                             "dtype": dtype, "linear": linear.kernel, "linear_choice": linear.as_dict(),
+                             "cache": folder, "cache_files": files}
     return rt

@@ -28,6 +28,4 @@ def test_switched_layers_compute_what_torch_computes_and_switch_back():
 def test_refused_off_the_cpu_or_outside_float32():
     model = torch.nn.Linear(8, 8).to(torch.bfloat16)
     assert onednn.use_onednn(model) == 0 and type(model) is torch.nn.Linear
-    assert onednn.kernel("cuda", "bfloat16", "onednn") == "torch"
-    assert onednn.kernel("cpu", "float32", "torch") == "torch"
     assert "float32 on the CPU" in onednn.problem("cpu", "bfloat16")

@@ -18,8 +18,13 @@ def test_scores_written_then_reused_from_the_cache(job_dir):
     first = load_manifest("first")
     assert first["score"]["model_rows"] == 16 and first["score"]["cached_rows"] == 0
     assert first["score"]["ifd_status_share"] == {"ok": 1.0} and 0 <= first["score"]["ifd_ge_1_share"] <= 1
-    # the CPU path: oneDNN linears where this torch has them, about a thousand tokens per forward pass
-    assert first["score"]["linear"] == ("torch" if problem("cpu", "float32") else "onednn")
+    # the CPU path: the linear kernel measured on this CPU (or read from that measurement), about a
+    # thousand tokens per forward pass
+    choice = first["score"]["linear_choice"]
+    assert first["score"]["linear"] == choice["kernel"] and choice["how"] in ("measured", "cached")
+    if not problem("cpu", "float32"):
+        assert set(choice["gflops"]) == {"torch", "onednn"}
+        assert choice["kernel"] == max(choice["gflops"], key=choice["gflops"].get)
     assert first["score"]["batch_tokens"] == 1024
     ann = pd.read_parquet("first/annotated").set_index("id").sort_index()
     assert ann.ifd_loss.notna().all() and (ann.ifd_status == "ok").all()
@@ -30,6 +35,7 @@ def test_scores_written_then_reused_from_the_cache(job_dir):
     assert run_cli("run", write_job(job_dir, {**cfg, "output": "again"}, "again.yaml")) == 0
     again = load_manifest("again")
     assert again["score"]["model_rows"] == 0 and again["score"]["cached_rows"] == 16  # the model never ran
+    assert again["score"]["linear_choice"]["how"] == "cached"  # measured once per CPU, torch and shapes
     ann2 = pd.read_parquet("again/annotated").set_index("id").sort_index()
     cols = ["ifd_nll_cond", "ifd_nll_direct", "ifd_loss", "ifd_ppl", "rifd", "rifd_loss"]
     assert ann[cols].equals(ann2[cols])
