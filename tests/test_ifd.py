@@ -171,11 +171,13 @@ def test_real_model_batched_equals_one_at_a_time_and_reruns_identically():
     from curate.models import load_causal_lm
 
     model, tok = load_causal_lm()
-    # 64 real rows, batch 16 (the check); max_length 192 keeps it to about two minutes on 2 cores
-    rows = json.load(open(shared("alpaca_cherry_5pct.json")))[:32] + json.load(open(shared("gsm8k_train.json")))[:32]
-    single = score_rows(model, tok, rows, IFDSettings(max_length=192, batch_size=1))  # torch's own kernel
-    use_onednn(model)  # batched as the stage runs on a CPU: oneDNN linears where available
-    settings = IFDSettings(max_length=192, batch_size=16)
+    # 16 real rows, batch 8, max_length 96: small enough for a test on 2 cores (benchmarks.ifd
+    # checks 400 rows at the stage's max_length against the reference loop); long reverse prompts
+    # do not fit, so the prompt_truncated branch is taken too
+    rows = json.load(open(shared("alpaca_cherry_5pct.json")))[:8] + json.load(open(shared("gsm8k_train.json")))[:8]
+    single = score_rows(model, tok, rows, IFDSettings(max_length=96, batch_size=1))  # torch's own kernel
+    use_onednn(model)  # batched on the other float32 kernel, where this torch has it
+    settings = IFDSettings(max_length=96, batch_size=8)
     batched = score_rows(model, tok, rows, settings)
     again = score_rows(model, tok, rows, settings)
     for b, s, a in zip(batched, single, again):
@@ -186,6 +188,11 @@ def test_real_model_batched_equals_one_at_a_time_and_reruns_identically():
             else:
                 assert abs(b[key] - s[key]) < 1e-4, key
                 assert b[key] == a[key]
-        assert b["ifd_status"] in ("ok", "response_truncated") and 0 < b["ifd_loss"] < 3
-    assert np.std([b["ifd_loss"] for b in batched]) > 0.01  # real, varying scores
-    assert sum(math.isfinite(b["rifd"]) for b in batched) >= 32
+        if b["ifd_status"] == "prompt_truncated":  # a long instruction + input leaves no room
+            assert math.isnan(b["ifd_loss"])
+        else:
+            assert b["ifd_status"] in ("ok", "response_truncated") and 0 < b["ifd_loss"] < 3
+    scored = [b["ifd_loss"] for b in batched if math.isfinite(b["ifd_loss"])]
+    assert len(scored) >= 12 and np.std(scored) > 0.01  # real, varying scores
+    finite = sum(math.isfinite(b["rifd"]) for b in batched)
+    assert 4 <= finite < len(rows)  # scored where the reverse prompt fits, prompt_truncated elsewhere
