@@ -95,11 +95,6 @@ def _nlls(scores: list[dict]) -> np.ndarray:
     return np.array([[s[k] for k in NLL_KEYS] for s in scores], dtype=float)
 
 
-def native_bf16() -> bool:
-    name = kernel_choice.cpu_name()
-    return "avx512_bf16" in name or "amx_bf16" in name
-
-
 def run(quick: bool):
     n = 16 if quick else 400
     model, tok = load_causal_lm()
@@ -146,7 +141,7 @@ def run(quick: bool):
          ceiling_ratio_from_skipped_work=round(ref_flops / ours_flops, 3),
          note="2 x parameters x tokens, plus the vocabulary projection (all tokens for the reference)")
 
-    m = n if native_bf16() else min(n, 4)
+    m = n if kernel_choice.native_bf16() else min(n, 4)
     bf16 = model.to(torch.bfloat16)  # torch runs bf16 matmuls on oneDNN already
     t = time.perf_counter()
     low = [s for b in range(0, m, BUCKET) for s in score_rows(bf16, tok, rows[b:b + BUCKET], SETTINGS)]
@@ -154,7 +149,7 @@ def run(quick: bool):
     same_status = all(a["ifd_status"] == b["ifd_status"] and a["rifd_status"] == b["rifd_status"]
                       for a, b in zip(low, fp32))
     emit("ifd", "bf16_vs_fp32_cpu", "rows_per_s", m / bf16_s, "fp32", n / fp32_s, n=m,
-         native_bf16=native_bf16(), statuses_unchanged=same_status,
+         native_bf16=kernel_choice.native_bf16(), statuses_unchanged=same_status,
          ifd_loss_spearman=round(_spearman([s["ifd_loss"] for s in fp32[:m]], [s["ifd_loss"] for s in low]), 4),
          rifd_spearman=round(_spearman([s["rifd"] for s in fp32[:m]], [s["rifd"] for s in low]), 4),
          ifd_loss_max_abs_diff=round(float(np.nanmax(np.abs(np.array([s["ifd_loss"] for s in fp32[:m]], float)

@@ -27,8 +27,8 @@ def embed_text(record: dict, mode: str = "whole") -> str:
 def load_embedder(model: str | None, device: str = "cpu", dtype: str = "float32", max_seq_length: int = 256,
                   linear: str = "torch"):
     """A SentenceTransformer on ``device`` in ``dtype``, loaded from a local path; ``linear="onednn"``
-    runs its float32 CPU linear layers on oneDNN (``curate.onednn``: 1.67x the rows/s on 2 AMD
-    cores, vectors within 3e-7)."""
+    runs its float32 CPU linear layers on oneDNN (``curate.onednn``; vectors within 3e-7 of torch's
+    kernel; which of the two is faster depends on the CPU, see ``curate.kernel_choice``)."""
     import torch
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging

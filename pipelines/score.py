@@ -46,7 +46,7 @@ def settings_key(p: IFDStage, dtype: str) -> str:
 def default_batch_tokens(device: str) -> int:
     """Padded tokens per forward pass when the job leaves ``batch_tokens`` unset. On a CPU about a
     thousand keeps each layer's activations in cache (measured best of 512/768/1024/2048 on 2
-    cores); a GPU wants large batches (H100, bf16, SmolLM2-135M's shape: 443 rows/s at 16,384
+    cores of an AMD EPYC with AVX-512); a GPU wants large batches (H100, bf16, SmolLM2-135M's shape: 443 rows/s at 16,384
     tokens and 256 rows, 562 at 65,536; 16,384 leaves room for larger models)."""
     return 16384 if device == "cuda" else 1024
 

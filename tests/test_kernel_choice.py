@@ -81,3 +81,16 @@ def test_the_cpu_name_carries_its_simd_flags():
     name = kernel_choice.cpu_name()
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     assert name and (("avx2" in name) == (" avx2" in flags))
+
+
+def test_an_isa_cap_below_bf16_means_no_native_bf16(monkeypatch):
+    monkeypatch.setattr(kernel_choice, "cpu_name", lambda: "Some CPU [avx2 avx512f avx512_bf16]")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert kernel_choice.native_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not kernel_choice.native_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert kernel_choice.native_bf16()
+    monkeypatch.setattr(kernel_choice, "cpu_name", lambda: "Some CPU [avx2]")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert not kernel_choice.native_bf16()
