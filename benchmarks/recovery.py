@@ -6,31 +6,21 @@ its one-shot 50% Wanda pruning) and embeddings; ``curate evaluate`` then recover
 model with LoRA on each policy's selection (random, superfiltering, cluster_balanced, paser)
 with paired seeds and measures held-out response NLL, the share of the compression gap closed
 and KL to the dense model. Prints one JSON line per policy and the table; writes everything to
-``runs/bench-recovery/``. About an hour on 2 CPU cores (a LoRA step of 8 x 256 tokens takes
-~20 s); ``--quick`` is a few minutes on fewer rows, one seed and two policies.
+``runs/bench-recovery/`` (``--quick``: ``runs/bench-recovery-quick/``). About an hour on 2 CPU cores
+(a LoRA step of 8 x 256 tokens takes ~20 s); ``--quick`` checks that the loop runs end to end on 44 rows, one seed, two policies, one
+step and 128-token cutoffs (its figures say nothing about which policy wins).
 """
 from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 from benchmarks.common import REPO, emit, shared
 
-OUT = os.path.join(REPO, "runs", "bench-recovery")
-
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
-        isa = "AVX-512" if "avx512f" in out else ("AVX2" if "avx2" in out else "no AVX2")
-        return f"{name}, {isa}, {os.cpu_count()} cores"
-    except OSError:
-        return platform.processor() or "unknown CPU"
+RUNS = os.path.join(REPO, "runs")
 
 
 def _pool(folder: str, n_alpaca: int, n_gsm: int, n_nq: int) -> list[dict]:
@@ -62,23 +52,25 @@ def _curate(*args: str) -> None:
 
 
 def run(quick: bool):
-    os.makedirs(OUT, exist_ok=True)
-    sizes = (48, 24, 12) if quick else (240, 120, 40)
-    budget, seeds, steps = (16, "0", 2) if quick else (64, "0,1,2", 8)
+    out = os.path.join(RUNS, "bench-recovery-quick" if quick else "bench-recovery")  # quick never clobbers the full run
+    os.makedirs(out, exist_ok=True)
+    sizes = (24, 12, 8) if quick else (240, 120, 40)
+    budget, seeds, steps = (8, "0", 1) if quick else (64, "0,1,2", 8)
     policies = "random,paser" if quick else "random,superfiltering,cluster_balanced,paser"
-    inputs = _pool(OUT, *sizes)
+    cutoff, heldout, calibration = (128, "16", "8") if quick else (256, "48", "32")
+    inputs = _pool(out, *sizes)
     t0 = time.perf_counter()
-    model = os.path.join(OUT, "smollm2-wanda50")
-    _curate("compress", "--calibration", os.path.join(OUT, "pool.jsonl"), "--out", model, "--method", "wanda", "--sparsity", "0.5",
-            "--calibration-rows", "32", "--heldout", "40")
+    model = os.path.join(out, "smollm2-wanda50")
+    _curate("compress", "--calibration", os.path.join(out, "pool.jsonl"), "--out", model, "--method", "wanda", "--sparsity", "0.5",
+            "--calibration-rows", calibration, "--heldout", "16" if quick else "40")
     compress_s = time.perf_counter() - t0
-    job = {"name": "bench-recovery", "output": os.path.join(OUT, "run"), "seed": 0,
+    job = {"name": "bench-recovery", "output": os.path.join(out, "run"), "seed": 0,
            "inputs": inputs,
            "dedup": {"semantic": {"enabled": False}},
-           "score": {"ifd": {"max_length": 512},
-                     "degradation": {"enabled": True, "compressed": model, "cutoff": 256}},
+           "score": {"ifd": {"max_length": 2 * cutoff},
+                     "degradation": {"enabled": True, "compressed": model, "cutoff": cutoff}},
            "select": {"policy": "all"}}
-    job_path = os.path.join(OUT, "job.yaml")
+    job_path = os.path.join(out, "job.yaml")
     import yaml
 
     with open(job_path, "w", encoding="utf-8") as fh:
@@ -88,17 +80,16 @@ def run(quick: bool):
     score_s = time.perf_counter() - t1
     t2 = time.perf_counter()
     _curate("evaluate", job["output"], "--model", model, "--rows", str(budget), "--policies", policies,
-            "--seeds", seeds, "--heldout", "48", "--steps", str(steps), "--batch-size", "8", "--cutoff", "256",
-            "--param", "cluster_balanced.score=ifd_loss", "--out", os.path.join(OUT, "eval"))
+            "--seeds", seeds, "--heldout", heldout, "--steps", str(steps), "--batch-size", "8", "--cutoff", str(cutoff),
+            "--param", "cluster_balanced.score=ifd_loss", "--out", os.path.join(out, "eval"))
     eval_s = time.perf_counter() - t2
-    with open(os.path.join(OUT, "eval", "summary.json"), encoding="utf-8") as fh:
+    with open(os.path.join(out, "eval", "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
-    cpu = _cpu()
     for name, e in summary["policies"].items():
         emit("recovery", name, "heldout_nll", e["heldout_nll"], "random", summary["policies"]["random"]["heldout_nll"],
              n=budget, higher_is_better=False, gap_closed=round(e["gap_closed"], 4), kl_dense=round(e["kl_dense"], 4),
              vs_random_nll=e.get("vs_random_nll"), vs_random_ci95=e.get("vs_random_ci95"), seeds=e["seeds"],
              steps=steps, pool=summary["selectable_rows"], heldout=summary["heldout_rows"],
-             nll_dense=round(summary["nll_dense"], 4), nll_compressed=round(summary["nll_compressed"], 4), cpu=cpu)
+             nll_dense=round(summary["nll_dense"], 4), nll_compressed=round(summary["nll_compressed"], 4))
     emit("recovery", "wall", "seconds", compress_s + score_s + eval_s, n=budget, compress_s=round(compress_s, 1),
-         pipeline_s=round(score_s, 1), evaluate_s=round(eval_s, 1), cpu=cpu)
+         pipeline_s=round(score_s, 1), evaluate_s=round(eval_s, 1))
