@@ -215,7 +215,14 @@ def choose(shapes_fn, want: str = "auto", device: str = "cpu", dtype: str = "flo
         return Choice(want, "forced", why="set in the job", cpu=cpu)
     if why_not:
         return Choice("torch", "only_choice", why=why_not, cpu=cpu)
-    shapes = shapes_fn()
+    try:
+        shapes = shapes_fn()
+    except Exception as err:  # noqa: BLE001 - a model whose shapes cannot be read keeps torch's kernel
+        log.warning("cpu_linear auto: could not read the model's linear shapes (%s: %s); using torch's kernel",
+                    type(err).__name__, err)
+        return Choice("torch", "only_choice", why=f"shapes unreadable: {type(err).__name__}: {err}", cpu=cpu)
+    if not shapes:
+        return Choice("torch", "only_choice", why="the model has no linear layers", cpu=cpu)
     key = _cache_key(shapes)
     cached = _read_cache().get(key)
     if cached and cached.get("kernel") in KERNELS:

@@ -74,9 +74,10 @@ def resolve_runtime(cfg: Job) -> dict:
         dtype = device.torch_dtype_name(dev, e.dtype)
         key = embed_key(e.model, e.max_seq_length, dtype, e.text)
         folder, files = _cache(e.cache, e.cache_dir, "embeddings", key)
+        dim = models.embedding_dim(path)  # fails here, with a clear message, for a model that is not there
         linear = kernel_choice.choose(lambda: kernel_choice.meta_shapes(path, "encoder"), e.cpu_linear, dev, dtype)
         rt["embed"] = {"model": e.model, "path": path, "device": dev, "dtype": dtype,
-                       "linear": linear.kernel, "linear_choice": linear.as_dict(), "dim": models.embedding_dim(path),
+                       "linear": linear.kernel, "linear_choice": linear.as_dict(), "dim": dim,
                        "key": key, "cache": folder, "cache_files": files}
         if e.reuse:
             reuse = reuse_check(e.reuse, key)

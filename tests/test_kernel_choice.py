@@ -71,6 +71,14 @@ def test_forced_and_off_the_cpu_need_no_measurement(monkeypatch, tmp_path):
         kernel_choice.choose(never, "mkl")
 
 
+@needs_onednn
+def test_a_model_whose_shapes_cannot_be_read_keeps_torchs_kernel(monkeypatch, tmp_path):
+    monkeypatch.setenv("CURATE_CACHE", str(tmp_path))
+    got = kernel_choice.choose(lambda: kernel_choice.meta_shapes(str(tmp_path / "nothing")), "auto")
+    assert (got.kernel, got.how) == ("torch", "only_choice") and "shapes unreadable" in got.why
+    assert kernel_choice.choose(dict, "auto").why == "the model has no linear layers"
+
+
 def test_the_settings_offer_what_the_chooser_knows():
     from curate.settings import LINEAR_KERNELS
 
