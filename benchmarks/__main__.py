@@ -14,6 +14,7 @@ BENCHMARKS = {
     "ifd": "benchmarks.ifd",
     "select": "benchmarks.select",
     "recovery": "benchmarks.recovery",
+    "targeted": "benchmarks.targeted",
 }
 
 

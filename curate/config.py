@@ -51,20 +51,20 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _resolve_inputs(inputs: list[dict]) -> list[dict]:
+def _resolve_inputs(inputs: list[dict], section: str = "inputs") -> list[dict]:
     seen = set()
     for i, spec in enumerate(inputs):
         if spec["source"] in seen:
-            raise ConfigError(f"inputs[{i}].source: {spec['source']!r} is used twice")
+            raise ConfigError(f"{section}[{i}].source: {spec['source']!r} is used twice")
         seen.add(spec["source"])
         patterns = spec["path"] if isinstance(spec["path"], list) else [spec["path"]]
         files = []
         for pattern in patterns:
             if not isinstance(pattern, str):
-                raise ConfigError(f"inputs[{i}].path: expected text, got {pattern!r}")
+                raise ConfigError(f"{section}[{i}].path: expected text, got {pattern!r}")
             matched = resolve_paths(pattern)
             if not matched:
-                raise ConfigError(f"inputs[{i}].path: no file matches {pattern!r}")
+                raise ConfigError(f"{section}[{i}].path: no file matches {pattern!r}")
             files.extend(matched)
         resolved = []
         for path in files:
@@ -72,7 +72,7 @@ def _resolve_inputs(inputs: list[dict]) -> list[dict]:
                 fmt = detect_format(path, spec["format"])
                 preflight(path, fmt)
             except SourceReadError as err:
-                raise ConfigError(f"inputs[{i}] ({spec['source']}): {err}") from None
+                raise ConfigError(f"{section}[{i}] ({spec['source']}): {err}") from None
             resolved.append(InputFile(os.path.abspath(path), fmt))
         spec["files"] = tuple(resolved)
     return inputs
@@ -153,8 +153,12 @@ def validate(raw: Any, *, check_files: bool = True, name: str | None = None) -> 
     else:
         near["bands_rows_from"] = "job file"
     cfg["beam"] = {**DEFAULT_BEAM, **cfg["beam"]}
+    if cfg["score"]["rds"]["enabled"] and not cfg["targets"]:
+        raise ConfigError("score.rds.enabled needs targets: one or more target sets (source, path, form) "
+                          "of examples of what the model should be good at")
     if check_files:
         _resolve_inputs(cfg["inputs"])
+        _resolve_inputs(cfg["targets"], "targets")
     if cfg["name"] is None:
         cfg["name"] = name
     job = build(Job, cfg)

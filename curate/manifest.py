@@ -17,7 +17,7 @@ from curate.stats import END, START, parse_stat_key
 MANIFEST_VERSION = "1.0"
 # Pipeline order of the stages, for reports; a stage not listed sorts after these.
 STAGE_ORDER = ("read", "validate", "ids", "exact_dedup", "near_dedup", "embed", "cluster",
-               "semantic_dedup", "score", "degradation", "rewrite", "select", "write")
+               "semantic_dedup", "score", "rds_targets", "rds", "degradation", "rewrite", "select", "write")
 
 
 class AccountingError(Exception):
@@ -201,6 +201,17 @@ def degradation_report(cfg: Job, stages: dict, runtime: dict) -> dict:
     return {"enabled": True, **out, "cutoff": d.cutoff}
 
 
+def rds_report(cfg: Job, stages: dict, runtime: dict) -> dict:
+    """The RDS+ stage: model, cache use, status shares, the target sets and their rows scored."""
+    r = cfg.score.rds
+    if not r.enabled:
+        return {"enabled": False}
+    out = _model_stage(stages, "rds", runtime.get("rds", {}), {"status_share": "status"})
+    targets = stages.get("rds_targets", {})
+    out["target_rows"] = {"model": int(targets.get("model_rows", 0)), "cached": int(targets.get("cached", 0))}
+    return {"enabled": True, **out, "max_length": r.max_length}
+
+
 def build(cfg: Job, stats: dict, inputs: list[dict], *, beam_options: dict, started: str,
           finished: str, wall_s: float, reports: dict | None = None, runtime: dict | None = None) -> dict:
     counts = summarize(stats)
@@ -229,6 +240,7 @@ def build(cfg: Job, stats: dict, inputs: list[dict], *, beam_options: dict, star
         "near_dedup": near_dedup_report(cfg, stages, reports or {}),
         **embed_cluster_report(cfg, stages, reports or {}, runtime or {}),
         "score": score_report(cfg, stages, runtime or {}),
+        "rds": rds_report(cfg, stages, runtime or {}),
         "degradation": degradation_report(cfg, stages, runtime or {}),
         "select": (reports or {}).get("select"),
         "timing": {"started": started, "finished": finished, "wall_s": round(wall_s, 3)},

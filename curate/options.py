@@ -29,6 +29,7 @@ class Opt:
 @dataclass(frozen=True)
 class ListOf:
     item: dict
+    required: bool = True  # False: the key may be left out or empty
 
 
 class FreeMap:
@@ -48,6 +49,8 @@ def _check(value: Any, schema: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping of option: value")
         return dict(value)
     if isinstance(schema, ListOf):
+        if not schema.required and (value is None or value == []):
+            return []
         if not isinstance(value, list) or not value:
             raise ConfigError(f"{path}: expected a non-empty list")
         return [_check(item, schema.item, f"{path}[{i}]") for i, item in enumerate(value)]

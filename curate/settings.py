@@ -64,7 +64,7 @@ def schema_of(cls) -> dict:
         elif "section" in meta:
             out[f.name] = schema_of(meta["section"])
         elif "list_of" in meta:
-            out[f.name] = ListOf(schema_of(meta["list_of"]))
+            out[f.name] = ListOf(schema_of(meta["list_of"]), required=not meta.get("optional", False))
     return out
 
 
@@ -231,9 +231,27 @@ class Degradation:
 
 
 @dataclass(frozen=True)
+class RDS:
+    """RDS+ targeted score: cosine of the weak LM's mean-pooled hidden states to the job's targets
+    (``curate.scoring.rds``)."""
+
+    enabled: bool = opt(False)
+    model: str = opt("SmolLM2-135M-Instruct")
+    max_length: int = opt(512, minimum=8)  # tokens of the chat-rendered prompt + response
+    batch_size: int = opt(16, minimum=1)  # rows per forward pass
+    bucket_rows: int = opt(64, minimum=1)  # rows handed to the model at once, sorted by length
+    cpu_linear: str = opt("auto", choices=LINEAR_KERNELS)
+    device: str = opt("auto", choices=DEVICES)
+    dtype: str = opt("auto", choices=DTYPES)
+    cache: bool = opt(True)
+    cache_dir: str | None = opt(None, types=(str,))
+
+
+@dataclass(frozen=True)
 class Score:
     ifd: IFD = section(IFD)
     degradation: Degradation = section(Degradation)
+    rds: RDS = section(RDS)
 
 
 @dataclass(frozen=True)
@@ -275,6 +293,9 @@ class Job:
     output: str = opt(None, types=(str,), required=True)
     seed: int = opt(0)
     inputs: tuple = field(default=(), metadata={"list_of": Input})
+    # examples of what the model should be good at, one set per subtask (``source`` names it);
+    # read like inputs, used by the targeted scores (score.rds)
+    targets: tuple = field(default=(), metadata={"list_of": Input, "optional": True})
     sample: Sample = section(Sample)
     validate: Validate = section(Validate)
     dedup: Dedup = section(Dedup)

@@ -97,6 +97,19 @@ def resolve_runtime(cfg: Job) -> dict:
                        "linear": linear.kernel, "linear_choice": linear.as_dict(),
                        "batch_tokens": s.batch_tokens or default_batch_tokens(dev),
                        "cache": folder, "cache_files": files}
+    r = cfg.score.rds
+    if r.enabled:
+        from pipelines.rds import settings_key as rds_key
+
+        models.check_weak_lm(r.model)
+        dev = device.torch_device(r.device)
+        dtype = device.torch_dtype_name(dev, r.dtype, gpu_default="bfloat16")
+        folder, files = _cache(r.cache, r.cache_dir, "rds", rds_key(r, dtype))
+        linear = kernel_choice.choose(lambda: kernel_choice.meta_shapes(models.weak_lm_folder(r.model)),
+                                      r.cpu_linear, dev, dtype)
+        rt["rds"] = {"model": r.model, "device": dev, "dtype": dtype, "linear": linear.kernel,
+                     "linear_choice": linear.as_dict(), "targets": {t.source: len(t.files) for t in cfg.targets},
+                     "cache": folder, "cache_files": files}
     d = cfg.score.degradation
     if d.enabled:
         from pipelines.degradation import settings_key as degradation_key

@@ -90,10 +90,11 @@ class Read(beam.PTransform):
         return {"records": out.records, "stats": out[STATS]}
 
 
-def row_specs(cfg: Job) -> dict[str, RowSpec]:
+def row_specs(cfg: Job, sources=None) -> dict[str, RowSpec]:
+    """How each input's (or each of ``sources``') rows become records."""
     return {s.source: RowSpec(source=s.source, form=s.form, fields=FieldMap(**dataclasses.asdict(s.fields)),
                               id_field=s.id_field, max_chars=cfg.validate.max_chars)
-            for s in cfg.inputs}
+            for s in (cfg.inputs if sources is None else sources)}
 
 
 class ValidateFn(StageFn):

@@ -12,7 +12,7 @@ from curate.select.base import Budget, Param, Policy, PolicyError, Pool, Selecti
 from curate.select.diversity import Deita, FacilityLocation, SuperfilteringDiverse
 from curate.select.paser import Paser
 from curate.select.quotas import ClusterBalanced, Mixture
-from curate.select.scored import All, Random, Superfiltering, Threshold, TopK
+from curate.select.scored import All, Random, Superfiltering, Targeted, Threshold, TopK
 
 GROUP = "curate.policies"
 log = logging.getLogger("curate")
@@ -73,7 +73,7 @@ class Chain(Policy):
 
 
 BUILTINS: dict[str, type[Policy]] = {cls.name: cls for cls in (
-    All, Random, Threshold, TopK, Superfiltering, SuperfilteringDiverse, FacilityLocation, ClusterBalanced,
+    All, Random, Threshold, TopK, Targeted, Superfiltering, SuperfilteringDiverse, FacilityLocation, ClusterBalanced,
     Deita, Mixture, Chain, Paser)}
 
 

@@ -1,4 +1,4 @@
-"""Policies that rank by one score column: all, random, threshold, top_k, superfiltering.
+"""Policies that rank by one score column: all, random, threshold, top_k, targeted, superfiltering.
 
 NaN (a failed or undefined score) is never selected: it is dropped as ``score_nan``.
 Ties are broken by id (the pool is sorted by id and the sorts are stable).
@@ -93,6 +93,39 @@ class TopK(_ByColumn):
     def choose(self, pool: Pool) -> Selection:
         keys, dropped = self._keys(pool)
         return pool.take_in_order(ranked(keys, self.p["higher_is_better"]), dropped)
+
+
+class Targeted(_ByColumn):
+    name = "targeted"
+    summary = ("targeted selection (RDS+, later LESS): the budget's rows most like the job's targets, "
+               "optionally at most max_per_cluster rows from one cluster")
+    params = {"column": Param((str,), "rds_score", "targeted score column to rank by"),
+              "max_per_cluster": Param((int,), None, "cap on rows taken from one cluster (none: no cap); "
+                                       "rows over it are dropped as cluster_cap", minimum=1)}
+    needs_budget = True
+
+    def choose(self, pool: Pool) -> Selection:
+        keys, dropped = self._keys(pool)
+        order = ranked(keys, True)
+        cap = self.p["max_per_cluster"]
+        if cap is not None:
+            if not pool.has("cluster_id"):
+                raise PolicyError("policy targeted: max_per_cluster needs cluster_id (enable the cluster stage)")
+            clusters = pool.values("cluster_id")
+            taken: dict[float, int] = {}
+            limit = pool.max_rows
+            kept = 0
+            for i in order:
+                rid = pool.ids[int(i)]
+                if rid in dropped or (limit is not None and kept >= limit):
+                    continue
+                c = clusters[int(i)]
+                if taken.get(c, 0) >= cap:
+                    dropped[rid] = "cluster_cap"
+                    continue
+                taken[c] = taken.get(c, 0) + 1
+                kept += 1
+        return pool.take_in_order(order, dropped)
 
 
 class Superfiltering(_ByColumn):
