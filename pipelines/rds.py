@@ -1,7 +1,7 @@
 """The RDS+ stage: targeted scores from the weak LM's pooled hidden states.
 
     targets (read by the driver) -> CachedInference(RDSHandler) -> per-subtask means --side input--+
-    live records -> CachedInference(RDSHandler) -> Match (score, subtask) -> CountRDS -> rds columns
+    live records -> CachedInference(RDSHandler) -> Match (score, subtask, counts) -> rds columns
 
 The vectors, not the scores, are cached (``cache_root()/rds/<settings key>/``: model, max_length,
 dtype; keyed by a hash of prompt and response), so a new target set costs only its own rows'
@@ -22,6 +22,7 @@ from curate.scoring.rds import COLUMNS, match, subtask_matrix, vectors_for
 from curate.settings import RDS, Job
 from pipelines.cached import CachedInference, StageHandler
 from pipelines.degradation import text_key
+from pipelines.score import WeakLM
 from pipelines.stage import STATS, LiveStage, StageFn
 
 log = logging.getLogger("curate")
@@ -56,11 +57,6 @@ def read_targets(job: Job) -> list[dict]:
     if not out:
         raise CurateError("targets: the target files hold no rows")
     return out
-
-
-class WeakLM:
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
 
 
 class RDSHandler(StageHandler):

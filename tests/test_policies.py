@@ -262,3 +262,16 @@ def test_deita_block_size_never_changes_the_selection(monkeypatch):
         results.append(run("deita", t, {"column": "ifd_loss", "threshold": 0.6}, emb=x, rows=40))
     assert all(r == results[0] for r in results)
     assert 0 < len(results[0].selected) <= 40 and "deita:too_similar" in results[0].dropped.values()
+
+
+def test_targeted_takes_the_best_rows_and_caps_each_cluster():
+    t = table([0.9, 0.8, NAN, 0.7, 0.6, 0.5], clusters=[0, 0, 0, 0, 1, 1])
+    plain = run("targeted", t, {"column": "ifd_loss"}, rows=3)
+    assert plain.selected == ["r00", "r01", "r03"] and plain.dropped["r02"] == "targeted:score_nan"
+    capped = run("targeted", t, {"column": "ifd_loss", "max_per_cluster": 2}, rows=3)
+    assert capped.selected == ["r00", "r01", "r04"]
+    assert capped.dropped == {"r02": "targeted:score_nan", "r03": "targeted:cluster_cap",
+                              "r05": "targeted:over_budget"}
+    with pytest.raises(PolicyError, match="max_per_cluster needs cluster_id"):
+        run("targeted", table([0.9, 0.8]), {"column": "ifd_loss", "max_per_cluster": 1}, rows=1)
+    assert make("targeted", {}).required_columns() == ("rds_score",)

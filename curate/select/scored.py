@@ -109,9 +109,9 @@ class Targeted(_ByColumn):
         order = ranked(keys, True)
         cap = self.p["max_per_cluster"]
         if cap is not None:
-            if not pool.has("cluster_id"):
+            clusters = pool.values("cluster_id") if pool.has("cluster_id") else np.full(len(pool), np.nan)
+            if len(pool) and np.isnan(clusters).all():
                 raise PolicyError("policy targeted: max_per_cluster needs cluster_id (enable the cluster stage)")
-            clusters = pool.values("cluster_id")
             taken: dict[float, int] = {}
             limit = pool.max_rows
             kept = 0
@@ -120,6 +120,9 @@ class Targeted(_ByColumn):
                 if rid in dropped or (limit is not None and kept >= limit):
                     continue
                 c = clusters[int(i)]
+                if np.isnan(c):  # a row without a cluster is not capped
+                    kept += 1
+                    continue
                 if taken.get(c, 0) >= cap:
                     dropped[rid] = "cluster_cap"
                     continue
