@@ -19,7 +19,7 @@ from curate import runs
 from curate.schema import rank_columns
 from curate.select.features import DEDUP_REASONS
 
-SECTIONS = ("summary", "funnel", "policy", "scores", "clusters", "map", "duplicates", "evaluation")
+SECTIONS = ("summary", "funnel", "policy", "scores", "targeted", "clusters", "map", "duplicates", "evaluation")
 SCORE_COLUMNS = rank_columns()  # declared by the score stages (curate.columns)
 MAP_POINTS = 5000
 
@@ -179,6 +179,32 @@ def duplicate_pairs(table, column: str, limit: int = 5) -> list[tuple[str, str, 
             for r in dup.select(["id", "prompt", "response", column]).to_pylist()]
 
 
+def top_targeted(table, column: str = "rds_score", limit: int = 10) -> list[dict]:
+    """The ``limit`` rows most like the targets (best first; NaN and null left out)."""
+    if column not in table.column_names:
+        return []
+    scored = table.filter(pc.is_valid(table.column(column)))
+    scored = scored.filter(pc.invert(pc.is_nan(scored.column(column))))
+    if not scored.num_rows:
+        return []
+    return scored.sort_by([(column, "descending"), ("id", "ascending")]).slice(0, limit).to_pylist()
+
+
+def targeted_section(table) -> str:
+    top = top_targeted(table)
+    if not top:
+        return "<p>No targeted scores: the run had score.rds off.</p>"
+    subtasks: dict[str, int] = {}
+    for name in table.column("rds_subtask").to_pylist():
+        if name is not None:
+            subtasks[name] = subtasks.get(name, 0) + 1
+    return ("<p>Rows most like the targets (RDS+), best first; the subtask each row matched best.</p>"
+            + _rows([(r["id"], r["source"], r.get("rds_subtask"), f"{r['rds_score']:.4f}",
+                      "yes" if r.get("selected") else "no", _short(r["prompt"] + "\n" + r["response"]))
+                     for r in top], ("row", "source", "subtask", "rds_score", "selected", "text"))
+            + _rows(sorted(subtasks.items()), ("subtask", "rows matched best")))
+
+
 def _png(fig) -> str:
     if fig is None:
         return ""
@@ -262,6 +288,7 @@ def render(folder: str) -> str:
     if "score" in man and man["score"].get("enabled"):
         shares = {k: v for k, v in man["score"].items() if "share" in k}
         sec["scores"] += f"<pre>{html.escape(json.dumps(shares, indent=2))}</pre>"
+    sec["targeted"] = targeted_section(table)
     clusters = plot_clusters(table)
     sec["clusters"] = _png(clusters) if clusters else "<p>No clusters: the run had the cluster stage off.</p>"
     emap = plot_map(folder, table)
@@ -276,7 +303,8 @@ def render(folder: str) -> str:
     sec["duplicates"] = "".join(dups)
     sec["evaluation"] = evaluation_section(folder)
     titles = {"summary": "Summary", "funnel": "Funnel: rows per stage and drop reason", "policy": "Selection policy",
-              "scores": "Scores, selected vs not selected", "clusters": "Cluster sizes",
+              "scores": "Scores, selected vs not selected", "targeted": "Targeted scores: the top rows",
+              "clusters": "Cluster sizes",
               "map": "Embedding map", "duplicates": "Sample duplicate pairs",
               "evaluation": "Recovery by selection policy (curate evaluate)"}
     body = "".join(f'<section id="{s}"><h2>{titles[s]}</h2>{sec[s]}</section>' for s in SECTIONS)

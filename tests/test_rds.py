@@ -94,6 +94,9 @@ def test_math_targets_rank_the_math_rows_first_and_reruns_take_the_vectors_from_
     assert best.source == "alpaca" and best.rds_subtask == "poems" and "poem" in best.prompt.lower()
     sel = pd.read_parquet("run/selected")
     assert len(sel) == 5 and set(sel.id) == set(scored.head(5).id)
+    report = open("run/report.html", encoding="utf-8").read()  # the top rows, the best one first
+    section = report[report.index('id="targeted"'):report.index('id="clusters"')]
+    assert section.index(best.id) < section.index(scored.iloc[1].id) and "rows matched best" in section
     # a rerun with another target set: the pool's vectors come from the cache, only targets change
     cfg2 = {**cfg, "output": "again", "targets": [{"source": "math", "path": targets}]}
     assert run_cli("run", write_job(job_dir, cfg2, "again.yaml")) == 0
