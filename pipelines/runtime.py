@@ -59,6 +59,22 @@ def _cache(enabled: bool, cache_dir: str | None, kind: str, key: str) -> tuple[s
     return folder, cache_store.files(folder)
 
 
+def _weak_lm_stage(settings, kind: str, key_fn) -> dict:
+    """Model, device, dtype, linear kernel and cache of a stage that runs the weak LM (``settings``
+    has model, device, dtype, cpu_linear, cache, cache_dir); a missing model fails here, not in a
+    worker."""
+    from curate import device, kernel_choice, models
+
+    models.check_weak_lm(settings.model)
+    dev = device.torch_device(settings.device)
+    dtype = device.torch_dtype_name(dev, settings.dtype, gpu_default="bfloat16")
+    folder, files = _cache(settings.cache, settings.cache_dir, kind, key_fn(settings, dtype))
+    linear = kernel_choice.choose(lambda: kernel_choice.meta_shapes(models.weak_lm_folder(settings.model)),
+                                  settings.cpu_linear, dev, dtype)
+    return {"model": settings.model, "device": dev, "dtype": dtype, "linear": linear.kernel,
+            "linear_choice": linear.as_dict(), "cache": folder, "cache_files": files}
+
+
 def resolve_runtime(cfg: Job) -> dict:
     """``{stage: choices}`` for the stages that are on (see the module docstring)."""
     from curate import device, kernel_choice, models
@@ -85,42 +101,18 @@ def resolve_runtime(cfg: Job) -> dict:
             rt["embed"]["cache_files"] = files + reuse.get("files", [])
     if cfg.cluster.enabled:
         rt["cluster"] = {"faiss_gpu": device.faiss_use_gpu(cfg.cluster.device)}
+    from pipelines.degradation import settings_key as degradation_key
+    from pipelines.rds import settings_key as rds_key
+
     s = cfg.score.ifd
     if s.enabled:
-        models.check_weak_lm(s.model)  # fail now, not in a worker
-        dev = device.torch_device(s.device)
-        dtype = device.torch_dtype_name(dev, s.dtype, gpu_default="bfloat16")
-        folder, files = _cache(s.cache, s.cache_dir, "scores", settings_key(s, dtype))
-        linear = kernel_choice.choose(lambda: kernel_choice.meta_shapes(models.weak_lm_folder(s.model)),
-                                      s.cpu_linear, dev, dtype)
-        rt["score"] = {"model": s.model, "device": dev, "dtype": dtype,
-                       "linear": linear.kernel, "linear_choice": linear.as_dict(),
-                       "batch_tokens": s.batch_tokens or default_batch_tokens(dev),
-                       "cache": folder, "cache_files": files}
+        rt["score"] = _weak_lm_stage(s, "scores", settings_key)
+        rt["score"]["batch_tokens"] = s.batch_tokens or default_batch_tokens(rt["score"]["device"])
     r = cfg.score.rds
     if r.enabled:
-        from pipelines.rds import settings_key as rds_key
-
-        models.check_weak_lm(r.model)
-        dev = device.torch_device(r.device)
-        dtype = device.torch_dtype_name(dev, r.dtype, gpu_default="bfloat16")
-        folder, files = _cache(r.cache, r.cache_dir, "rds", rds_key(r, dtype))
-        linear = kernel_choice.choose(lambda: kernel_choice.meta_shapes(models.weak_lm_folder(r.model)),
-                                      r.cpu_linear, dev, dtype)
-        rt["rds"] = {"model": r.model, "device": dev, "dtype": dtype, "linear": linear.kernel,
-                     "linear_choice": linear.as_dict(), "targets": {t.source: len(t.files) for t in cfg.targets},
-                     "cache": folder, "cache_files": files}
+        rt["rds"] = {**_weak_lm_stage(r, "rds", rds_key), "targets": {t.source: len(t.files) for t in cfg.targets}}
     d = cfg.score.degradation
     if d.enabled:
-        from pipelines.degradation import settings_key as degradation_key
-
-        models.check_weak_lm(d.model)
-        dev = device.torch_device(d.device)
-        dtype = device.torch_dtype_name(dev, d.dtype, gpu_default="bfloat16")
-        folder, files = _cache(d.cache, d.cache_dir, "degradation", degradation_key(d, dtype))
-        linear = kernel_choice.choose(lambda: kernel_choice.meta_shapes(models.weak_lm_folder(d.model)),
-                                      d.cpu_linear, dev, dtype)
-        rt["degradation"] = {"model": d.model, "compressed": os.path.abspath(d.compressed), "device": dev,
-                             "dtype": dtype, "linear": linear.kernel, "linear_choice": linear.as_dict(),
-                             "cache": folder, "cache_files": files}
+        rt["degradation"] = {**_weak_lm_stage(d, "degradation", degradation_key),
+                             "compressed": os.path.abspath(d.compressed)}
     return rt

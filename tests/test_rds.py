@@ -11,7 +11,7 @@ import torch
 
 from curate import lm_data
 from curate.scoring.rds import match, pooled_vectors, subtask_matrix, vectors_for
-from tests.conftest import EXAMPLES, load_manifest, run_cli, write_job
+from tests.conftest import EXAMPLES, REPO, load_manifest, run_cli, write_job
 
 
 def _tiny_llama():
@@ -81,6 +81,11 @@ def test_math_targets_rank_the_math_rows_first_and_reruns_take_the_vectors_from_
            "select": {"policy": "targeted", "budget": {"rows": 5}}}
     assert run_cli("run", write_job(job_dir, cfg)) == 0
     man = load_manifest("run")
+    import jsonschema
+
+    with open(f"{REPO}/schemas/manifest.schema.json", encoding="utf-8") as fh:
+        jsonschema.validate(man, json.load(fh))
+    assert man["rds"]["linear_choice"]["kernel"] == man["rds"]["linear"]
     assert man["rds"]["model_rows"] == 20 and man["rds"]["target_rows"] == {"model": 7, "cached": 0}
     ann = pd.read_parquet("run/annotated").sort_values("rds_score", ascending=False)
     scored = ann[ann.rds_status.isin(["ok", "response_truncated"])]
