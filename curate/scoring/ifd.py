@@ -31,7 +31,7 @@ vocabulary slice at a time (:func:`target_nlls`).
 
 CPU paths measured and the choice (``python -m benchmarks ifd``; 2 cores of an AMD EPYC with
 AVX-512 and AVX512-BF16): float32 with the faster of torch's and oneDNN's kernel
-(``curate.kernel_choice`` picks it per CPU) scores IFD + r-IFD at ~1.3x the one-row reference loop.
+(``curate.kernel_choice`` picks it per CPU) scores IFD + r-IFD at 1.3-1.5x the one-row reference loop.
 That is near float32's ceiling: the reference is GEMM-bound too, the stage skips only ~8% of its
 FLOPs, and the stage's GEMMs run at ~86% of the kernel's rate. bf16 runs 1.5x the float32 stage
 where the CPU has native bf16 (Spearman 1.0 of ``ifd_loss``, 0.99 of ``rifd``) and ~0.25x where it
