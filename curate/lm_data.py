@@ -75,7 +75,7 @@ def batch_tensors(examples: list[Example], pad_id: int):
     return ids, labels, mask
 
 
-def _batches(examples: list[Example], batch_size: int) -> list[list[int]]:
+def length_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
     """Indices of the usable examples, length-sorted into batches (less padding)."""
     order = sorted((i for i, e in enumerate(examples) if usable(e)), key=lambda i: (len(examples[i].ids), i))
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
@@ -97,7 +97,7 @@ def response_nll(model, examples: list[Example], pad_id: int, batch_size: int = 
 
     out = [math.nan] * len(examples)
     device = next(model.parameters()).device
-    for chunk in _batches(examples, batch_size):
+    for chunk in length_batches(examples, batch_size):
         ids, labels, mask = (t.to(device) for t in batch_tensors([examples[i] for i in chunk], pad_id))
         with torch.inference_mode():
             logp, targets, keep = _target_logprobs(model, ids, labels, mask)
@@ -143,7 +143,7 @@ def compare(dense, other, examples: list[Example], pad_id: int, batch_size: int 
     out = [{"jsd": nan, "jsd_sum": nan, "kl": nan, "nll_dense": nan, "nll_other": nan, "tokens": 0,
             "status": e.status if not usable(e) else "ok"} for e in examples]
     device = next(dense.parameters()).device
-    for chunk in _batches(examples, batch_size):
+    for chunk in length_batches(examples, batch_size):
         ids, labels, mask = (t.to(device) for t in batch_tensors([examples[i] for i in chunk], pad_id))
         with torch.inference_mode():
             logp, targets, keep = _target_logprobs(dense, ids, labels, mask)

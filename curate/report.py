@@ -1,8 +1,9 @@
 """report.html: one self-contained page (PNG plots embedded) that shows what a run kept and why.
 
-Sections (each a ``<section id=...>``): summary, funnel, policy, scores, clusters, map,
-duplicates, evaluation (``curate evaluate``'s results, when the run has ``eval/``). A section whose data the run does not have says so instead of failing. The
-same loaders and plots serve ``notebooks/explore_run.ipynb``.
+Sections (each a ``<section id=...>``): summary, funnel, policy, scores, targeted (the rows most
+like the job's targets), clusters, map, duplicates, evaluation (``curate evaluate``'s results, when
+the run has ``eval/``). A section whose data the run does not have says so instead of failing.
+The same loaders and plots serve ``notebooks/explore_run.ipynb``.
 """
 from __future__ import annotations
 

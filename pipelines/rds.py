@@ -11,6 +11,7 @@ per-subtask mean vectors travel as a side input of a few KB.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import apache_beam as beam
 import numpy as np
@@ -24,6 +25,7 @@ from pipelines.cached import CachedInference, StageHandler
 from pipelines.degradation import text_key
 from pipelines.score import WeakLM
 from pipelines.stage import STATS, LiveStage, StageFn
+from pipelines.transforms import INPUT_ERROR, row_specs
 
 log = logging.getLogger("curate")
 CACHED = [pa.field("rds_vector", pa.list_(pa.float32())), pa.field("rds_status", pa.string())]
@@ -39,7 +41,6 @@ def read_targets(job: Job) -> list[dict]:
     that cannot be read is an error to fix, not a reject."""
     from curate.io import iter_file
     from curate.records import convert
-    from pipelines.transforms import row_specs
 
     specs = row_specs(job, job.targets)
     out = []
@@ -85,12 +86,21 @@ class RDSHandler(StageHandler):
 
 
 def target_means(rows: list[dict]) -> dict:
-    """The side input: subtask names and their mean unit vectors, from the scored target rows."""
-    scored = [(r["source"], np.asarray(r["rds_vector"], dtype=np.float32)) for r in rows
-              if r["rds_vector"] is not None]
-    names, matrix = subtask_matrix(scored)
-    counts = {n: sum(1 for s, _ in scored if s == n) for n in names}
-    return {"names": names, "matrix": matrix, "counts": counts}
+    """The side input: subtask names and their mean unit vectors, from the scored target rows. A
+    subtask none of whose rows could be scored would vanish from the max over subtasks: that is
+    an input error to fix, reported as one line (``INPUT_ERROR``), not a silent loss."""
+    by_subtask: dict[str, list[dict]] = {}
+    for r in rows:
+        by_subtask.setdefault(r["source"], []).append(r)
+    for name, members in sorted(by_subtask.items()):
+        if all(r["rds_vector"] is None for r in members):
+            statuses = Counter(r["rds_status"] for r in members)
+            raise ValueError(f"{INPUT_ERROR}targets ({name}): no row could be scored "
+                             f"({', '.join(f'{k} {v}' for k, v in sorted(statuses.items()))}); "
+                             "raise score.rds.max_length or give rows with a response")
+    names, matrix = subtask_matrix([(r["source"], np.asarray(r["rds_vector"], dtype=np.float32)) for r in rows
+                                    if r["rds_vector"] is not None])
+    return {"names": names, "matrix": matrix}
 
 
 class MatchFn(StageFn):

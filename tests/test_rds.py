@@ -52,7 +52,7 @@ def test_score_is_the_max_over_subtasks_of_the_mean_cosine():
     score, subtask = match(row, names, matrix)
     assert math.isclose(score, max(per_subtask.values()), rel_tol=1e-12)
     assert subtask == max(per_subtask, key=per_subtask.get)
-    assert match(None, names, matrix)[0] != match(None, names, matrix)[0]  # NaN, never 0
+    assert math.isnan(match(None, names, matrix)[0]) and match(None, names, matrix)[1] is None  # NaN, never 0
     with pytest.raises(ValueError, match="no target could be scored"):
         subtask_matrix([])
 
@@ -125,6 +125,27 @@ def test_rds_needs_targets_and_a_bad_target_row_is_one_line(job_dir, capsys):
     assert run_cli("run", write_job(job_dir, {**base, "targets": [{"source": "t", "path": bad}]})) == 2
     err = capsys.readouterr().err
     assert "targets (t): row 1 of" in err and "is not usable" in err and len(err.strip().splitlines()) == 1
+    broken = job_dir / "broken.jsonl"
+    broken.write_text('{"instruction": "Add 2 and 3.", "output": "5"}\n{"instruction": "no closing brace"\n')
+    assert run_cli("run", write_job(job_dir, {**base, "targets": [{"source": "t", "path": str(broken)}]})) == 2
+    err = capsys.readouterr().err
+    assert "targets (t): row 2 of" in err and "cannot be read: malformed_json" in err
+
+
+def test_a_subtask_none_of_whose_rows_fits_is_one_line_not_a_silent_loss(job_dir, capsys):
+    math_rows = _targets_file(job_dir, [{"instruction": "What is 12 times 3?", "input": "", "output": "36"}])
+    long = _targets_file(job_dir, [{"instruction": "Summarise: " + "the tide comes in and goes out. " * 60,
+                                    "input": "", "output": "Tides."}], "long.jsonl")
+    cfg = {"output": "o", "inputs": [{"source": "g", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}],
+           "sample": {"mode": "head", "n": 2}, "embed": {"enabled": False}, "cluster": {"enabled": False},
+           "dedup": {"semantic": {"enabled": False}},
+           "targets": [{"source": "math", "path": math_rows}, {"source": "summaries", "path": long}],
+           "score": {"ifd": {"enabled": False},
+                     "rds": {"enabled": True, "max_length": 128, "cache_dir": str(job_dir / "rds")}}}
+    assert run_cli("run", write_job(job_dir, cfg)) == 2
+    err = capsys.readouterr().err
+    assert "targets (summaries): no row could be scored (prompt_too_long 1)" in err
+    assert len(err.strip().splitlines()) == 1 and not (job_dir / "o").exists()
 
 
 def test_vectors_for_gives_statuses_not_zeros(monkeypatch):

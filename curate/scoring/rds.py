@@ -34,33 +34,25 @@ COLUMNS = StageColumns("score.rds", ("score.rds.enabled",), (
 SCORED = ("ok", "response_truncated")  # statuses whose vector is used
 
 
-def pooled_vectors(model, examples: list[dict], pad_id: int, batch_size: int = 16,
+def pooled_vectors(model, examples: list, pad_id: int, batch_size: int = 16,
                    progress=None) -> list[np.ndarray | None]:
-    """Unit float32 vector (mean of the last hidden states over the row's tokens) per example of
-    ``curate.lm_data.encode``; None where the example is not usable (no response, or a prompt
-    longer than the cutoff)."""
-    from curate.lm_data import usable
-
+    """Unit float32 vector (mean of the last hidden states over the row's tokens) per
+    ``curate.lm_data.Example``; None where the example is not usable (no response, or a prompt
+    longer than the cutoff). Batches as ``curate.lm_data`` makes them (usable rows, length-sorted,
+    right-padded)."""
     import torch
 
+    from curate.lm_data import batch_tensors, length_batches
+
     out: list[np.ndarray | None] = [None] * len(examples)
-    live = [i for i, e in enumerate(examples) if usable(e)]
-    order = sorted(live, key=lambda i: (len(examples[i].ids), i))
     body = model.base_model
     device = next(model.parameters()).device
-    for b in range(0, len(order), batch_size):
-        chunk = order[b:b + batch_size]
-        width = max(len(examples[i].ids) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.float32)
-        for r, i in enumerate(chunk):
-            seq = examples[i].ids
-            ids[r, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[r, :len(seq)] = 1.0
+    for chunk in length_batches(examples, batch_size):
+        ids, _, mask = batch_tensors([examples[i] for i in chunk], pad_id)
         with torch.inference_mode():
             hidden = body(input_ids=ids.to(device)).last_hidden_state.float()
-            mask = mask.to(device)
-            mean = (hidden * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
+            mask = mask.to(device=device, dtype=hidden.dtype)[:, :, None]
+            mean = (hidden * mask).sum(1) / mask.sum(1)
             unit = torch.nn.functional.normalize(mean, dim=1).cpu().numpy().astype(np.float32)
         for r, i in enumerate(chunk):
             out[i] = unit[r]
