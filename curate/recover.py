@@ -42,6 +42,7 @@ class RecoverSettings:
     warmup: float = 0.1  # share of the steps with a linear warm-up
     weight_decay: float = 0.0
     seed: int = 0
+    targets: tuple = TARGETS  # the projections LoRA adapts (those the model has)
 
 
 def order_key(seed: int, epoch: int, rid: str) -> str:
@@ -65,17 +66,19 @@ def lora_model(model, s: RecoverSettings):
     from peft import LoraConfig, get_peft_model
 
     present = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
-    targets = [t for t in TARGETS if t in present]
+    targets = [t for t in s.targets if t in present]
     if not targets:
-        raise RecoverError("recover: the model has none of the projections LoRA targets (q_proj ... down_proj)")
+        raise RecoverError(f"recover: the model has none of the projections LoRA targets ({', '.join(s.targets)})")
     torch.manual_seed(s.seed)  # the LoRA A matrices: the same for every selection at this seed
     cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=targets,
                      task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
 
 
-def train(model, tok, rows: list[dict], s: RecoverSettings, progress=None) -> dict:
-    """Train LoRA on ``rows`` in place of ``model`` (a peft model); returns the loss history."""
+def train(model, tok, rows: list[dict], s: RecoverSettings, progress=None, on_epoch_end=None) -> dict:
+    """Train LoRA on ``rows`` in place of ``model`` (a peft model); returns the loss history.
+    ``on_epoch_end(epoch, optimizer, mean_lr)`` is called after each epoch's last step (LESS keeps
+    a checkpoint there); ``mean_lr`` is the mean learning rate of that epoch's steps."""
     import torch
 
     from curate import lm_data
@@ -99,9 +102,11 @@ def train(model, tok, rows: list[dict], s: RecoverSettings, progress=None) -> di
         opt, lambda step: min((step + 1) / warm, max(0.0, (len(plan) - step) / max(len(plan) - warm, 1))))
     gen = torch.Generator().manual_seed(s.seed)  # dropout masks
     model.train()
-    losses = []
+    losses, lrs = [], []
+    per_epoch = -(-len(examples) // s.batch_size)
     start = time.perf_counter()
     for step, chunk in enumerate(plan):
+        lrs.append(sched.get_last_lr()[0])
         input_ids, labels, mask = lm_data.batch_tensors([examples[i] for i in chunk], pad)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         out = model(input_ids=input_ids, attention_mask=mask, labels=labels)
@@ -113,6 +118,11 @@ def train(model, tok, rows: list[dict], s: RecoverSettings, progress=None) -> di
         losses.append(float(out.loss.detach()))
         if progress is not None:
             progress(step + 1, len(plan), losses[-1])
+        if on_epoch_end is not None and ((step + 1) % per_epoch == 0 or step + 1 == len(plan)):
+            epoch_lrs = lrs[step // per_epoch * per_epoch:]
+            model.eval()
+            on_epoch_end(step // per_epoch, opt, sum(epoch_lrs) / len(epoch_lrs))
+            model.train()
     model.eval()
     return {"steps": len(plan), "rows": len(examples), "skipped_rows": len(rows) - len(examples),
             "loss": losses, "seconds": round(time.perf_counter() - start, 2)}
