@@ -15,6 +15,7 @@ BENCHMARKS = {
     "select": "benchmarks.select",
     "recovery": "benchmarks.recovery",
     "targeted": "benchmarks.targeted",
+    "less": "benchmarks.less",
 }
 
 

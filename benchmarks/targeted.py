@@ -2,7 +2,8 @@
 
 Pool: 600 rows of Alpaca (Cherry 5%) and 100 rows of GSM8K train (14% math); targets: 20 other
 GSM8K rows. For each score, the share of GSM8K rows among the top 5% and top 10% of the pool, and
-its wall time (model load included): ``rds_score`` (RDS+, the weak LM's mean-pooled hidden states,
+its wall time (model load included): ``less_score`` (LESS with the job defaults: a LoRA warm-up
+on 5% of the pool, then projected gradients; ``curate.scoring.less``), ``rds_score`` (RDS+, the weak LM's mean-pooled hidden states,
 ``curate.scoring.rds``), the MiniLM embedding cosine (the embed stage's model) with the same
 aggregation, and a seeded random order. ``--quick``: 150 + 25 rows, 10 targets.
 """
@@ -40,6 +41,42 @@ def rds(pool, targets) -> np.ndarray:
     return _scores_from_vectors(pool_vecs, target_vecs)
 
 
+def less(pool, targets) -> np.ndarray:
+    """The LESS stage's steps without Beam, with the job defaults (``curate.settings.LESS``)."""
+    import tempfile
+
+    from curate import lm_data
+    from curate.models import load_causal_lm
+    from curate.scoring import less as L
+    from curate.scoring import less_warmup as W
+    from curate.settings import LESS
+    from pipelines.degradation import text_key
+    from pipelines.less import default_proj_dim
+
+    s = LESS()
+    model, tok = load_causal_lm()
+    rows = W.sample(((text_key(r), r) for r in pool), s.warmup_fraction, s.warmup_min_rows, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        W.warm_up(model, tok, rows, f"{tmp}/warmup", r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout,
+                  lr=s.warmup_lr, epochs=s.warmup_epochs, batch_size=s.warmup_batch_size,
+                  max_length=s.max_length, seed=0)
+        ckpts = W.checkpoints(f"{tmp}/warmup")
+        peft = W.peft_model(load_causal_lm()[0], s.lora_r, s.lora_alpha, s.lora_dropout, 0).eval()  # as a worker
+        proj = L.Projection(s.proj_dim or default_proj_dim("cpu"), s.proj_seed)
+
+        def feats(rows, kind):
+            out = []
+            for k in range(0, len(rows), s.bucket_rows):
+                examples = [lm_data.encode(r, tok, s.max_length) for r in rows[k:k + s.bucket_rows]]
+                out += L.features(peft, ckpts, examples, tok.pad_token_id or 0, proj, kind, s.batch_size)
+            return out
+
+        pool_vecs, target_vecs = feats(pool, "adam"), feats(targets, "sgd")
+    names, matrix = L.subtask_matrix([("target", v) for v in target_vecs if v is not None],
+                                     L.checkpoint_weights([c.lr for c in ckpts]))
+    return np.array([match(v, names, matrix)[0] for v in pool_vecs])
+
+
 def minilm(pool, targets) -> np.ndarray:
     from curate.embed import embed_text, encode, load_embedder
 
@@ -66,7 +103,7 @@ def run(quick: bool):
     pool = alpaca[:n_alpaca] + gsm[:n_gsm]
     targets = gsm[-n_targets:]  # other GSM8K rows than the pool's
     is_math = np.array([0] * n_alpaca + [1] * n_gsm, dtype=float)
-    for name, fn in (("rds_score", rds), ("minilm_cosine", minilm), ("random", random_order)):
+    for name, fn in (("less_score", less), ("rds_score", rds), ("minilm_cosine", minilm), ("random", random_order)):
         t = time.perf_counter()
         scores = fn(pool, targets)
         wall = time.perf_counter() - t

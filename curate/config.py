@@ -153,9 +153,10 @@ def validate(raw: Any, *, check_files: bool = True, name: str | None = None) -> 
     else:
         near["bands_rows_from"] = "job file"
     cfg["beam"] = {**DEFAULT_BEAM, **cfg["beam"]}
-    if cfg["score"]["rds"]["enabled"] and not cfg["targets"]:
-        raise ConfigError("score.rds.enabled needs targets: one or more target sets (source, path, form) "
-                          "of examples of what the model should be good at")
+    for name in ("rds", "less"):
+        if cfg["score"][name]["enabled"] and not cfg["targets"]:
+            raise ConfigError(f"score.{name}.enabled needs targets: one or more target sets (source, path, form) "
+                              "of examples of what the model should be good at")
     if check_files:
         _resolve_inputs(cfg["inputs"])
         _resolve_inputs(cfg["targets"], "targets")

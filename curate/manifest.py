@@ -17,7 +17,7 @@ from curate.stats import END, START, parse_stat_key
 MANIFEST_VERSION = "1.0"
 # Pipeline order of the stages, for reports; a stage not listed sorts after these.
 STAGE_ORDER = ("read", "validate", "ids", "exact_dedup", "near_dedup", "embed", "cluster",
-               "semantic_dedup", "score", "rds_targets", "rds", "degradation", "rewrite", "select", "write")
+               "semantic_dedup", "score", "rds_targets", "rds", "less_targets", "less", "degradation", "rewrite", "select", "write")
 
 
 class AccountingError(Exception):
@@ -171,7 +171,7 @@ def _model_stage(stages: dict, stage: str, runtime: dict, status_metrics: dict) 
     the model and from the cache, and the share of each status (``{name: metric}``)."""
     st = stages.get(stage, {})
     rows = int(st.get("rows", 0))
-    out = {k: v for k, v in runtime.items() if k != "cache_files"}
+    out = {k: v for k, v in runtime.items() if not k.startswith("cache_files")}
     out.update(rows=rows, model_rows=int(st.get("model_rows", 0)), cached_rows=int(st.get("cached", 0)))
     for name, metric in status_metrics.items():
         out[name] = {r: round(n / rows, 4) for r, n in by_reason(st, metric).items()} if rows else {}
@@ -212,6 +212,18 @@ def rds_report(cfg: Job, stages: dict, runtime: dict) -> dict:
     return {"enabled": True, **out, "max_length": r.max_length}
 
 
+def less_report(cfg: Job, stages: dict, runtime: dict) -> dict:
+    """The LESS stage: the warm-up, checkpoints and weights, the projection, cache use, status
+    shares and the target rows scored."""
+    x = cfg.score.less
+    if not x.enabled:
+        return {"enabled": False}
+    out = _model_stage(stages, "less", runtime.get("less", {}), {"status_share": "status"})
+    targets = stages.get("less_targets", {})
+    out["target_rows"] = {"model": int(targets.get("model_rows", 0)), "cached": int(targets.get("cached", 0))}
+    return {"enabled": True, **out, "max_length": x.max_length}
+
+
 def build(cfg: Job, stats: dict, inputs: list[dict], *, beam_options: dict, started: str,
           finished: str, wall_s: float, reports: dict | None = None, runtime: dict | None = None) -> dict:
     counts = summarize(stats)
@@ -241,6 +253,7 @@ def build(cfg: Job, stats: dict, inputs: list[dict], *, beam_options: dict, star
         **embed_cluster_report(cfg, stages, reports or {}, runtime or {}),
         "score": score_report(cfg, stages, runtime or {}),
         "rds": rds_report(cfg, stages, runtime or {}),
+        "less": less_report(cfg, stages, runtime or {}),
         "degradation": degradation_report(cfg, stages, runtime or {}),
         "select": (reports or {}).get("select"),
         "timing": {"started": started, "finished": finished, "wall_s": round(wall_s, 3)},

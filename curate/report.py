@@ -191,19 +191,27 @@ def top_targeted(table, column: str = "rds_score", limit: int = 10) -> list[dict
     return scored.sort_by([(column, "descending"), ("id", "ascending")]).slice(0, limit).to_pylist()
 
 
+TARGETED = (("less", "LESS"), ("rds", "RDS+"))  # (column prefix, name) of the targeted scores
+
+
 def targeted_section(table) -> str:
-    top = top_targeted(table)
-    if not top:
-        return "<p>No targeted scores: the run had score.rds off.</p>"
-    subtasks: dict[str, int] = {}
-    for name in table.column("rds_subtask").to_pylist():
-        if name is not None:
-            subtasks[name] = subtasks.get(name, 0) + 1
-    return ("<p>Rows most like the targets (RDS+), best first; the subtask each row matched best.</p>"
-            + _rows([(r["id"], r["source"], r.get("rds_subtask"), f"{r['rds_score']:.4f}",
-                      "yes" if r.get("selected") else "no", _short(r["prompt"] + "\n" + r["response"]))
-                     for r in top], ("row", "source", "subtask", "rds_score", "selected", "text"))
-            + _rows(sorted(subtasks.items()), ("subtask", "rows matched best")))
+    parts = []
+    for prefix, name in TARGETED:
+        score, subtask = f"{prefix}_score", f"{prefix}_subtask"
+        top = top_targeted(table, score)
+        if not top:
+            continue
+        counts: dict[str, int] = {}
+        for s in table.column(subtask).to_pylist():
+            if s is not None:
+                counts[s] = counts.get(s, 0) + 1
+        parts.append(f"<h3>{name}</h3><p>Rows most like the targets by {score}, best first; the subtask each "
+                     "row matched best.</p>"
+                     + _rows([(r["id"], r["source"], r.get(subtask), f"{r[score]:.4f}",
+                               "yes" if r.get("selected") else "no", _short(r["prompt"] + "\n" + r["response"]))
+                              for r in top], ("row", "source", "subtask", score, "selected", "text"))
+                     + _rows(sorted(counts.items()), ("subtask", "rows matched best")))
+    return "".join(parts) or "<p>No targeted scores: the run had score.rds and score.less off.</p>"
 
 
 def _png(fig) -> str:

@@ -248,10 +248,37 @@ class RDS:
 
 
 @dataclass(frozen=True)
+class LESS:
+    """LESS targeted score: cosine of projected LoRA gradients after a short warm-up
+    (``curate.scoring.less``, ``curate.scoring.less_warmup``)."""
+
+    enabled: bool = opt(False)
+    model: str = opt("SmolLM2-135M-Instruct")
+    max_length: int = opt(512, minimum=8)  # tokens of the chat-rendered prompt + response
+    batch_size: int = opt(4, minimum=1)  # rows per forward/backward pass
+    bucket_rows: int = opt(64, minimum=1)  # rows whose gradients are projected together (and per cache shard)
+    proj_dim: int | None = opt(None, types=(int,), minimum=16)  # default: 8192 on a GPU, 2048 on a CPU
+    proj_seed: int = opt(0)
+    warmup_fraction: float = opt(0.05, minimum=0.0, maximum=1.0)  # share of the pool the warm-up trains on
+    warmup_min_rows: int = opt(32, minimum=1)
+    warmup_epochs: int = opt(2, minimum=1)  # one checkpoint per epoch
+    warmup_lr: float = opt(1e-4, types=(int, float), minimum=0.0)
+    warmup_batch_size: int = opt(8, minimum=1)
+    lora_r: int = opt(8, minimum=1)
+    lora_alpha: int = opt(32, minimum=1)
+    lora_dropout: float = opt(0.1, minimum=0.0, maximum=1.0)
+    device: str = opt("auto", choices=DEVICES)
+    dtype: str = opt("auto", choices=DTYPES)
+    cache: bool = opt(True)
+    cache_dir: str | None = opt(None, types=(str,))
+
+
+@dataclass(frozen=True)
 class Score:
     ifd: IFD = section(IFD)
     degradation: Degradation = section(Degradation)
     rds: RDS = section(RDS)
+    less: LESS = section(LESS)
 
 
 @dataclass(frozen=True)
@@ -294,7 +321,7 @@ class Job:
     seed: int = opt(0)
     inputs: tuple = field(default=(), metadata={"list_of": Input})
     # examples of what the model should be good at, one set per subtask (``source`` names it);
-    # read like inputs, used by the targeted scores (score.rds)
+    # read like inputs, used by the targeted scores (score.rds, score.less)
     targets: tuple = field(default=(), metadata={"list_of": Input, "optional": True})
     sample: Sample = section(Sample)
     validate: Validate = section(Validate)

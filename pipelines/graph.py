@@ -14,6 +14,7 @@ from curate.settings import Job
 from pipelines import transforms as T
 from pipelines.degradation import DegradationStage
 from pipelines.embed_cluster import EmbedClusterDedup
+from pipelines.less import LESSStage
 from pipelines.near_dedup import NearDedup
 from pipelines.rds import RDSStage
 from pipelines.score import Score
@@ -33,7 +34,8 @@ def build(p: beam.Pipeline, cfg: Job, folder: str, rt: dict, run_id: str = "run"
     ec = near["records"] | "EmbedCluster" >> EmbedClusterDedup(cfg, rt, run_id)
     scored = ec["records"] | "Score" >> Score(cfg, rt.get("score", {}), run_id)
     targeted = scored["records"] | "RDS" >> RDSStage(cfg, rt.get("rds", {}), run_id)
-    degraded = targeted["records"] | "Degradation" >> DegradationStage(cfg, rt.get("degradation", {}), run_id)
+    less = targeted["records"] | "LESS" >> LESSStage(cfg, rt.get("less", {}), run_id)
+    degraded = less["records"] | "Degradation" >> DegradationStage(cfg, rt.get("degradation", {}), run_id)
     selection = degraded["records"] | "Select" >> Select(cfg)
 
     if "embed" in rt:
@@ -45,7 +47,7 @@ def build(p: beam.Pipeline, cfg: Job, folder: str, rt: dict, run_id: str = "run"
     rejects = (valid["rejects"], ids["rejects"]) | "AllRejects" >> beam.Flatten()
     written = {"annotated": selection["records"], "rejects": rejects} | "Write" >> T.WriteOutputs(folder)
     stats = (read["stats"], valid["stats"], ids["stats"], exact["stats"], near["stats"], ec["stats"],
-             scored["stats"], targeted["stats"], degraded["stats"], written["stats"])
+             scored["stats"], targeted["stats"], less["stats"], degraded["stats"], written["stats"])
     stats | "FlattenStats" >> beam.Flatten() | "Stats" >> T.WriteStats(os.path.join(folder, STATS_FILE))
     reports = (near["reports"], ec["reports"], selection["reports"]) | "FlattenReports" >> beam.Flatten()
     reports | "Reports" >> T.WriteJson(os.path.join(folder, REPORTS_FILE))

@@ -45,8 +45,9 @@ class InputError(CurateError):
 def _compact_caches(rt: dict, run_id: str) -> None:
     """Merge the cache shards this run wrote into one file per cache (the shards are already
     readable; this only keeps the file count down). A failure here costs nothing but files."""
-    for section in rt.values():
-        folder = section.get("cache") if isinstance(section, dict) else None
+    folders = [v for section in rt.values() if isinstance(section, dict)
+               for k, v in section.items() if k.startswith("cache") and isinstance(v, str)]
+    for folder in folders:
         if folder:
             try:
                 cache_store.compact(folder, run_id)

@@ -1,5 +1,6 @@
 """Choices made at run time on this machine, before the graph is built: model paths, devices,
-dtypes, linear kernels, cache folders and the cache shards already there. Everything that can
+dtypes, linear kernels, cache folders and the cache shards already there, and LESS's warm-up
+(a short LoRA training whose checkpoints every worker reads). Everything that can
 fail for a reason the user can fix (a missing model package, no GPU) fails here, before any
 output is written. The result goes to the manifest as it is."""
 from __future__ import annotations
@@ -111,6 +112,13 @@ def resolve_runtime(cfg: Job) -> dict:
     r = cfg.score.rds
     if r.enabled:
         rt["rds"] = {**_weak_lm_stage(r, "rds", rds_key), "targets": {t.source: len(t.files) for t in cfg.targets}}
+    x = cfg.score.less
+    if x.enabled:
+        from pipelines.less import prepare
+
+        models.check_weak_lm(x.model)
+        dev = device.torch_device(x.device)
+        rt["less"] = prepare(cfg, x, dev, device.torch_dtype_name(dev, x.dtype, gpu_default="bfloat16"))
     d = cfg.score.degradation
     if d.enabled:
         rt["degradation"] = {**_weak_lm_stage(d, "degradation", degradation_key),

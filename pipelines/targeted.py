@@ -26,7 +26,6 @@ from pipelines.stage import STATS, LiveStage, StageFn
 from pipelines.transforms import INPUT_ERROR, row_specs
 
 
-
 def read_targets(job: Job) -> list[dict]:
     """The job's target rows as records (``source`` = subtask), read by the driver: a target row
     that cannot be read is an error to fix, not a reject."""
