@@ -62,7 +62,7 @@ def less(pool, targets) -> np.ndarray:
                   max_length=s.max_length, seed=0)
         ckpts = W.checkpoints(f"{tmp}/warmup")
         peft = W.peft_model(load_causal_lm()[0], s.lora_r, s.lora_alpha, s.lora_dropout, 0).eval()  # as a worker
-        proj = L.Projection(s.proj_dim or default_proj_dim("cpu"), s.proj_seed)
+        proj = L.Projection(s.proj_dim or default_proj_dim("cpu"), s.seed)
 
         def feats(rows, kind):
             out = []

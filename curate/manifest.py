@@ -16,8 +16,9 @@ from curate.stats import END, START, parse_stat_key
 
 MANIFEST_VERSION = "1.0"
 # Pipeline order of the stages, for reports; a stage not listed sorts after these.
-STAGE_ORDER = ("read", "validate", "ids", "exact_dedup", "near_dedup", "embed", "cluster",
-               "semantic_dedup", "score", "rds_targets", "rds", "less_targets", "less", "degradation", "rewrite", "select", "write")
+STAGE_ORDER = ("read", "validate", "ids", "rewrite_teacher", "rewrite_teacher_qa", "rewrite_student", "rewrite",
+               "exact_dedup", "near_dedup", "embed", "cluster", "semantic_dedup", "score", "rds_targets", "rds",
+               "less_targets", "less", "degradation", "select", "write")
 
 
 class AccountingError(Exception):
@@ -224,6 +225,22 @@ def less_report(cfg: Job, stages: dict, runtime: dict) -> dict:
     return {"enabled": True, **out, "max_length": x.max_length}
 
 
+def rewrite_report(cfg: Job, stages: dict, runtime: dict) -> dict:
+    """The reflection stage: the teacher (its key's variable name only), requests sent and read from
+    the cache, failures, the student's model, and rows per rewrite status and kind."""
+    if not cfg.rewrite.reflection.enabled:
+        return {"enabled": False}
+    rt = runtime.get("rewrite", {})
+    teacher = [stages.get(s, {}) for s in ("rewrite_teacher", "rewrite_teacher_qa")]
+    st = stages.get("rewrite", {})
+    return {"enabled": True, "teacher": rt.get("teacher"), "cache": rt.get("cache"),
+            "requests_sent": sum(int(t.get("model_rows", 0)) for t in teacher),
+            "requests_cached": sum(int(t.get("cached", 0)) for t in teacher),
+            "requests_failed": int(st.get("requests_failed", 0)),
+            "student": {k: v for k, v in rt.get("student", {}).items() if k != "cache_files"},
+            "rows": int(st.get("rows", 0)), "status": by_reason(st, "status"), "kind": by_reason(st, "kind")}
+
+
 def build(cfg: Job, stats: dict, inputs: list[dict], *, beam_options: dict, started: str,
           finished: str, wall_s: float, reports: dict | None = None, runtime: dict | None = None) -> dict:
     counts = summarize(stats)
@@ -254,6 +271,7 @@ def build(cfg: Job, stats: dict, inputs: list[dict], *, beam_options: dict, star
         "score": score_report(cfg, stages, runtime or {}),
         "rds": rds_report(cfg, stages, runtime or {}),
         "less": less_report(cfg, stages, runtime or {}),
+        "rewrite": rewrite_report(cfg, stages, runtime or {}),
         "degradation": degradation_report(cfg, stages, runtime or {}),
         "select": (reports or {}).get("select"),
         "timing": {"started": started, "finished": finished, "wall_s": round(wall_s, 3)},

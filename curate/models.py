@@ -169,3 +169,9 @@ def _load_gguf(name: str):
         tok.save_pretrained(cached)
         os.replace(tmp, weights)  # the weights file last: its presence marks a complete cache
     return model, tok
+
+
+def weak_lm_gguf(name: str | None = None) -> str:
+    """The packaged GGUF file of a weak LM: what llama.cpp's server loads to act as a local teacher."""
+    folder, filename = gguf_location(*_GGUF[name or DEFAULT_WEAK_LM])
+    return os.path.join(folder, filename)

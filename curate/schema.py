@@ -21,6 +21,7 @@ from curate.dedup.near import COLUMNS as NEAR_COLUMNS
 from curate.dedup.semantic import COLUMNS as SEMANTIC_COLUMNS
 from curate.scoring.degradation import COLUMNS as DEGRADATION_COLUMNS
 from curate.scoring.ifd import COLUMNS as IFD_COLUMNS
+from curate.rewrite.reflection import COLUMNS as REWRITE_COLUMNS
 from curate.scoring.less import COLUMNS as LESS_COLUMNS
 from curate.scoring.rds import COLUMNS as RDS_COLUMNS
 
@@ -29,8 +30,8 @@ SCHEMA_VERSION = "1.7"
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
 # Every stage's declared columns (curate.columns), in pipeline order.
-STAGE_COLUMNS = (EXACT_COLUMNS, NEAR_COLUMNS, CLUSTER_COLUMNS, SEMANTIC_COLUMNS, IFD_COLUMNS, RDS_COLUMNS,
-                 LESS_COLUMNS, DEGRADATION_COLUMNS)
+STAGE_COLUMNS = (REWRITE_COLUMNS, EXACT_COLUMNS, NEAR_COLUMNS, CLUSTER_COLUMNS, SEMANTIC_COLUMNS, IFD_COLUMNS,
+                 RDS_COLUMNS, LESS_COLUMNS, DEGRADATION_COLUMNS)
 # Score columns: those of the score.* stages (null on rows not scored, NaN where undefined)
 SCORE_FIELDS = [f for st in STAGE_COLUMNS if st.stage.startswith("score.") for f in st.fields()]
 
@@ -93,6 +94,10 @@ FIELD_DOCS = {
     "reason": "reject reason code (see curate.records.REJECT_REASONS)",
     "detail": "human-readable detail of the reject",
     "raw": "the rejected row or line as text",
+    "request": "rewrite_failures: which teacher request failed (Q: instruction reflection, A: response "
+               "reflection, QA: response reflection of the new instruction)",
+    "error": "rewrite_failures: the last error, after the retries",
+    "attempts": "rewrite_failures: requests sent for it (first try and retries)",
     **{c.name: c.doc for c in declared_columns()},
 }
 
@@ -115,7 +120,11 @@ ANNOTATED = _schema("annotated", ANNOTATED_FIELDS)
 SELECTED = _schema("selected", ANNOTATED_FIELDS)
 REJECTS = _schema("rejects", REJECT_FIELDS)
 EMBEDDINGS = embeddings_schema(384)  # as written with the default model; the dim follows the model
-SCHEMAS = {"annotated": ANNOTATED, "selected": SELECTED, "rejects": REJECTS, "embeddings": EMBEDDINGS}
+REWRITE_FAILURES = _schema("rewrite_failures", [
+    pa.field("id", pa.string(), nullable=False), pa.field("source", pa.string()),
+    pa.field("request", pa.string()), pa.field("error", pa.string()), pa.field("attempts", pa.int64())])
+SCHEMAS = {"annotated": ANNOTATED, "selected": SELECTED, "rejects": REJECTS, "embeddings": EMBEDDINGS,
+           "rewrite_failures": REWRITE_FAILURES}
 
 
 def describe(schema: pa.Schema) -> dict:

@@ -258,7 +258,7 @@ class LESS:
     batch_size: int = opt(4, minimum=1)  # rows per forward/backward pass
     bucket_rows: int = opt(64, minimum=1)  # rows whose gradients are projected together (and per cache shard)
     proj_dim: int | None = opt(None, types=(int,), minimum=16)  # default: 8192 on a GPU, 2048 on a CPU
-    proj_seed: int = opt(0)
+    seed: int = opt(0)  # LoRA initialisation, warm-up batch order and the projection matrix
     warmup_fraction: float = opt(0.05, minimum=0.0, maximum=1.0)  # share of the pool the warm-up trains on
     warmup_min_rows: int = opt(32, minimum=1)
     warmup_epochs: int = opt(2, minimum=1)  # one checkpoint per epoch
@@ -279,6 +279,43 @@ class Score:
     degradation: Degradation = section(Degradation)
     rds: RDS = section(RDS)
     less: LESS = section(LESS)
+
+
+@dataclass(frozen=True)
+class TeacherEndpoint:
+    """A teacher model behind an OpenAI-compatible chat-completions endpoint (``curate.rewrite.teacher``)."""
+
+    base_url: str = opt("http://127.0.0.1:8000/v1")
+    model: str = opt("teacher")  # the model name the endpoint serves
+    api_key_env: str | None = opt(None, types=(str,))  # the environment variable holding the key (never logged)
+    temperature: float = opt(0.0, types=(int, float), minimum=0.0)
+    seed: int = opt(0)
+    max_tokens: int = opt(1024, minimum=1)
+    timeout_s: float = opt(120.0, types=(int, float), minimum=0.1)
+    max_retries: int = opt(4, minimum=0)  # per request, on 429, 5xx, timeouts and lost connections only
+    backoff_s: float = opt(1.0, types=(int, float), minimum=0.0)  # the first retry's wait (jittered), doubling
+    backoff_cap_s: float = opt(30.0, types=(int, float), minimum=0.0)
+    concurrency: int = opt(4, minimum=1)  # requests in flight per worker
+    batch_rows: int = opt(16, minimum=1)  # requests handed to a worker at once
+
+    def sampling(self) -> dict:
+        """What a reply depends on besides the prompt (part of the request cache key)."""
+        return {"temperature": self.temperature, "seed": self.seed, "max_tokens": self.max_tokens}
+
+
+@dataclass(frozen=True)
+class Reflection:
+    """Selective Reflection-Tuning: the teacher rewrites, the student (score.ifd's model) decides."""
+
+    enabled: bool = opt(False)
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    teacher: TeacherEndpoint = section(TeacherEndpoint)
+    reflection: Reflection = section(Reflection)
+    cache: bool = opt(True)  # teacher replies, keyed by model, template version, prompt and sampling
+    cache_dir: str | None = opt(None, types=(str,))
 
 
 @dataclass(frozen=True)
@@ -328,6 +365,7 @@ class Job:
     dedup: Dedup = section(Dedup)
     embed: Embed = section(Embed)
     score: Score = section(Score)
+    rewrite: Rewrite = section(Rewrite)
     cluster: Cluster = section(Cluster)
     select: Select = section(Select)
     batch_size: int = opt(512, minimum=1)

@@ -101,14 +101,17 @@ class WriteCacheFn(beam.DoFn):
     """Appends each new result to the cache in shards (every ``flush_rows`` rows or 30 s, and at
     bundle end)."""
 
-    def __init__(self, folder: str, schema: pa.Schema, key_field: str, run_id: str, flush_rows: int = 64):
+    def __init__(self, folder: str, schema: pa.Schema, key_field: str, run_id: str, flush_rows: int = 64,
+                 cache_when=None):
         self.folder, self.schema, self.key_field, self.run_id = folder, schema, key_field, run_id
-        self.flush_rows = flush_rows
+        self.flush_rows, self.cache_when = flush_rows, cache_when
 
     def start_bundle(self):
         self._writer = cache_store.ShardWriter(self.folder, self.schema, self.run_id, rows=self.flush_rows)
 
     def process(self, record):
+        if self.cache_when is not None and not self.cache_when(record):
+            return
         key_column = self.schema.names[0]
         row = {c: record[c] for c in self.schema.names[1:]}
         row[key_column] = record[self.key_field]
@@ -130,13 +133,15 @@ class CachedInference(beam.PTransform):
     folder already names the settings fingerprint. ``columns``: the Arrow fields the handler
     returns. ``cache``: the folder (None: no cache), ``cache_files``: the shards found there when
     the job started (listed by the driver, so the graph is fixed before it runs); ``flush_rows``:
-    new results per cache shard (a killed run loses at most that many, or 30 s of work)."""
+    new results per cache shard (a killed run loses at most that many, or 30 s of work);
+    ``cache_when(record)``: which new results are kept (default all; a teacher keeps only its
+    successful replies, so a rerun retries the failures)."""
 
     def __init__(self, stage: str, handler: StageHandler, key_fn, columns: list[pa.Field],
                  cache: str | None = None, cache_files: list[str] | None = None, run_id: str = "run",
-                 key_column: str = cache_store.KEY, flush_rows: int = 64):
+                 key_column: str = cache_store.KEY, flush_rows: int = 64, cache_when=None):
         super().__init__()
-        self.flush_rows = flush_rows
+        self.flush_rows, self.cache_when = flush_rows, cache_when
         self.stage, self.handler, self.key_fn, self.columns = stage, handler, key_fn, list(columns)
         self.cache, self.cache_files, self.run_id = cache, list(cache_files or []), run_id
         self.key_field, self.key_column = f"_{stage}_key", key_column
@@ -172,6 +177,7 @@ class CachedInference(beam.PTransform):
         stats.append(fresh[STATS])
         if self.cache:
             fresh.records | "WriteCache" >> beam.ParDo(
-                WriteCacheFn(self.cache, self.cache_schema(), self.key_field, self.run_id, self.flush_rows))
+                WriteCacheFn(self.cache, self.cache_schema(), self.key_field, self.run_id, self.flush_rows,
+                             self.cache_when))
         return {"records": (hits, fresh.records) | "Merge" >> beam.Flatten(),
                 "stats": stats | "Stats" >> beam.Flatten()}

@@ -10,11 +10,13 @@ Files under ``cache_root()/less/`` (``score.less.cache_dir`` moves them):
     features/<feature key>-adam/         pool rows' features, Parquet shards keyed by content hash
     features/<feature key>-sgd/          target rows' features
 
-The warm-up key covers the model, the LoRA and training settings and the sampled rows' hashes;
-the feature key adds the projection's identity (``curate.scoring.less.Projection``), max_length
-and dtype, and each shard's schema carries that identity. A rerun, or a run with other targets,
-reuses the warm-up and every feature already computed; a run killed half way keeps the shards it
-wrote (one per ``bucket_rows`` rows) and computes only the rest.
+The driver reads the inputs once (the job's ``sample`` applied) to draw the warm-up rows. On a
+GPU the projection's ±1 blocks are made on the CPU and copied over: the price of one matrix on
+every device. The warm-up key covers the model, the LoRA and training settings and the sampled
+rows' hashes; the feature key adds the projection's identity (``curate.scoring.less.Projection``),
+max_length and dtype, and each shard's schema carries that identity. A rerun, or a run with other
+targets, reuses the warm-up and every feature already computed; a run killed half way keeps the
+shards it wrote (one per ``bucket_rows`` rows) and computes only the rest.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def warmup_key(x: LESS, dtype: str, sample_keys: list[str]) -> str:
     return cache_store.fingerprint({
         "model": x.model, "max_length": x.max_length, "dtype": dtype, "epochs": x.warmup_epochs,
         "lr": x.warmup_lr, "batch_size": x.warmup_batch_size, "r": x.lora_r, "alpha": x.lora_alpha,
-        "dropout": x.lora_dropout, "seed": x.proj_seed, "rows": cache_store.fingerprint({"keys": sample_keys}),
+        "dropout": x.lora_dropout, "seed": x.seed, "rows": cache_store.fingerprint({"keys": sample_keys}),
         "format": 1})
 
 
@@ -90,11 +92,11 @@ def prepare(cfg: Job, x: LESS, dev: str, dtype: str) -> dict:
         progress = Progress("less warm-up", unit="steps", log_first=True)
         less_warmup.warm_up(model, tok, rows, folder, r=x.lora_r, alpha=x.lora_alpha, dropout=x.lora_dropout,
                             lr=x.warmup_lr, epochs=x.warmup_epochs, batch_size=x.warmup_batch_size,
-                            max_length=x.max_length, seed=x.proj_seed,
+                            max_length=x.max_length, seed=x.seed,
                             progress=lambda step, total, loss: progress.add(1))
         how = "trained"
     ckpts = less_warmup.checkpoints(folder)
-    proj = Projection(x.proj_dim or default_proj_dim(dev), x.proj_seed)
+    proj = Projection(x.proj_dim or default_proj_dim(dev), x.seed)
     fkey = cache_store.fingerprint({"warmup": wkey, "projection": proj.identity(), "max_length": x.max_length,
                                     "dtype": dtype, "loss": "mean_response_tokens", "format": 1})
     out = {"model": x.model, "device": dev, "dtype": dtype, "linear": "torch", "warmup": folder,
@@ -133,7 +135,7 @@ class LESSHandler(StageHandler):
         log.info("%s: loading %s on %s (%s) with %d warm-up checkpoints", self.stage, x.model, self.rt["device"],
                  self.rt["dtype"], len(self.rt["checkpoints"]))
         model, tok = load_causal_lm(x.model, self.rt["device"], self.rt["dtype"])
-        peft = less_warmup.peft_model(model, x.lora_r, x.lora_alpha, x.lora_dropout, x.proj_seed).eval()
+        peft = less_warmup.peft_model(model, x.lora_r, x.lora_alpha, x.lora_dropout, x.seed).eval()
         ckpts = [less_warmup.Checkpoint.read(f) for f in self.rt["checkpoints"]]
         return Loaded(peft, tok, ckpts)
 

@@ -184,3 +184,145 @@ def test_the_decision_table_takes_every_branch():
     assert R.decide({**ori, "A": (nan, 0.1)}) is None
     assert R.decide({"ori": (nan, 0.9), "A": (0.1, 0.1)}) is None
     assert R.decide({**ori}) is None
+
+
+# --- the stage in real jobs: a scripted teacher endpoint, the real student, real Beam -----------
+
+def teacher_reply(body: dict) -> str | int:
+    """What a teacher would say, from the request itself (so replies do not depend on order)."""
+    system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+    question = user.split("[Instruction]\n", 1)[1].split("\n[End]", 1)[0]
+    if "Napkins" in question:  # a reply the parser must refuse: placeholders only
+        return "[Better Answer] your answer [End]" if system == R.RESPONSE_SYSTEM else \
+            "[New Instruction] your instruction [End] [New Answer] your answer [End]"
+    if system == R.INSTRUCTION_SYSTEM:
+        return (f"The instruction is simple.\n[New Instruction] {question} Then explain each step and check the "
+                "result another way. [End]\n[New Answer] Work it step by step. First restate the problem, then "
+                "compute, then check. The Endpoint of the check is the same number. [End]")
+    return f"Critique.\n[Better Answer] Step by step: {question.lower()} Answer: computed carefully. [End]"
+
+
+@pytest.fixture
+def teacher_server():
+    """A scripted OpenAI-compatible endpoint: ``state["fail_after"]`` requests answered, then 503s."""
+    state = {"requests": 0, "fail_after": None}
+    lock = threading.Lock()
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with lock:
+                state["requests"] += 1
+                down = state["fail_after"] is not None and state["requests"] > state["fail_after"]
+            reply = 503 if down else teacher_reply(body)
+            if isinstance(reply, int):
+                self.send_response(reply)
+                self.end_headers()
+                return
+            data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": reply}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    yield state
+    server.shutdown()
+
+
+def _rewrite_job(job_dir, name, url, cache):
+    from tests.conftest import EXAMPLES, write_job
+
+    rows = [json.loads(x) for x in open(f"{EXAMPLES}/gsm8k_sample.jsonl", encoding="utf-8")][:4]
+    rows.append({"instruction": "Napkins: fold one into a swan.", "input": "", "output": "Fold it."})
+    pool = job_dir / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat = job_dir / "chat.jsonl"  # multi-turn: left as it is
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                                             {"role": "user", "content": "Add 2 and 2."},
+                                             {"role": "assistant", "content": "4"}]}) + "\n")
+    cfg = {"output": name, "inputs": [{"source": "pool", "path": str(pool)}, {"source": "chat", "path": str(chat)}],
+           "dedup": {"near": {"enabled": False}, "semantic": {"enabled": False}},
+           "embed": {"enabled": False}, "cluster": {"enabled": False},
+           "score": {"ifd": {"enabled": False, "max_length": 160, "cache_dir": str(cache / "scores")}},
+           "rewrite": {"reflection": {"enabled": True}, "cache_dir": str(cache / "teacher"),
+                       "teacher": {"base_url": url, "model": "scripted", "max_retries": 1, "backoff_s": 0.01}}}
+    return write_job(job_dir, cfg, f"{name}.yaml")
+
+
+def test_reflection_rewrites_what_the_student_accepts_and_a_rerun_sends_nothing(job_dir, teacher_server):
+    import pandas as pd
+
+    from tests.conftest import load_manifest, run_cli
+
+    cache = job_dir / "cache"
+    assert run_cli("run", _rewrite_job(job_dir, "run", teacher_server["url"], cache)) == 0
+    sent = teacher_server["requests"]
+    assert sent == 5 * 2 + 4  # Q and A for each single-turn row, QA for each parsed new instruction
+    ann = pd.read_parquet("run/annotated").set_index("source")
+    man = load_manifest("run")
+    assert man["accounting"]["holds"] and len(ann) == 6
+    import jsonschema
+
+    from tests.conftest import REPO
+
+    with open(f"{REPO}/schemas/manifest.schema.json", encoding="utf-8") as fh:
+        jsonschema.validate(man, json.load(fh))
+    rw = man["rewrite"]
+    assert rw["requests_sent"] == sent and rw["requests_cached"] == 0 and rw["requests_failed"] == 0
+    assert rw["teacher"]["model"] == "scripted" and sum(rw["status"].values()) == 6
+    status = ann.rewrite_status.value_counts().to_dict()
+    assert status.get("not_applicable") == 1 and ann.loc["chat", "rewrite_kind"] == "ori"
+    napkins = ann[ann.original_prompt.str.startswith("Napkins")].iloc[0]
+    assert napkins.rewrite_status == "parse_failed" and napkins.prompt == napkins.original_prompt
+    decided = ann[ann.rewrite_status.isin(["accepted", "kept_original"])]
+    assert len(decided) == 4 and sum(status.values()) == 6
+    for _, row in decided.iterrows():
+        scores = json.loads(row.rewrite_scores)
+        assert set(scores) == {"ori", "Q", "A", "QA"}
+        assert row.rewrite_kind == (R.decide({k: tuple(math.nan if x is None else x for x in v)
+                                              for k, v in scores.items()}) or "ori")
+        if row.rewrite_kind == "A":
+            assert row.prompt == row.original_prompt and row.response.startswith("Step by step")
+        if row.rewrite_kind == "QA":
+            assert row.prompt.endswith("check the result another way.") and row.response.startswith("Step by step")
+    assert not (job_dir / "run" / "rewrite_failures").exists() or \
+        pd.read_parquet("run/rewrite_failures").empty
+    # a rerun asks the teacher nothing: every reply comes from the cache
+    assert run_cli("run", _rewrite_job(job_dir, "again", teacher_server["url"], cache)) == 0
+    assert teacher_server["requests"] == sent
+    assert load_manifest("again")["rewrite"]["requests_cached"] == sent
+    again = pd.read_parquet("again/annotated").sort_values("id")
+    assert again.rewrite_status.tolist() == pd.read_parquet("run/annotated").sort_values("id").rewrite_status.tolist()
+
+
+def test_a_teacher_that_goes_down_half_way_loses_no_row_and_the_rerun_completes(job_dir, teacher_server):
+    import pandas as pd
+
+    from tests.conftest import load_manifest, run_cli
+
+    cache = job_dir / "cache"
+    teacher_server["fail_after"] = 5  # the server "stops" after 5 requests
+    assert run_cli("run", _rewrite_job(job_dir, "down", teacher_server["url"], cache)) == 0
+    ann = pd.read_parquet("down/annotated")
+    failures = pd.read_parquet("down/rewrite_failures")
+    failed_rows = set(ann[ann.rewrite_status == "teacher_failed"].id)
+    assert failed_rows and set(failures.id) == failed_rows and (failures.attempts == 2).all()
+    assert failures.error.str.contains("503").all() and load_manifest("down")["accounting"]["holds"]
+    assert (ann[ann.id.isin(failed_rows)].prompt == ann[ann.id.isin(failed_rows)].original_prompt).all()
+    # the server is back: the rerun sends only what failed, and every row is decided once
+    teacher_server["fail_after"] = None
+    before = teacher_server["requests"]
+    assert run_cli("run", _rewrite_job(job_dir, "back", teacher_server["url"], cache)) == 0
+    back = pd.read_parquet("back/annotated")
+    assert len(back) == len(ann) == back.id.nunique() and "teacher_failed" not in set(back.rewrite_status)
+    assert teacher_server["requests"] - before <= 14 - 5
+    assert load_manifest("back")["accounting"]["holds"]

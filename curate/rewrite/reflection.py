@@ -13,6 +13,10 @@ from __future__ import annotations
 import math
 import re
 
+import pyarrow as pa
+
+from curate.columns import Column, StageColumns
+
 TEMPLATE_VERSION = "reflection-v1"  # part of every request's cache key: change it when a prompt changes
 
 INSTRUCTION_SYSTEM = ("You review instruction-tuning data with a careful, demanding eye for the quality of "
@@ -49,6 +53,17 @@ RESPONSE_PROMPT = """Here is an instruction and the answer it received.
 2. Write a better answer to the same instruction: complete, correct and detailed. Put it between \
 [Better Answer] and [End]."""
 
+COLUMNS = StageColumns("rewrite.reflection", ("rewrite.reflection.enabled",), (
+    Column("rewrite_kind", pa.string(), "the variant the row now holds: ori (unchanged), A (the teacher's better "
+                                        "answer) or QA (a harder instruction and its improved answer)"),
+    Column("rewrite_status", pa.string(), "accepted, kept_original (the student took no rewrite), parse_failed "
+                                          "(no usable rewrite), teacher_failed (a request failed after retries: "
+                                          "see rewrite_failures/) or not_applicable (multi-turn)"),
+    Column("original_prompt", pa.string(), "the prompt before the rewrite step"),
+    Column("original_response", pa.string(), "the response before the rewrite step"),
+    Column("rewrite_scores", pa.string(), "JSON: the student's [IFD, r-IFD] of each variant it scored (ori, Q, A, "
+                                          "QA); null where the score was NaN"),
+))
 PLACEHOLDERS = ("your instruction", "your answer", "new instruction here", "new answer here")
 _TAG = r"\[(?:New Instruction|New Answer|Better Answer|End)\]"
 
@@ -114,3 +129,4 @@ def decide(scores: dict[str, tuple[float, float]]) -> str | None:
     if ok("A") and rifd["A"] < rifd["ori"] and rifd["A"] < 1 and ifd["A"] < 1:
         return "A"
     return None
+

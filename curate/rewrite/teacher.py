@@ -23,26 +23,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+from curate.settings import TeacherEndpoint as TeacherSettings
+
 log = logging.getLogger("curate")
-
-
-@dataclass(frozen=True)
-class TeacherSettings:
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str = "teacher"
-    api_key_env: str | None = None  # the environment variable holding the key; none for local servers
-    temperature: float = 0.0
-    seed: int | None = 0
-    max_tokens: int = 1024
-    timeout_s: float = 120.0
-    max_retries: int = 4
-    backoff_s: float = 1.0  # first retry waits up to this long (full jitter), doubling each time
-    backoff_cap_s: float = 30.0
-    concurrency: int = 4
-
-    def sampling(self) -> dict:
-        """What a reply depends on besides the prompt (recorded with every result)."""
-        return {"temperature": self.temperature, "seed": self.seed, "max_tokens": self.max_tokens}
 
 
 @dataclass

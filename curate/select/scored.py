@@ -97,7 +97,7 @@ class TopK(_ByColumn):
 
 class Targeted(_ByColumn):
     name = "targeted"
-    summary = ("targeted selection (RDS+, later LESS): the budget's rows most like the job's targets, "
+    summary = ("targeted selection (RDS+ or LESS): the budget's rows most like the job's targets, "
                "optionally at most max_per_cluster rows from one cluster")
     params = {"column": Param((str,), "rds_score", "targeted score column to rank by"),
               "max_per_cluster": Param((int,), None, "cap on rows taken from one cluster (none: no cap); "
