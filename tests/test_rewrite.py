@@ -326,3 +326,55 @@ def test_a_teacher_that_goes_down_half_way_loses_no_row_and_the_rerun_completes(
     assert len(back) == len(ann) == back.id.nunique() and "teacher_failed" not in set(back.rewrite_status)
     assert teacher_server["requests"] - before <= 14 - 5
     assert load_manifest("back")["accounting"]["holds"]
+
+
+# --- ReAlign (methods.md §4.5) ------------------------------------------------------------------
+
+def test_realign_categories_formats_and_pass_through():
+    from curate.rewrite import realign as RA
+
+    assert len(RA.CATEGORIES) == 46 and RA.UNCHANGED <= set(RA.CATEGORIES)
+    assert set(RA.GROUP) == set(RA.CATEGORIES) - RA.UNCHANGED  # every other category has a format
+    assert set(RA.GROUP.values()) <= set(RA.FORMATS)
+    for name in RA.UNCHANGED | {"not_a_category"}:  # no KeyError: the row passes through
+        assert RA.format_for(name) is None and RA.messages("q", "a", name) is None
+    msgs = RA.messages("What is 2+2?", "4", "math_puzzles")
+    assert "numbered steps" in msgs[1]["content"] and "[Response start]\n4\n[Response end]" in msgs[1]["content"]
+    assert RA.parse("Reasoning: fine.\nRevised response: Four.") == "Four."
+    assert RA.parse("Reasoning: the format suits.") is None and RA.parse("Revised response:   ") is None
+
+
+def test_realign_post_filter_truth_table():
+    from curate.rewrite.realign import keep_rewrite
+
+    words = lambda t: len(t.split())  # noqa: E731 - a stand-in tokenizer for the table
+    long = "one two three four five six seven eight nine ten"
+    assert keep_rewrite(long, "one two three four five", words) == (False, "too_short")  # exactly 0.5x
+    assert keep_rewrite(long, "one two three four five six", words) == (True, "ok")  # 0.5x + 1
+    code = "def f(x):\n    return x + 1\nand more words here"
+    assert keep_rewrite(code, "f adds one to x, explained in many many words here", words) == (False, "code_mismatch")
+    assert keep_rewrite(code, "```python\ndef f(x):\n    return x + 1\n``` explained", words)[0]
+    assert keep_rewrite(long, "```\ncode\n``` " + long, words) == (False, "code_mismatch")
+    assert keep_rewrite("A", "The answer is A.", words) == (True, "kept_answer")
+    assert keep_rewrite("A", "An Apple a day.", words) == (False, "lost_answer")  # not inside a word
+    assert keep_rewrite("(", "the bracket ( opens", words)[0] and not keep_rewrite(".", "no dot here", words)[0]
+    assert keep_rewrite("True", "x", words) == (True, "true_false")
+    assert keep_rewrite("the 1830s", "It changed its name in the 1830s.", words) == (True, "ok")
+    assert keep_rewrite("prior to June 1592", "It was first staged in 1594.", words) == (False, "lost_answer")
+    assert keep_rewrite("a town circa 1879\na town", "Set in a town.", words) == (True, "ok")  # any listed answer
+
+
+def test_realign_post_filter_on_the_nq_fixture_keeps_the_answers_that_survived():
+    from curate.rewrite.realign import keep_rewrite
+    from tests.conftest import shared
+
+    gold = {r["id"]: r["items"][1]["value"] for r in json.load(open(shared("realign_nq_factuality_100.json")))}
+    realigned = {r["id"]: r["items"][1]["value"]
+                 for r in json.load(open(shared("realign_nq_factuality_100_realign.json")))}
+    verdict = {i: keep_rewrite(gold[i], realigned[i], lambda t: len(t.split())) for i in gold}
+    contains = {i for i in gold if any(" ".join(a.lower().split()) in " ".join(realigned[i].lower().split())
+                                       for a in gold[i].splitlines() if a.strip())}
+    short = {i for i in gold if len(gold[i].split()) <= 8}
+    lost = {i for i, (_, why) in verdict.items() if why == "lost_answer"}
+    assert lost == short - contains and len(lost) == 3  # dropped exactly where the gold answer is gone
+    assert sum(keep for keep, _ in verdict.values()) == 94  # 3 more fall to the length rule

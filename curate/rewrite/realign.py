@@ -1,0 +1,188 @@
+"""ReAlign (Fan et al., EMNLP 2024 Findings; methods.md §4): classify each row's task, ask the
+teacher to reformat the response to that task's format without changing what it says, and keep
+the reformatted response only when the post-filter finds nothing lost.
+
+Ours, not the reference's: the formats are written per task group in our own words (the
+reference has one per task); the task classifier is our sentence embeddings with a logistic
+regression trained on the reference's classifier data (it used a fine-tuned 13B model); a
+category without a format passes through unchanged (the reference raises KeyError); the
+single-character rule escapes the character (the reference's regex crashes on "(" and matches
+anything on "."); a reply without "Revised response:" is a parse failure, never retried forever.
+Pure functions, plus the classifier's fit and save.
+"""
+from __future__ import annotations
+
+import re
+
+TEMPLATE_VERSION = "realign-v1"
+CATEGORIES = (
+    "advice_giving", "closed_qa", "code_correction", "code_language_classification", "code_simplification",
+    "code_to_code_translation", "code_to_text_translation", "data_generation", "default", "email_generation",
+    "exam_problem_solving_tutor", "explain_answer", "explain_code", "fact_verification", "fill_in_the_blank",
+    "general_classification", "how_to_generation", "information_extraction", "instructional_rewriting",
+    "keywords_extraction", "language_classification", "language_learning_questions", "language_polishing",
+    "math_puzzles", "ml_ai_language_model_tutor", "natural_language_learning_tutor", "note_summarization", "open_qa",
+    "ordering", "paraphrasing", "planning", "poem_generation", "question_generation", "recommendations",
+    "rejecting", "roleplay", "sentiment_analysis", "story_generation", "table_extraction", "text_correction",
+    "text_summarization", "text_to_code_translation", "text_to_text_translation", "title_generation",
+    "topic_classification", "value_judgement")
+# the reference leaves these as they are (free-form writing, where a fixed format does harm)
+UNCHANGED = frozenset({"advice_giving", "code_simplification", "default", "note_summarization", "paraphrasing",
+                       "poem_generation", "roleplay", "story_generation", "table_extraction", "text_summarization",
+                       "title_generation"})
+
+FORMATS = {
+    "reasoning": ("Start with a short analysis of what is asked and what is given. Then solve it in numbered "
+                  "steps, one operation or inference per step, showing intermediate values. End with a line "
+                  "that states the final answer on its own."),
+    "code": ("Start with one or two sentences on what the code must do. Give the code in one fenced code block "
+             "with the language named. Then explain the important parts in a short bulleted list, and end "
+             "with a sentence on how to use or test it."),
+    "explain": ("Open with a direct one- or two-sentence answer. Follow with the explanation as a few short "
+                "paragraphs or a bulleted list of the key points, each point one idea, and close with a "
+                "one-sentence summary."),
+    "short_answer": ("Give the answer itself first, in one sentence. Then add at most a short paragraph of "
+                     "supporting explanation or context; do not pad."),
+    "label": ("State the chosen label or category first, exactly as it should be read. Then give a brief "
+              "justification that points to the words or features of the input that decide it."),
+    "steps": ("Begin with one sentence on the goal. Then give the steps as a numbered list, each step starting "
+              "with a verb and saying what to do and why. End with tips or pitfalls as a short bulleted list "
+              "if they help."),
+    "list": ("Introduce the list in one sentence. Give the items as a numbered or bulleted list, each item with "
+             "a short reason or detail. End with a one-sentence conclusion."),
+    "email": ("Write it as an email: a subject line, a greeting, a short opening that states the purpose, a "
+              "body in short paragraphs, a clear request or next step, a closing and a signature placeholder."),
+    "text_edit": ("Give the revised text first, complete, set apart from the rest. Then list the changes that "
+                  "matter, each with a brief reason."),
+    "tutor": ("Explain like a patient tutor: restate the question, explain the idea needed with a small "
+              "example, work through the question, and end with the answer and a one-line takeaway."),
+    "refusal": ("Say clearly and politely that the request cannot be done as asked and why, in a sentence or "
+                "two, and offer a safe, useful alternative if one exists."),
+}
+GROUP = {
+    "math_puzzles": "reasoning", "exam_problem_solving_tutor": "tutor", "fill_in_the_blank": "short_answer",
+    "code_correction": "code", "code_to_code_translation": "code", "text_to_code_translation": "code",
+    "explain_code": "explain", "code_to_text_translation": "explain", "code_language_classification": "label",
+    "closed_qa": "short_answer", "open_qa": "explain", "explain_answer": "explain", "fact_verification": "label",
+    "value_judgement": "explain", "general_classification": "label", "topic_classification": "label",
+    "sentiment_analysis": "label", "language_classification": "label", "how_to_generation": "steps",
+    "planning": "steps", "ordering": "list", "recommendations": "list", "question_generation": "list",
+    "data_generation": "list", "keywords_extraction": "list", "information_extraction": "list",
+    "email_generation": "email", "language_polishing": "text_edit", "text_correction": "text_edit",
+    "instructional_rewriting": "text_edit", "text_to_text_translation": "text_edit",
+    "language_learning_questions": "tutor", "natural_language_learning_tutor": "tutor",
+    "ml_ai_language_model_tutor": "tutor", "rejecting": "refusal",
+}
+
+SYSTEM = ("You rewrite the format of an assistant's answer. First judge whether the given format suits the "
+          "question; if it does not, copy the answer unchanged. Otherwise change only the form: keep every fact, "
+          "number, piece of code and conclusion, add nothing new, and make sure the question is still answered "
+          "correctly. Write fluently and do not add headings the format does not ask for.")
+PROMPT = """[Question start]
+{question}
+[Question end]
+
+[Response start]
+{response}
+[Response end]
+
+[Format start]
+{format}
+[Format end]
+
+Reply with "Reasoning:" followed by your judgement of the format, then "Revised response:" followed by \
+the answer in its new form."""
+
+
+def format_for(category: str) -> str | None:
+    """The category's format, or None when the row stays as it is (unchanged or unknown category)."""
+    if category in UNCHANGED or category not in GROUP:
+        return None
+    return FORMATS[GROUP[category]]
+
+
+def messages(question: str, response: str, category: str) -> list[dict] | None:
+    fmt = format_for(category)
+    if fmt is None:
+        return None
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": PROMPT.format(question=question, response=response, format=fmt)}]
+
+
+def parse(reply: str) -> str | None:
+    """The revised response, or None when the reply has no non-empty ``Revised response:`` part."""
+    if "Revised response:" not in reply:
+        return None
+    text = reply.split("Revised response:", 1)[1].strip()
+    return text or None
+
+
+def has_code(text: str) -> bool:
+    return "```" in text or ("def " in text and "return " in text)
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def keep_rewrite(original: str, rewrite: str, count_tokens, min_ratio: float = 0.5,
+                 short_words: int = 8) -> tuple[bool, str]:
+    """(keep, reason): ReAlign's post-filter (the Open-Platypus composite, methods.md §4.1) with
+    one rule of ours. A one-character answer must survive as a standalone character; True/False
+    answers pass; ours: a short answer (at most ``short_words`` words; one of its lines, when it
+    lists alternatives) must appear in the rewrite, case and spacing aside, or the rewrite lost the
+    answer; then code must stay code (or stay absent) and the rewrite must keep more than
+    ``min_ratio`` of the original's tokens. ``count_tokens(text)``: the student's token count."""
+    stripped = original.strip()
+    if len(stripped) == 1:
+        found = re.search(r"(?<![A-Za-z])" + re.escape(stripped) + r"(?![A-Za-z])", rewrite)
+        return (True, "kept_answer") if found else (False, "lost_answer")
+    if stripped in ("True", "False"):
+        return True, "true_false"
+    if len(stripped.split()) <= short_words:
+        answers = [_norm(line) for line in stripped.splitlines() if line.strip()]
+        if not any(a in _norm(rewrite) for a in answers):
+            return False, "lost_answer"
+    if has_code(original) != has_code(rewrite):
+        return False, "code_mismatch"
+    if count_tokens(rewrite) <= min_ratio * count_tokens(original):
+        return False, "too_short"
+    return True, "ok"
+
+
+class TaskClassifier:
+    """Task category from the instruction: sentence embeddings, then a logistic regression. An
+    instruction whose best probability is under ``min_prob`` is ``default``, as is any label the
+    model was not trained on."""
+
+    def __init__(self, model=None, min_prob: float = 0.0):
+        self.model, self.min_prob = model, min_prob
+
+    def fit(self, vectors, labels, c: float = 4.0, seed: int = 0) -> TaskClassifier:
+        from sklearn.linear_model import LogisticRegression
+
+        self.model = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(vectors, labels)
+        return self
+
+    def predict(self, vectors) -> list[str]:
+        prob = self.model.predict_proba(vectors)
+        best = prob.argmax(axis=1)
+        out = []
+        for row, k in zip(prob, best):
+            label = str(self.model.classes_[k])
+            out.append(label if row[k] >= self.min_prob and label in CATEGORIES else "default")
+        return out
+
+    def save(self, path: str) -> None:
+        import pickle
+
+        with open(path, "wb") as fh:
+            pickle.dump({"model": self.model, "min_prob": self.min_prob, "format": 1}, fh)
+
+    @classmethod
+    def load(cls, path: str) -> TaskClassifier:
+        import pickle
+
+        with open(path, "rb") as fh:
+            data = pickle.load(fh)
+        return cls(data["model"], data["min_prob"])
