@@ -153,6 +153,11 @@ def validate(raw: Any, *, check_files: bool = True, name: str | None = None) -> 
     else:
         near["bands_rows_from"] = "job file"
     cfg["beam"] = {**DEFAULT_BEAM, **cfg["beam"]}
+    realign = cfg["rewrite"]["realign"]
+    if realign["enabled"] and not realign["classifier_train"]:
+        raise ConfigError("rewrite.realign.enabled needs rewrite.realign.classifier_train: {instruction, category} "
+                          "rows to train the task classifier on (for example ReAlign's "
+                          "datasets/classification/task_classifier_train_dataset.json)")
     for name in ("rds", "less"):
         if cfg["score"][name]["enabled"] and not cfg["targets"]:
             raise ConfigError(f"score.{name}.enabled needs targets: one or more target sets (source, path, form) "

@@ -226,19 +226,27 @@ def less_report(cfg: Job, stages: dict, runtime: dict) -> dict:
 
 
 def rewrite_report(cfg: Job, stages: dict, runtime: dict) -> dict:
-    """The reflection stage: the teacher (its key's variable name only), requests sent and read from
-    the cache, failures, the student's model, and rows per rewrite status and kind."""
-    if not cfg.rewrite.reflection.enabled:
+    """The rewrite stages: the teacher (its key's variable name only), requests sent and read from
+    the cache, failures; reflection's student and rows per status and kind; ReAlign's classifier
+    (and its test accuracy) and rows per status and post-filter reason."""
+    w = cfg.rewrite
+    if not (w.reflection.enabled or w.realign.enabled):
         return {"enabled": False}
     rt = runtime.get("rewrite", {})
-    teacher = [stages.get(s, {}) for s in ("rewrite_teacher", "rewrite_teacher_qa")]
-    st = stages.get("rewrite", {})
-    return {"enabled": True, "teacher": rt.get("teacher"), "cache": rt.get("cache"),
-            "requests_sent": sum(int(t.get("model_rows", 0)) for t in teacher),
-            "requests_cached": sum(int(t.get("cached", 0)) for t in teacher),
-            "requests_failed": int(st.get("requests_failed", 0)),
-            "student": {k: v for k, v in rt.get("student", {}).items() if k != "cache_files"},
-            "rows": int(st.get("rows", 0)), "status": by_reason(st, "status"), "kind": by_reason(st, "kind")}
+    teacher = [stages.get(s, {}) for s in ("rewrite_teacher", "rewrite_teacher_qa", "realign_teacher")]
+    reflection, realign = stages.get("rewrite", {}), stages.get("realign", {})
+    out = {"enabled": True, "teacher": rt.get("teacher"), "cache": rt.get("cache"),
+           "requests_sent": sum(int(t.get("model_rows", 0)) for t in teacher),
+           "requests_cached": sum(int(t.get("cached", 0)) for t in teacher),
+           "requests_failed": int(reflection.get("requests_failed", 0)) + int(realign.get("requests_failed", 0))}
+    if w.reflection.enabled:
+        out["reflection"] = {"student": {k: v for k, v in rt.get("student", {}).items() if k != "cache_files"},
+                             "rows": int(reflection.get("rows", 0)), "status": by_reason(reflection, "status"),
+                             "kind": by_reason(reflection, "kind")}
+    if w.realign.enabled:
+        out["realign"] = {**rt.get("realign", {}), "rows": int(realign.get("rows", 0)),
+                          "status": by_reason(realign, "status"), "reason": by_reason(realign, "reason")}
+    return out
 
 
 def build(cfg: Job, stats: dict, inputs: list[dict], *, beam_options: dict, started: str,

@@ -19,9 +19,10 @@ from curate.cluster import COLUMNS as CLUSTER_COLUMNS
 from curate.dedup.exact import COLUMNS as EXACT_COLUMNS
 from curate.dedup.near import COLUMNS as NEAR_COLUMNS
 from curate.dedup.semantic import COLUMNS as SEMANTIC_COLUMNS
+from curate.rewrite.realign import COLUMNS as REALIGN_COLUMNS
+from curate.rewrite.reflection import COLUMNS as REWRITE_COLUMNS
 from curate.scoring.degradation import COLUMNS as DEGRADATION_COLUMNS
 from curate.scoring.ifd import COLUMNS as IFD_COLUMNS
-from curate.rewrite.reflection import COLUMNS as REWRITE_COLUMNS
 from curate.scoring.less import COLUMNS as LESS_COLUMNS
 from curate.scoring.rds import COLUMNS as RDS_COLUMNS
 
@@ -30,8 +31,8 @@ SCHEMA_VERSION = "1.7"
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
 # Every stage's declared columns (curate.columns), in pipeline order.
-STAGE_COLUMNS = (REWRITE_COLUMNS, EXACT_COLUMNS, NEAR_COLUMNS, CLUSTER_COLUMNS, SEMANTIC_COLUMNS, IFD_COLUMNS,
-                 RDS_COLUMNS, LESS_COLUMNS, DEGRADATION_COLUMNS)
+STAGE_COLUMNS = (REWRITE_COLUMNS, REALIGN_COLUMNS, EXACT_COLUMNS, NEAR_COLUMNS, CLUSTER_COLUMNS, SEMANTIC_COLUMNS,
+                 IFD_COLUMNS, RDS_COLUMNS, LESS_COLUMNS, DEGRADATION_COLUMNS)
 # Score columns: those of the score.* stages (null on rows not scored, NaN where undefined)
 SCORE_FIELDS = [f for st in STAGE_COLUMNS if st.stage.startswith("score.") for f in st.fields()]
 

@@ -311,9 +311,24 @@ class Reflection:
 
 
 @dataclass(frozen=True)
+class ReAlign:
+    """ReAlign: the teacher reformats each answer to its task's format; the post-filter keeps it
+    only when nothing was lost (``curate.rewrite.realign``)."""
+
+    enabled: bool = opt(False)
+    # {instruction, category} rows to train the task classifier on (e.g. ReAlign's
+    # datasets/classification/task_classifier_train_dataset.json); required when enabled
+    classifier_train: str | None = opt(None, types=(str,))
+    classifier_test: str | None = opt(None, types=(str,))  # the same form; accuracy goes to the manifest
+    min_ratio: float = opt(0.5, minimum=0.0, maximum=1.0)  # a rewrite must keep more of the answer's tokens
+    short_words: int = opt(8, minimum=0)  # answers this short must appear in the rewrite
+
+
+@dataclass(frozen=True)
 class Rewrite:
     teacher: TeacherEndpoint = section(TeacherEndpoint)
     reflection: Reflection = section(Reflection)
+    realign: ReAlign = section(ReAlign)
     cache: bool = opt(True)  # teacher replies, keyed by model, template version, prompt and sampling
     cache_dir: str | None = opt(None, types=(str,))
 

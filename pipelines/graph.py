@@ -17,6 +17,7 @@ from pipelines.embed_cluster import EmbedClusterDedup
 from pipelines.less import LESSStage
 from pipelines.near_dedup import NearDedup
 from pipelines.rds import RDSStage
+from pipelines.realign import ReAlignStage
 from pipelines.rewrite import FAILURES, Reflection
 from pipelines.score import Score
 from pipelines.select import Select
@@ -30,8 +31,9 @@ def build(p: beam.Pipeline, cfg: Job, folder: str, rt: dict, run_id: str = "run"
     read = p | "Read" >> T.Read(cfg)
     valid = read["records"] | "Validate" >> T.Validate(cfg)
     ids = valid["records"] | "UniqueIds" >> T.UniqueIds(cfg)
-    rewritten = ids["records"] | "Reflection" >> Reflection(cfg, rt.get("rewrite", {}), run_id)
-    exact = rewritten["records"] | "ExactDedup" >> T.ExactDedup(cfg)
+    reflected = ids["records"] | "Reflection" >> Reflection(cfg, rt.get("rewrite", {}), run_id)
+    realigned = reflected["records"] | "ReAlign" >> ReAlignStage(cfg, rt.get("rewrite", {}), run_id)
+    exact = realigned["records"] | "ExactDedup" >> T.ExactDedup(cfg)
     near = exact["records"] | "NearDedup" >> NearDedup(cfg)
     ec = near["records"] | "EmbedCluster" >> EmbedClusterDedup(cfg, rt, run_id)
     scored = ec["records"] | "Score" >> Score(cfg, rt.get("score", {}), run_id)
@@ -51,10 +53,12 @@ def build(p: beam.Pipeline, cfg: Job, folder: str, rt: dict, run_id: str = "run"
     if "rewrite" in rt:
         from curate.schema import REWRITE_FAILURES
 
-        rewritten[FAILURES] | "WriteRewriteFailures" >> beam.io.WriteToParquet(
+        failures = (reflected[FAILURES], realigned[FAILURES]) | "RewriteFailures" >> beam.Flatten()
+        failures | "WriteRewriteFailures" >> beam.io.WriteToParquet(
             os.path.join(folder, "rewrite_failures", "part"), REWRITE_FAILURES, file_name_suffix=".parquet",
             codec="zstd")
-    stats = (read["stats"], valid["stats"], ids["stats"], rewritten["stats"], exact["stats"], near["stats"], ec["stats"],
+    stats = (read["stats"], valid["stats"], ids["stats"], reflected["stats"], realigned["stats"],
+             exact["stats"], near["stats"], ec["stats"],
              scored["stats"], targeted["stats"], less["stats"], degraded["stats"], written["stats"])
     stats | "FlattenStats" >> beam.Flatten() | "Stats" >> T.WriteStats(os.path.join(folder, STATS_FILE))
     reports = (near["reports"], ec["reports"], selection["reports"]) | "FlattenReports" >> beam.Flatten()

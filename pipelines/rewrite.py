@@ -199,5 +199,6 @@ class Reflection(LiveStage):
         by_row = scored["records"] | "VariantsByRow" >> beam.Map(lambda v: (v["row"], v))
         decided = ({"state": built.state, "variants": by_row} | "Join" >> beam.CoGroupByKey()
                    | "Decide" >> beam.ParDo(DecideFn()).with_outputs(STATS, main="records"))
-        stats = (first["stats"], second["stats"], built[STATS], scored["stats"], decided[STATS]) | "Stats" >> beam.Flatten()
+        stats = ((first["stats"], second["stats"], built[STATS], scored["stats"], decided[STATS])
+                 | "Stats" >> beam.Flatten())
         return {"records": decided.records, "stats": stats, FAILURES: built[FAILURES]}

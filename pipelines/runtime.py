@@ -119,15 +119,20 @@ def resolve_runtime(cfg: Job) -> dict:
         models.check_weak_lm(x.model)
         dev = device.torch_device(x.device)
         rt["less"] = prepare(cfg, x, dev, device.torch_dtype_name(dev, x.dtype, gpu_default="bfloat16"))
-    if cfg.rewrite.reflection.enabled:
+    w = cfg.rewrite
+    if w.reflection.enabled or w.realign.enabled:
         import dataclasses
 
-        w = cfg.rewrite
         folder, files = _cache(w.cache, w.cache_dir, "teacher", cache_store.fingerprint({"format": 1}))
-        student = _weak_lm_stage(s, "scores", settings_key)  # the student is score.ifd's model and settings
-        student["batch_tokens"] = s.batch_tokens or default_batch_tokens(student["device"])
-        rt["rewrite"] = {"teacher": dataclasses.asdict(w.teacher), "cache": folder, "cache_files": files,
-                         "student": student}
+        rt["rewrite"] = {"teacher": dataclasses.asdict(w.teacher), "cache": folder, "cache_files": files}
+        if w.reflection.enabled:
+            student = _weak_lm_stage(s, "scores", settings_key)  # the student is score.ifd's model and settings
+            student["batch_tokens"] = s.batch_tokens or default_batch_tokens(student["device"])
+            rt["rewrite"]["student"] = student
+        if w.realign.enabled:
+            from pipelines.realign import prepare as prepare_realign
+
+            rt["rewrite"]["realign"] = prepare_realign(w.realign, cfg.embed.model)
     d = cfg.score.degradation
     if d.enabled:
         rt["degradation"] = {**_weak_lm_stage(d, "degradation", degradation_key),

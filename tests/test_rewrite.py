@@ -191,6 +191,14 @@ def test_the_decision_table_takes_every_branch():
 def teacher_reply(body: dict) -> str | int:
     """What a teacher would say, from the request itself (so replies do not depend on order)."""
     system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+    if "[Question start]" in user:  # ReAlign: reformat the response
+        question = user.split("[Question start]\n", 1)[1].split("\n[Question end]", 1)[0]
+        response = user.split("[Response start]\n", 1)[1].split("\n[Response end]", 1)[0]
+        if "Napkins" in question:
+            return "Reasoning: the format does not fit, so I copy it."  # no revised response: a parse failure
+        if "dolls" in question:
+            return "Reasoning: shorter is better.\nRevised response: A town."  # loses the answer
+        return f"Reasoning: steps help here.\nRevised response: Step 1. {response}\nSo the answer stands."
     question = user.split("[Instruction]\n", 1)[1].split("\n[End]", 1)[0]
     if "Napkins" in question:  # a reply the parser must refuse: placeholders only
         return "[Better Answer] your answer [End]" if system == R.RESPONSE_SYSTEM else \
@@ -278,7 +286,7 @@ def test_reflection_rewrites_what_the_student_accepts_and_a_rerun_sends_nothing(
         jsonschema.validate(man, json.load(fh))
     rw = man["rewrite"]
     assert rw["requests_sent"] == sent and rw["requests_cached"] == 0 and rw["requests_failed"] == 0
-    assert rw["teacher"]["model"] == "scripted" and sum(rw["status"].values()) == 6
+    assert rw["teacher"]["model"] == "scripted" and sum(rw["reflection"]["status"].values()) == 6
     status = ann.rewrite_status.value_counts().to_dict()
     assert status.get("not_applicable") == 1 and ann.loc["chat", "rewrite_kind"] == "ori"
     napkins = ann[ann.original_prompt.str.startswith("Napkins")].iloc[0]
@@ -378,3 +386,48 @@ def test_realign_post_filter_on_the_nq_fixture_keeps_the_answers_that_survived()
     lost = {i for i, (_, why) in verdict.items() if why == "lost_answer"}
     assert lost == short - contains and len(lost) == 3  # dropped exactly where the gold answer is gone
     assert sum(keep for keep, _ in verdict.values()) == 94  # 3 more fall to the length rule
+
+
+def test_realign_reformats_keeps_what_the_filter_passes_and_reports_the_classifier(job_dir, teacher_server):
+    import pandas as pd
+
+    from curate.rewrite import realign as RA
+    from tests.conftest import EXAMPLES, load_manifest, run_cli, shared, write_job
+
+    train = json.load(open(shared("realign_task_classifier_train.json"), encoding="utf-8"))
+    small = job_dir / "clf_train.json"  # three rows a category keeps the test quick
+    small.write_text(json.dumps([r for c in RA.CATEGORIES for r in [x for x in train if x["category"] == c][:3]]))
+    rows = [json.loads(x) for x in open(f"{EXAMPLES}/gsm8k_sample.jsonl", encoding="utf-8")][:3]
+    rows += [{"instruction": "Napkins: fold one into a swan.", "input": "", "output": "Fold it in half, then again."},
+             {"instruction": "what is the setting of a dolls house?", "input": "",
+              "output": "a Norwegian town circa 1879"}]
+    pool = job_dir / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"output": "re", "inputs": [{"source": "pool", "path": str(pool)}],
+           "dedup": {"near": {"enabled": False}, "semantic": {"enabled": False}},
+           "embed": {"enabled": False}, "cluster": {"enabled": False}, "score": {"ifd": {"enabled": False}},
+           "rewrite": {"realign": {"enabled": True, "classifier_train": str(small),
+                                   "classifier_test": shared("realign_task_classifier_test.json")},
+                       "cache_dir": str(job_dir / "teacher"),
+                       "teacher": {"base_url": teacher_server["url"], "model": "scripted", "max_retries": 0}}}
+    assert run_cli("run", write_job(job_dir, cfg, "re.yaml")) == 0
+    man = load_manifest("re")
+    test = man["rewrite"]["realign"]["test"]
+    assert test["rows"] == 143 and 0 < test["accuracy"] <= 1 and 0 < test["macro_f1"] <= 1
+    ann = pd.read_parquet("re/annotated")
+    assert man["accounting"]["holds"] and len(ann) == 5 and ann.realign_category.isin(RA.CATEGORIES).all()
+    for _, row in ann.iterrows():
+        formatted = RA.format_for(row.realign_category) is not None
+        assert row.original_response == next(r["output"] for r in rows if r["instruction"] in row.original_prompt)
+        if not formatted:
+            assert row.realign_status == "unchanged_category" and row.response == row.original_response
+        elif "Napkins" in row.prompt:
+            assert row.realign_status == "parse_failed" and row.response == row.original_response
+        elif "dolls" in row.prompt:
+            assert (row.realign_status, row.realign_reason) == ("filtered", "lost_answer")
+            assert row.response == row.original_response
+        else:
+            assert (row.realign_status, row.realign_reason) == ("rewritten", "ok")
+            assert row.response.startswith("Step 1. ") and row.messages[-1]["content"] == row.response
+    assert man["rewrite"]["requests_sent"] == teacher_server["requests"] == sum(
+        RA.format_for(c) is not None for c in ann.realign_category)

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import re
 
+import pyarrow as pa
+
+from curate.columns import Column, StageColumns
+
 TEMPLATE_VERSION = "realign-v1"
 CATEGORIES = (
     "advice_giving", "closed_qa", "code_correction", "code_language_classification", "code_simplification",
@@ -26,6 +30,14 @@ CATEGORIES = (
     "rejecting", "roleplay", "sentiment_analysis", "story_generation", "table_extraction", "text_correction",
     "text_summarization", "text_to_code_translation", "text_to_text_translation", "title_generation",
     "topic_classification", "value_judgement")
+COLUMNS = StageColumns("rewrite.realign", ("rewrite.realign.enabled",), (
+    Column("realign_category", pa.string(), "the task category the classifier gave the instruction"),
+    Column("realign_status", pa.string(), "rewritten, filtered (the post-filter kept the original: see "
+                                          "realign_reason), unchanged_category (no format for it), parse_failed, "
+                                          "teacher_failed (see rewrite_failures/) or not_applicable (multi-turn)"),
+    Column("realign_reason", pa.string(), "the post-filter's verdict: ok, too_short, code_mismatch, lost_answer, "
+                                          "kept_answer or true_false"),
+))
 # the reference leaves these as they are (free-form writing, where a fixed format does harm)
 UNCHANGED = frozenset({"advice_giving", "code_simplification", "default", "note_summarization", "paraphrasing",
                        "poem_generation", "roleplay", "story_generation", "table_extraction", "text_summarization",
@@ -186,3 +198,27 @@ class TaskClassifier:
         with open(path, "rb") as fh:
             data = pickle.load(fh)
         return cls(data["model"], data["min_prob"])
+
+
+def read_labelled(path: str) -> tuple[list[str], list[str]]:
+    """(instructions, categories) of a classifier file: a JSON list (or JSON lines) of
+    ``{instruction, category}``."""
+    import json
+
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    lines = [x for x in text.splitlines() if x.strip()]
+    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in lines]
+    bad = [i for i, r in enumerate(rows)
+           if not isinstance(r, dict) or not r.get("instruction") or not r.get("category")]
+    if bad:
+        raise ValueError(f"{path}: row {bad[0] + 1} is not an {{instruction, category}} object")
+    return [r["instruction"] for r in rows], [r["category"] for r in rows]
+
+
+def evaluate(clf: TaskClassifier, vectors, labels: list[str]) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    predicted = clf.predict(vectors)
+    return {"rows": len(labels), "accuracy": round(float(accuracy_score(labels, predicted)), 4),
+            "macro_f1": round(float(f1_score(labels, predicted, average="macro", zero_division=0)), 4)}
