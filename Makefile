@@ -16,7 +16,15 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/curate run pipelines/jobs/demo.yaml --overwrite
 
-test: $(STAMP)
+# The real teacher-server tests need llama.cpp's OpenAI-compatible server. pip compiles llama.cpp
+# on the first install (about 8 minutes on 2 cores) and caches the wheel; not part of the demo's setup.
+LLAMA_STAMP := $(VENV)/.llama-server-installed
+$(LLAMA_STAMP): $(STAMP)
+	@echo "test setup: installing llama-cpp-python[server] (compiles llama.cpp once, about 8 min on 2 cores)"
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check 'llama-cpp-python[server]'
+	touch $(LLAMA_STAMP)
+
+test: $(STAMP) $(LLAMA_STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)

@@ -16,6 +16,7 @@ BENCHMARKS = {
     "recovery": "benchmarks.recovery",
     "targeted": "benchmarks.targeted",
     "less": "benchmarks.less",
+    "rewrite": "benchmarks.rewrite",
 }
 
 

@@ -54,9 +54,6 @@ class TeacherHandler(StageHandler):
         return [{"reply": r.text, "reply_status": r.status, "reply_error": r.error, "reply_attempts": r.attempts}
                 for r in replies]
 
-    def share_model_across_processes(self) -> bool:
-        return False
-
 
 def _request(row: dict, kind: str, instruction: str, answer: str, s: TeacherSettings) -> dict:
     messages = (R.instruction_messages if kind == "Q" else R.response_messages)(instruction, answer)

@@ -1,0 +1,106 @@
+"""Teacher rewrites: the ReAlign task classifier and the teacher's throughput.
+
+- ``task_classifier``: our classifier (MiniLM embeddings + logistic regression) trained on
+  ReAlign's 1,395 training rows, accuracy and macro-F1 on its 143 test rows, against a TF-IDF +
+  linear SVM baseline on the same split (what methods.md §4.5 suggests as the CPU reference).
+- ``teacher_concurrency_N``: requests/s and generated tokens/s of ``curate.rewrite.teacher``
+  against a real llama.cpp server (``llama-cpp-python[server]``, the packaged SmolLM2 GGUF, 2
+  threads) at 1, 4 and 8 requests in flight, on the same reflection prompts of real rows;
+  baseline: one request at a time. Skipped with a line when llama-cpp-python is not installed.
+- ``teacher_cache_hit``: the same requests through the stage's request cache (a Parquet shard
+  read and a keyed lookup) against sending them.
+``--quick``: 8 requests per case, else 24.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+
+from benchmarks.common import emit, shared
+
+
+def classifier():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.svm import LinearSVC
+
+    from curate.embed import encode, load_embedder
+    from curate.rewrite import realign as RA
+
+    train_x, train_y = RA.read_labelled(shared("realign_task_classifier_train.json"))
+    test_x, test_y = RA.read_labelled(shared("realign_task_classifier_test.json"))
+    t = time.perf_counter()
+    embedder = load_embedder(None)
+    clf = RA.TaskClassifier().fit(encode(embedder, train_x), train_y)
+    ours = RA.evaluate(clf, encode(embedder, test_x), test_y)
+    secs = time.perf_counter() - t
+    tfidf = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    svm = LinearSVC().fit(tfidf.fit_transform(train_x), train_y)
+    predicted = svm.predict(tfidf.transform(test_x))
+    base = {"accuracy": float(accuracy_score(test_y, predicted)),
+            "macro_f1": float(f1_score(test_y, predicted, average="macro", zero_division=0))}
+    emit("rewrite", "task_classifier", "accuracy", ours["accuracy"], "tfidf_linear_svm", base["accuracy"],
+         n=ours["rows"], macro_f1=ours["macro_f1"], baseline_macro_f1=round(base["macro_f1"], 4),
+         train_rows=len(train_x), wall_s=round(secs, 1))
+
+
+def _prompts(n: int) -> list[list[dict]]:
+    from curate.rewrite.reflection import response_messages
+
+    rows = json.load(open(shared("alpaca_cherry_5pct.json"), encoding="utf-8"))[:n]
+    return [response_messages(r["instruction"], r["output"]) for r in rows]
+
+
+def teacher(quick: bool):
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("rewrite: teacher throughput skipped: pip install 'llama-cpp-python[server]' (make test does)")
+        return
+    from curate import cache_store
+    from curate.rewrite.local_server import LocalServer
+    from curate.rewrite.teacher import Teacher, request_key
+    from curate.settings import TeacherEndpoint
+
+    n = 8 if quick else 24
+    prompts = _prompts(n)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = LocalServer(tmp)
+        ready = server.start()
+        print(f"rewrite: llama.cpp server ready in {ready:.1f} s")
+        try:
+            rates = {}
+            for conc in (1, 4, 8):
+                s = TeacherEndpoint(base_url=server.url, model="smollm2", max_tokens=128, concurrency=conc)
+                t = time.perf_counter()
+                replies = Teacher(s).complete_many(prompts)
+                secs = time.perf_counter() - t
+                tokens = sum(r.tokens.get("completion_tokens", 0) for r in replies)
+                rates[conc] = n / secs
+                emit("rewrite", f"teacher_concurrency_{conc}", "requests_per_s", n / secs, "concurrency_1",
+                     rates[1], n=n, tokens_per_s=round(tokens / secs, 1),
+                     failed=sum(r.status != "ok" for r in replies), max_tokens=128)
+            # the cache hit path: the replies as a shard, looked up by request key
+            keys = [request_key(s.model, "bench", p, s.sampling()) for p in prompts]
+            import pyarrow as pa
+
+            schema = pa.schema([pa.field("key", pa.string()), pa.field("reply", pa.string())])
+            t = time.perf_counter()
+            cache_store.write_shard(tmp + "/cache", [{"key": k, "reply": r.text} for k, r in zip(keys, replies)],
+                                    schema, "bench")
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(cache_store.files(tmp + "/cache")[0])
+            lookup = dict(zip(table.column("key").to_pylist(), table.column("reply").to_pylist()))
+            hits = [lookup[k] for k in keys]
+            secs = time.perf_counter() - t
+            emit("rewrite", "teacher_cache_hit", "requests_per_s", n / secs, "teacher_concurrency_1", rates[1],
+                 n=len(hits))
+        finally:
+            server.stop()
+
+
+def run(quick: bool):
+    classifier()
+    teacher(quick)
