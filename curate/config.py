@@ -158,9 +158,9 @@ def validate(raw: Any, *, check_files: bool = True, name: str | None = None) -> 
         raise ConfigError("rewrite.realign.enabled needs rewrite.realign.classifier_train: {instruction, category} "
                           "rows to train the task classifier on (for example ReAlign's "
                           "datasets/classification/task_classifier_train_dataset.json)")
-    for name in ("rds", "less"):
-        if cfg["score"][name]["enabled"] and not cfg["targets"]:
-            raise ConfigError(f"score.{name}.enabled needs targets: one or more target sets (source, path, form) "
+    for stage in ("rds", "less"):
+        if cfg["score"][stage]["enabled"] and not cfg["targets"]:
+            raise ConfigError(f"score.{stage}.enabled needs targets: one or more target sets (source, path, form) "
                               "of examples of what the model should be good at")
     if check_files:
         _resolve_inputs(cfg["inputs"])
