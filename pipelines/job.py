@@ -45,14 +45,18 @@ class InputError(CurateError):
 def _compact_caches(rt: dict, run_id: str) -> None:
     """Merge the cache shards this run wrote into one file per cache (the shards are already
     readable; this only keeps the file count down). A failure here costs nothing but files."""
-    folders = [v for section in rt.values() if isinstance(section, dict)
-               for k, v in section.items() if k.startswith("cache") and isinstance(v, str)]
-    for folder in folders:
-        if folder:
-            try:
-                cache_store.compact(folder, run_id)
-            except OSError as exc:
-                log.warning("cache %s: shards not merged (%s); they stay readable", folder, exc)
+    def folders(section: dict):  # "cache", "cache_pool", ...: a folder; nested sections (a student) too
+        for k, v in section.items():
+            if isinstance(v, dict):
+                yield from folders(v)
+            elif k.startswith("cache") and isinstance(v, str):
+                yield v
+
+    for folder in sorted(set(folders(rt))):
+        try:
+            cache_store.compact(folder, run_id)
+        except OSError as exc:
+            log.warning("cache %s: shards not merged (%s); they stay readable", folder, exc)
 
 
 def _write_report(folder: str) -> None:
