@@ -57,7 +57,7 @@ class TeacherHandler(StageHandler):
 
 def _request(row: dict, kind: str, instruction: str, answer: str, s: TeacherSettings) -> dict:
     messages = (R.instruction_messages if kind == "Q" else R.response_messages)(instruction, answer)
-    return {"row": row["id"], "kind": kind, "messages": messages, "instruction": instruction,
+    return {"row": row["id"], "kind": kind, "messages": messages,
             "key": request_key(s.model, R.TEMPLATE_VERSION, messages, s.sampling())}
 
 
@@ -77,7 +77,7 @@ def second_requests(reply: dict, s: TeacherSettings):
     if reply["kind"] == "Q" and reply["reply_status"] == "ok":
         pair = R.parse_instruction_reflection(reply["reply"])
         if pair:
-            yield {**_request({"id": reply["row"]}, "QA", pair[0], pair[1], s), "q_reply": reply["reply"]}
+            yield _request({"id": reply["row"]}, "QA", pair[0], pair[1], s)
 
 
 def _variant(row: dict, name: str, instruction: str, extra: str, response: str) -> dict:
