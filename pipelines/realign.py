@@ -28,7 +28,6 @@ from pipelines.stage import STATS, LiveStage, StageFn
 log = logging.getLogger("curate")
 
 
-
 def _file_hash(path: str) -> str:
     import hashlib
 
@@ -41,8 +40,18 @@ def prepare(r, embed_model: str | None) -> dict:
     import json
 
     from curate.embed import encode, load_embedder
+    from curate.errors import CurateError
     from curate.models import cache_root, resolve_embedder
 
+    for name in ("classifier_train", "classifier_test"):
+        path = getattr(r, name)
+        if path and not os.path.isfile(path):
+            raise CurateError(f"rewrite.realign.{name}: no such file {path}")
+        if path:
+            try:
+                RA.read_labelled(path)
+            except ValueError as exc:  # a bad row or bad JSON: one line naming the file
+                raise CurateError(f"rewrite.realign.{name}: {exc}") from None
     folder = os.path.join(cache_root(), "realign", cache_store.fingerprint(
         {"train": _file_hash(r.classifier_train), "embedder": resolve_embedder(embed_model), "format": 1}))
     path = os.path.join(folder, "classifier.pkl")

@@ -123,6 +123,9 @@ def resolve_runtime(cfg: Job) -> dict:
     if w.reflection.enabled or w.realign.enabled:
         import dataclasses
 
+        from curate.rewrite.teacher import check_reachable
+
+        check_reachable(w.teacher.base_url)
         folder, files = _cache(w.cache, w.cache_dir, "teacher", cache_store.fingerprint({"format": 1}))
         rt["rewrite"] = {"teacher": dataclasses.asdict(w.teacher), "cache": folder, "cache_files": files}
         if w.reflection.enabled:

@@ -110,6 +110,15 @@ def test_a_timeout_is_retried(endpoint):
     assert reply.text == "in time" and reply.attempts == 2
 
 
+def test_a_job_whose_teacher_does_not_answer_stops_before_it_starts(job_dir, capsys):
+    from tests.conftest import run_cli
+
+    job = _rewrite_job(job_dir, "nobody", "http://127.0.0.1:9/v1", job_dir / "cache")
+    assert run_cli("run", job) == 2
+    err = capsys.readouterr().err
+    assert "rewrite.teacher: nothing answers at http://127.0.0.1:9/v1" in err and not (job_dir / "nobody").exists()
+
+
 def test_a_dead_server_is_a_failed_reply_not_an_exception():
     teacher, waits = _teacher("http://127.0.0.1:9/v1", max_retries=2)
     replies = teacher.complete_many([MSG, MSG])
@@ -254,9 +263,8 @@ def _rewrite_job(job_dir, name, url, cache):
     pool = job_dir / "pool.jsonl"
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
     chat = job_dir / "chat.jsonl"  # multi-turn: left as it is
-    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                                             {"role": "user", "content": "Add 2 and 2."},
-                                             {"role": "assistant", "content": "4"}]}) + "\n")
+    turns = [("user", "Hi"), ("assistant", "Hello"), ("user", "Add 2 and 2."), ("assistant", "4")]
+    chat.write_text(json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + "\n")
     cfg = {"output": name, "inputs": [{"source": "pool", "path": str(pool)}, {"source": "chat", "path": str(chat)}],
            "dedup": {"near": {"enabled": False}, "semantic": {"enabled": False}},
            "embed": {"enabled": False}, "cluster": {"enabled": False},
@@ -431,3 +439,20 @@ def test_realign_reformats_keeps_what_the_filter_passes_and_reports_the_classifi
             assert row.response.startswith("Step 1. ") and row.messages[-1]["content"] == row.response
     assert man["rewrite"]["requests_sent"] == teacher_server["requests"] == sum(
         RA.format_for(c) is not None for c in ann.realign_category)
+
+
+def test_realign_classifier_files_that_cannot_be_used_are_one_line(tmp_path):
+    from curate.errors import CurateError
+    from curate.settings import ReAlign
+    from pipelines.realign import prepare
+
+    with pytest.raises(CurateError, match="classifier_train: no such file"):
+        prepare(ReAlign(enabled=True, classifier_train=str(tmp_path / "missing.json")), None)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "Add 2 and 3."}]))
+    with pytest.raises(CurateError, match=r"classifier_train: .*row 1 is not an \{instruction, category\}"):
+        prepare(ReAlign(enabled=True, classifier_train=str(bad)), None)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"instruction": "x", "category": "open_qa"}')
+    with pytest.raises(CurateError, match="classifier_train"):
+        prepare(ReAlign(enabled=True, classifier_train=str(broken)), None)

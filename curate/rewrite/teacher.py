@@ -103,3 +103,21 @@ class Teacher:
 def settings_record(s: TeacherSettings) -> dict:
     """The settings as the manifest records them: everything but the key (only its variable's name)."""
     return asdict(s)
+
+
+def check_reachable(base_url: str, timeout: float = 5.0) -> None:
+    """Fail before the run, with one line, when nothing answers at ``base_url`` (a server not
+    started, a wrong port). Any HTTP answer counts: some APIs refuse ``/models`` but serve chats."""
+    import urllib.error
+    import urllib.request
+
+    from curate.errors import CurateError
+
+    try:
+        urllib.request.urlopen(base_url.rstrip("/") + "/models", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CurateError(f"rewrite.teacher: nothing answers at {base_url} ({reason}); start the server or fix "
+                          "base_url") from None
