@@ -275,7 +275,7 @@ def read_store(folder: str) -> tuple[list[str], np.ndarray, dict]:
     files = cache_store.files(folder)
     if not files:
         raise ValueError(f"no feature shards in {folder}")
-    identities = {pq.read_schema(f).field("less_vector").metadata.get(IDENTITY_KEY) for f in files}
+    identities = {(pq.read_schema(f).field("less_vector").metadata or {}).get(IDENTITY_KEY) for f in files}
     if len(identities) != 1 or None in identities:
         raise ValueError(f"{folder}: shards without one projection identity")
     table = pa.concat_tables([pq.read_table(f, columns=[cache_store.KEY, "less_vector"]) for f in files])
