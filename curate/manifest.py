@@ -17,8 +17,8 @@ from curate.stats import END, START, parse_stat_key
 MANIFEST_VERSION = "1.0"
 # Pipeline order of the stages, for reports; a stage not listed sorts after these.
 STAGE_ORDER = ("read", "validate", "ids", "rewrite_teacher", "rewrite_teacher_qa", "rewrite_student", "rewrite",
-               "realign_classify", "realign_teacher", "realign", "exact_dedup", "near_dedup", "embed", "cluster", "semantic_dedup", "score", "rds_targets", "rds",
-               "less_targets", "less", "degradation", "select", "write")
+               "realign_classify", "realign_teacher", "realign", "exact_dedup", "near_dedup", "embed", "cluster",
+               "semantic_dedup", "score", "rds_targets", "rds", "less_targets", "less", "degradation", "select", "write")
 
 
 class AccountingError(Exception):
@@ -202,27 +202,16 @@ def degradation_report(cfg: Job, stages: dict, runtime: dict) -> dict:
     return {"enabled": True, **out, "cutoff": d.cutoff}
 
 
-def rds_report(cfg: Job, stages: dict, runtime: dict) -> dict:
-    """The RDS+ stage: model, cache use, status shares, the target sets and their rows scored."""
-    r = cfg.score.rds
-    if not r.enabled:
+def targeted_report(stage: str, settings, stages: dict, runtime: dict) -> dict:
+    """A targeted score's stage (``rds`` or ``less``): its run-time choices (for LESS the warm-up,
+    checkpoints and weights and the projection), cache use, status shares, the target sets and
+    their rows scored."""
+    if not settings.enabled:
         return {"enabled": False}
-    out = _model_stage(stages, "rds", runtime.get("rds", {}), {"status_share": "status"})
-    targets = stages.get("rds_targets", {})
+    out = _model_stage(stages, stage, runtime.get(stage, {}), {"status_share": "status"})
+    targets = stages.get(f"{stage}_targets", {})
     out["target_rows"] = {"model": int(targets.get("model_rows", 0)), "cached": int(targets.get("cached", 0))}
-    return {"enabled": True, **out, "max_length": r.max_length}
-
-
-def less_report(cfg: Job, stages: dict, runtime: dict) -> dict:
-    """The LESS stage: the warm-up, checkpoints and weights, the projection, cache use, status
-    shares and the target rows scored."""
-    x = cfg.score.less
-    if not x.enabled:
-        return {"enabled": False}
-    out = _model_stage(stages, "less", runtime.get("less", {}), {"status_share": "status"})
-    targets = stages.get("less_targets", {})
-    out["target_rows"] = {"model": int(targets.get("model_rows", 0)), "cached": int(targets.get("cached", 0))}
-    return {"enabled": True, **out, "max_length": x.max_length}
+    return {"enabled": True, **out, "max_length": settings.max_length}
 
 
 def rewrite_report(cfg: Job, stages: dict, runtime: dict) -> dict:
@@ -277,8 +266,8 @@ def build(cfg: Job, stats: dict, inputs: list[dict], *, beam_options: dict, star
         "near_dedup": near_dedup_report(cfg, stages, reports or {}),
         **embed_cluster_report(cfg, stages, reports or {}, runtime or {}),
         "score": score_report(cfg, stages, runtime or {}),
-        "rds": rds_report(cfg, stages, runtime or {}),
-        "less": less_report(cfg, stages, runtime or {}),
+        "rds": targeted_report("rds", cfg.score.rds, stages, runtime or {}),
+        "less": targeted_report("less", cfg.score.less, stages, runtime or {}),
         "rewrite": rewrite_report(cfg, stages, runtime or {}),
         "degradation": degradation_report(cfg, stages, runtime or {}),
         "select": (reports or {}).get("select"),

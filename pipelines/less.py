@@ -40,7 +40,8 @@ KINDS = {"pool": "adam", "targets": "sgd"}
 
 def default_proj_dim(device: str) -> int:
     """8192 (LESS's) on a GPU; 2048 on a CPU, where projecting at 8192 adds about 30% to each
-    row's gradient time and at 2048 about 10% (SmolLM2-135M, r 8: ``python -m benchmarks less``)."""
+    row's gradient time and at 2048 about 10% (SmolLM2-135M, r 8; measured on 2 cores of an AMD
+    EPYC with AVX-512: 0.29 vs 0.09 s/row of projection against 0.95 s/row of gradients)."""
     return 8192 if device == "cuda" else 2048
 
 

@@ -43,21 +43,23 @@ def prepare(r, embed_model: str | None) -> dict:
     from curate.errors import CurateError
     from curate.models import cache_root, resolve_embedder
 
-    for name in ("classifier_train", "classifier_test"):
+    def read(name: str):
         path = getattr(r, name)
-        if path and not os.path.isfile(path):
+        if not os.path.isfile(path):
             raise CurateError(f"rewrite.realign.{name}: no such file {path}")
-        if path:
-            try:
-                RA.read_labelled(path)
-            except ValueError as exc:  # a bad row or bad JSON: one line naming the file
-                raise CurateError(f"rewrite.realign.{name}: {exc}") from None
+        try:
+            return RA.read_labelled(path)
+        except ValueError as exc:  # a bad row or bad JSON: one line naming the file
+            raise CurateError(f"rewrite.realign.{name}: {exc}") from None
+
+    train = read("classifier_train")
+    test = read("classifier_test") if r.classifier_test else None
     folder = os.path.join(cache_root(), "realign", cache_store.fingerprint(
         {"train": _file_hash(r.classifier_train), "embedder": resolve_embedder(embed_model), "format": 1}))
     path = os.path.join(folder, "classifier.pkl")
     embedder = None
     if not os.path.isfile(path):
-        texts, labels = RA.read_labelled(r.classifier_train)
+        texts, labels = train
         log.info("realign: training the task classifier on %d rows of %s", len(texts), r.classifier_train)
         embedder = load_embedder(embed_model)
         clf = RA.TaskClassifier().fit(encode(embedder, texts), labels)
@@ -65,8 +67,8 @@ def prepare(r, embed_model: str | None) -> dict:
         clf.save(path + ".tmp")
         os.replace(path + ".tmp", path)
     out = {"classifier": path, "embed_model": embed_model, "trained_on": os.path.abspath(r.classifier_train)}
-    if r.classifier_test:
-        texts, labels = RA.read_labelled(r.classifier_test)
+    if test:
+        texts, labels = test
         embedder = embedder or load_embedder(embed_model)
         out["test"] = RA.evaluate(RA.TaskClassifier.load(path), encode(embedder, texts), labels)
         log.info("realign: task classifier on %s: %s", r.classifier_test, json.dumps(out["test"]))

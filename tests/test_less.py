@@ -235,3 +235,24 @@ def test_a_killed_run_resumes_from_its_shards_with_the_same_scores_for_any_batch
     report = open("resumed/report.html", encoding="utf-8").read()
     section = report[report.index('id="targeted"'):report.index('id="clusters"')]
     assert "<h3>LESS</h3>" in section and a.less_score.idxmax() in section and "RDS+" not in section
+
+
+def test_a_bucket_that_fails_is_an_error_status_never_a_score(monkeypatch):
+    from transformers import AutoTokenizer
+
+    from curate.models import weak_lm_folder
+    from curate.settings import LESS
+    from pipelines.less import LESSHandler, Loaded
+    from pipelines.targeted import MatchFn
+
+    tok = AutoTokenizer.from_pretrained(weak_lm_folder())
+    handler = LESSHandler(LESS(enabled=True, max_length=64), {"projection": L.Projection(16).identity()}, "pool")
+    rows = [{"prompt": "What is 2 + 3?", "response": "5"}, {"prompt": "word " * 200, "response": "ok"}]
+    monkeypatch.setattr("pipelines.less.features", lambda *a, **k: 1 / 0)  # e.g. out of memory half way
+    out = handler.infer(rows, Loaded(None, tok, []), lambda n: None)
+    assert out == [{"less_vector": None, "less_status": "error"}] * 2
+    match = MatchFn("less")
+    match.setup()
+    match.start_bundle()
+    matched = list(match.handle({**rows[0], **out[0]}, {"names": ["t"], "matrix": np.ones((1, 16))}))
+    assert math.isnan(matched[0]["less_score"]) and matched[0]["less_subtask"] is None

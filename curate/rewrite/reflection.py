@@ -21,7 +21,7 @@ TEMPLATE_VERSION = "reflection-v1"  # part of every request's cache key: change 
 
 INSTRUCTION_SYSTEM = ("You review instruction-tuning data with a careful, demanding eye for the quality of "
                       "instructions.")
-INSTRUCTION_PROMPT = """Here is an instruction and the answer it received.
+PAIR = """Here is an instruction and the answer it received.
 
 [Instruction]
 {instruction}
@@ -31,6 +31,8 @@ INSTRUCTION_PROMPT = """Here is an instruction and the answer it received.
 {answer}
 [End]
 
+"""  # what both reflections are shown
+INSTRUCTION_PROMPT = PAIR + """\
 1. Judge the instruction: how complex its topic is, how much detail it asks for, what knowledge it needs, \
 whether it is ambiguous, and how much reasoning or problem solving it takes. Judge the answer: how helpful, \
 relevant, accurate and detailed it is. Say how weaknesses of the instruction led to weaknesses of the answer.
@@ -39,16 +41,7 @@ without the original). Put it between [New Instruction] and [End].
 3. Answer the new instruction in full detail. Put the answer between [New Answer] and [End]."""
 
 RESPONSE_SYSTEM = "You review instruction-tuning data with a careful, demanding eye for the quality of answers."
-RESPONSE_PROMPT = """Here is an instruction and the answer it received.
-
-[Instruction]
-{instruction}
-[End]
-
-[Answer]
-{answer}
-[End]
-
+RESPONSE_PROMPT = PAIR + """\
 1. Judge the answer: how helpful, relevant, accurate and detailed it is.
 2. Write a better answer to the same instruction: complete, correct and detailed. Put it between \
 [Better Answer] and [End]."""

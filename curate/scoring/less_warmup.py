@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger("curate")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # LESS's LoRA targets
@@ -79,6 +79,8 @@ class Checkpoint:
     lr: float
     betas: tuple[float, float]
     eps: float
+    _weights: dict | None = field(default=None, repr=False)  # the files' contents, once read
+    _moments: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def read(cls, folder: str) -> Checkpoint:
@@ -87,25 +89,27 @@ class Checkpoint:
         return cls(folder, meta["epoch"], meta["lr"], tuple(meta["betas"]), meta["eps"])
 
     def load_into(self, model) -> None:
-        """Set the peft model's LoRA weights to this checkpoint's."""
+        """Set the peft model's LoRA weights to this checkpoint's (read from disk once)."""
         from safetensors.torch import load_file
 
-        weights = load_file(os.path.join(self.folder, "adapter.safetensors"))
+        if self._weights is None:
+            self._weights = load_file(os.path.join(self.folder, "adapter.safetensors"))
         params = dict(model.named_parameters())
-        for name, value in weights.items():
+        for name, value in self._weights.items():
             params[name].data.copy_(value.to(params[name].device, params[name].dtype))
 
     def moments(self, device="cpu"):
-        """(m, v) flattened in ``named_parameters`` order, float32."""
+        """(m, v) flattened in ``named_parameters`` order, float32 (read from disk once)."""
         import torch
         from safetensors.torch import load_file
 
-        with open(os.path.join(self.folder, "checkpoint.json"), encoding="utf-8") as fh:
-            names = json.load(fh)["params"]
-        t = load_file(os.path.join(self.folder, "moments.safetensors"))
-        m = torch.cat([t[f"{n}:m"].flatten() for n in names]).float().to(device)
-        v = torch.cat([t[f"{n}:v"].flatten() for n in names]).float().to(device)
-        return m, v
+        if self._moments is None:
+            with open(os.path.join(self.folder, "checkpoint.json"), encoding="utf-8") as fh:
+                names = json.load(fh)["params"]
+            t = load_file(os.path.join(self.folder, "moments.safetensors"))
+            self._moments = tuple(torch.cat([t[f"{n}:{k}"].flatten() for n in names]).float() for k in "mv")
+        m, v = self._moments
+        return m.to(device), v.to(device)
 
 
 def save_checkpoint(folder: str, model, optimizer, epoch: int, lr: float) -> None:
