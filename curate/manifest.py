@@ -16,9 +16,10 @@ from curate.stats import END, START, parse_stat_key
 
 MANIFEST_VERSION = "1.0"
 # Pipeline order of the stages, for reports; a stage not listed sorts after these.
-STAGE_ORDER = ("read", "validate", "ids", "rewrite_teacher", "rewrite_teacher_qa", "rewrite_student", "rewrite",
-               "realign_classify", "realign_teacher", "realign", "exact_dedup", "near_dedup", "embed", "cluster",
-               "semantic_dedup", "score", "rds_targets", "rds", "less_targets", "less", "degradation", "select", "write")
+STAGE_ORDER = ("read", "validate", "ids", "exact_dedup", "rewrite_teacher", "rewrite_teacher_qa", "rewrite_student",
+               "rewrite", "realign_classify", "realign_teacher", "realign", "exact_dedup_rewritten", "near_dedup",
+               "embed", "cluster", "semantic_dedup", "score", "rds_targets", "rds", "less_targets", "less",
+               "degradation", "select", "write")
 
 
 class AccountingError(Exception):

@@ -31,10 +31,13 @@ def build(p: beam.Pipeline, cfg: Job, folder: str, rt: dict, run_id: str = "run"
     read = p | "Read" >> T.Read(cfg)
     valid = read["records"] | "Validate" >> T.Validate(cfg)
     ids = valid["records"] | "UniqueIds" >> T.UniqueIds(cfg)
-    reflected = ids["records"] | "Reflection" >> Reflection(cfg, rt.get("rewrite", {}), run_id)
+    exact = ids["records"] | "ExactDedup" >> T.ExactDedup(cfg)
+    reflected = exact["records"] | "Reflection" >> Reflection(cfg, rt.get("rewrite", {}), run_id)
     realigned = reflected["records"] | "ReAlign" >> ReAlignStage(cfg, rt.get("rewrite", {}), run_id)
-    exact = realigned["records"] | "ExactDedup" >> T.ExactDedup(cfg)
-    near = exact["records"] | "NearDedup" >> NearDedup(cfg)
+    rewritten = realigned
+    if "rewrite" in rt:  # a rewrite can duplicate another row
+        rewritten = realigned["records"] | "ExactDedupRewritten" >> T.ExactDedup(cfg, after_rewrite=True)
+    near = rewritten["records"] | "NearDedup" >> NearDedup(cfg)
     ec = near["records"] | "EmbedCluster" >> EmbedClusterDedup(cfg, rt, run_id)
     scored = ec["records"] | "Score" >> Score(cfg, rt.get("score", {}), run_id)
     targeted = scored["records"] | "RDS" >> RDSStage(cfg, rt.get("rds", {}), run_id)
@@ -57,8 +60,8 @@ def build(p: beam.Pipeline, cfg: Job, folder: str, rt: dict, run_id: str = "run"
         failures | "WriteRewriteFailures" >> beam.io.WriteToParquet(
             os.path.join(folder, "rewrite_failures", "part"), REWRITE_FAILURES, file_name_suffix=".parquet",
             codec="zstd")
-    stats = (read["stats"], valid["stats"], ids["stats"], reflected["stats"], realigned["stats"],
-             exact["stats"], near["stats"], ec["stats"],
+    stats = (read["stats"], valid["stats"], ids["stats"], exact["stats"], reflected["stats"], realigned["stats"],
+             *([rewritten["stats"]] if rewritten is not realigned else []), near["stats"], ec["stats"],
              scored["stats"], targeted["stats"], less["stats"], degraded["stats"], written["stats"])
     stats | "FlattenStats" >> beam.Flatten() | "Stats" >> T.WriteStats(os.path.join(folder, STATS_FILE))
     reports = (near["reports"], ec["reports"], selection["reports"]) | "FlattenReports" >> beam.Flatten()

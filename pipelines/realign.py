@@ -7,7 +7,7 @@
 The classifier is trained by the driver before the graph (``prepare``) and kept in the model
 cache under a fingerprint of its training file and embedder, so a rerun reuses it. A row whose
 request fails keeps its answer (``realign_status: teacher_failed``; the request goes to
-``rewrite_failures/``); rows in = rows out. It runs after the reflection stage and before dedup.
+``rewrite_failures/``); rows in = rows out. It runs after exact dedup and the reflection stage, before the second exact pass.
 """
 from __future__ import annotations
 

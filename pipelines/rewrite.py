@@ -10,8 +10,9 @@ a rerun sends no request that already succeeded, and retries those that failed. 
 failed request keeps its text (``rewrite_status: teacher_failed``) and each failed request goes
 to ``rewrite_failures/`` with its error, so rows in = rows out and a rerun after the server is
 back completes them. The student is the IFD stage's weak LM and settings (``score.ifd``); its
-scores share the IFD cache. The stage runs before dedup and scoring, so a rewrite that
-duplicates another row is caught and the final rows are what gets scored and selected.
+scores share the IFD cache. The stage runs after exact dedup (no duplicate is sent to the
+teacher) and before a second exact pass over the rows still in play, near dedup and scoring, so a
+rewrite that duplicates another row is caught and the final rows are what gets scored and selected.
 """
 from __future__ import annotations
 

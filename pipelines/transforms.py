@@ -16,7 +16,7 @@ from curate.io import SourceReadError, iter_file, sample_rows
 from curate.records import FieldMap, RowSpec, convert, make_reject
 from curate.settings import Job, Sample
 from curate.stats import merge
-from pipelines.stage import STATS, StageFn
+from pipelines.stage import STATS, StageFn, is_live
 
 REJECTS = "rejects"
 INPUT_ERROR = "curate-input-error: "
@@ -191,25 +191,40 @@ class ExactDedupFn(StageFn):
         yield from records
 
 
-class ExactDedup(beam.PTransform):
-    """Mark exact duplicates (normalized prompt + response); keep one per group."""
+class RewrittenDedupFn(ExactDedupFn):
+    stage = "exact_dedup_rewritten"
 
-    def __init__(self, cfg: Job):
+
+class ExactDedup(beam.PTransform):
+    """Mark exact duplicates (normalized prompt + response); keep one per group.
+
+    ``after_rewrite``: the second pass of a job with teacher rewrites. The first pass runs before
+    the rewrites, so a duplicate is never sent to the teacher; this one looks again at the rows
+    still in play (a rewrite can duplicate another row) and lets dropped rows go around it."""
+
+    def __init__(self, cfg: Job, after_rewrite: bool = False):
         super().__init__()
         self.enabled = cfg.dedup.exact.enabled
         self.scope = cfg.dedup.exact.scope
         self.rank = {s.source: i for i, s in enumerate(cfg.inputs)}
+        self.after_rewrite = after_rewrite
 
     def expand(self, records):
         if not self.enabled:
             marked = records | "NoExactDedup" >> beam.Map(lambda r: {**r, "exact_dup_of": None})
             return {"records": marked, "stats": marked.pipeline | "NoStats" >> beam.Create([])}
-        scope = self.scope
-        out = (records
+        scope, fn = self.scope, (RewrittenDedupFn if self.after_rewrite else ExactDedupFn)(self.rank)
+        live = records
+        if self.after_rewrite:
+            live = records | "Live" >> beam.Filter(is_live)
+            done = records | "Dropped" >> beam.Filter(lambda r: not is_live(r))
+        out = (live
                | "Key" >> beam.Map(lambda r: (dedup_key(r["prompt"], r["response"], r["source"], scope), r))
                | "Group" >> beam.GroupByKey()
-               | "Resolve" >> beam.ParDo(ExactDedupFn(self.rank)).with_outputs(STATS, main="records"))
-        return {"records": out.records, "stats": out[STATS]}
+               | "Resolve" >> beam.ParDo(fn).with_outputs(STATS, main="records"))
+        if not self.after_rewrite:
+            return {"records": out.records, "stats": out[STATS]}
+        return {"records": (done, out.records) | "Merge" >> beam.Flatten(), "stats": out[STATS]}
 
 
 class TallyFn(StageFn):

@@ -260,6 +260,7 @@ def _rewrite_job(job_dir, name, url, cache):
 
     rows = [json.loads(x) for x in open(f"{EXAMPLES}/gsm8k_sample.jsonl", encoding="utf-8")][:4]
     rows.append({"instruction": "Napkins: fold one into a swan.", "input": "", "output": "Fold it."})
+    rows.append(dict(rows[0]))  # an exact duplicate: dropped before the rewrites, never sent to the teacher
     pool = job_dir / "pool.jsonl"
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
     chat = job_dir / "chat.jsonl"  # multi-turn: left as it is
@@ -285,7 +286,9 @@ def test_reflection_rewrites_what_the_student_accepts_and_a_rerun_sends_nothing(
     assert sent == 5 * 2 + 4  # Q and A for each single-turn row, QA for each parsed new instruction
     ann = pd.read_parquet("run/annotated").set_index("source")
     man = load_manifest("run")
-    assert man["accounting"]["holds"] and len(ann) == 6
+    assert man["accounting"]["holds"] and len(ann) == 7 and man["counts"]["dropped"] == {"exact_duplicate": 1}
+    assert man["stages"]["exact_dedup"]["dropped"] == 1 and man["stages"]["exact_dedup_rewritten"]["rows"] == 6
+    ann = ann[ann.drop_reason.isna()]
     import jsonschema
 
     from tests.conftest import REPO

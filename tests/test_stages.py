@@ -60,6 +60,23 @@ def test_exact_dedup_keeps_one_of_a_group():
         assert_that(stats_of(out["stats"]), has_stat("exact_dedup.dropped@s", 1), label="Stats")
 
 
+def test_exact_dedup_after_rewrites_looks_only_at_rows_still_in_play():
+    from pipelines.transforms import ExactDedup
+
+    recs = records(ROWS[:3] + [ROWS[0], ROWS[1]])
+    recs[3]["drop_reason"], recs[3]["exact_dup_of"] = "exact_duplicate", recs[0]["id"]  # the first pass's
+    recs[4].update(drop_reason="near_duplicate", exact_dup_of=None)  # any earlier drop keeps its reason
+    recs[2].update(prompt=recs[0]["prompt"], response=recs[0]["response"])  # a rewrite made a copy
+    with pipeline() as p:
+        out = p | beam.Create(recs) | ExactDedup(job(), after_rewrite=True)
+        keep, lose = sorted([recs[0]["id"], recs[2]["id"]])
+        assert_that(out["records"] | beam.Map(lambda r: (r["id"], r.get("drop_reason"), r["exact_dup_of"])),
+                    equal_to([(keep, None, None), (lose, "exact_duplicate", keep), (recs[1]["id"], None, None),
+                              (recs[3]["id"], "exact_duplicate", recs[0]["id"]),
+                              (recs[4]["id"], "near_duplicate", None)]))
+        assert_that(stats_of(out["stats"]), has_stat("exact_dedup_rewritten.dropped@s", 1), label="Stats")
+
+
 def test_near_dedup_marks_a_near_copy_and_passes_dropped_rows_around():
     from pipelines.near_dedup import NearDedup
 
