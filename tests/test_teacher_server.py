@@ -16,9 +16,10 @@ from curate.rewrite.local_server import LocalServer
 from tests.conftest import EXAMPLES, load_manifest, run_cli, shared, write_job
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python[server] is installed by `make test`")
+ROWS = 20  # real rows per run: about 2 requests per row before the server stops, 3 after
 
 
-def _job(job_dir, name, url, cache, n=4):
+def _job(job_dir, name, url, cache, n=ROWS):
     rows = [json.loads(x) for x in open(f"{EXAMPLES}/gsm8k_sample.jsonl", encoding="utf-8")][:n // 2]
     rows += json.load(open(f"{EXAMPLES}/alpaca_cherry_sample.json", encoding="utf-8"))[:n - n // 2]
     pool = job_dir / "pool.jsonl"
@@ -33,7 +34,7 @@ def _job(job_dir, name, url, cache, n=4):
            "rewrite": {"reflection": {"enabled": True},
                        "realign": {"enabled": True, "classifier_train": str(small)},
                        "cache_dir": str(cache / "teacher"),
-                       "teacher": {"base_url": url, "model": "smollm2", "max_tokens": 64, "concurrency": 2,
+                       "teacher": {"base_url": url, "model": "smollm2", "max_tokens": 32, "concurrency": 2,
                                    "max_retries": 1, "backoff_s": 0.05, "timeout_s": 120}}}
     return write_job(job_dir, cfg, f"{name}.yaml")
 
@@ -60,7 +61,7 @@ def test_a_real_server_stopped_half_way_then_restarted_then_the_cache(job_dir, t
                 server.stop()
             time.sleep(0.2)
 
-    watcher = threading.Thread(target=stop_after, args=(3,), daemon=True)
+    watcher = threading.Thread(target=stop_after, args=(ROWS,), daemon=True)
     watcher.start()
     try:
         assert run_cli("run", _job(job_dir, "down", server.url, cache)) == 0
@@ -68,7 +69,7 @@ def test_a_real_server_stopped_half_way_then_restarted_then_the_cache(job_dir, t
         down = _statuses("down")
         failures = pd.read_parquet("down/rewrite_failures")
         man = load_manifest("down")
-        assert down["rows"] == down["ids"] == 4 and man["accounting"]["holds"]
+        assert down["rows"] == down["ids"] == ROWS and man["accounting"]["holds"]
         assert len(failures) == man["rewrite"]["requests_failed"] > 0
         assert failures.error.str.contains("Connection").all() and (failures.attempts == 2).all()
         assert down["reflection"].get("teacher_failed", 0) + down["realign"].get("teacher_failed", 0) > 0
@@ -76,8 +77,8 @@ def test_a_real_server_stopped_half_way_then_restarted_then_the_cache(job_dir, t
         server.start()
         assert run_cli("run", _job(job_dir, "back", server.url, cache)) == 0
         back, man = _statuses("back"), load_manifest("back")
-        print(f"llama.cpp server ready in {ready:.1f} s; 4 real rows:", json.dumps(back))
-        assert back["rows"] == back["ids"] == 4 and man["accounting"]["holds"]
+        print(f"llama.cpp server ready in {ready:.1f} s; {ROWS} real rows:", json.dumps(back))
+        assert back["rows"] == back["ids"] == ROWS and man["accounting"]["holds"]
         assert "teacher_failed" not in back["reflection"] and "teacher_failed" not in back["realign"]
         assert man["rewrite"]["requests_cached"] >= 3 and man["rewrite"]["requests_failed"] == 0
         total = man["rewrite"]["requests_cached"] + man["rewrite"]["requests_sent"]
