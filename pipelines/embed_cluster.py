@@ -55,8 +55,10 @@ class SentenceTransformerHandler(StageHandler):
 
 
 def _vector(record: dict) -> dict:
-    record["_vector"] = np.asarray(record.pop("embedding"), dtype=np.float32)
-    return record
+    """A new dict: the record is also read by the cache writer (Beam inputs are never mutated)."""
+    out = {k: v for k, v in record.items() if k != "embedding"}
+    out["_vector"] = np.asarray(record["embedding"], dtype=np.float32)
+    return out
 
 
 class CountEmbedFn(StageFn):

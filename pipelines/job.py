@@ -86,6 +86,35 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+class RunnerError(CurateError):
+    """A ``--runner`` Beam cannot make, or runner options that do not work."""
+
+
+def make_runner(options: PipelineOptions):
+    """The runner ``--runner`` names; None leaves the choice to Beam. ``DaskRunner`` (any of its
+    names) is ours (``pipelines.dask_runner``); a name Beam cannot make is one line."""
+    from apache_beam.options.pipeline_options import StandardOptions
+    from apache_beam.runners.runner import create_runner
+
+    name = options.view_as(StandardOptions).runner
+    if not name or not isinstance(name, str):
+        return name
+    from pipelines import dask_runner
+
+    if name in dask_runner.NAMES:
+        try:
+            import dask.distributed  # noqa: F401
+        except ImportError:
+            raise RunnerError("--runner=DaskRunner needs dask.distributed: pip install 'dask[distributed]'") from None
+        return dask_runner.DaskRunner()
+    try:
+        return create_runner(name)
+    except Exception as exc:  # noqa: BLE001 - Beam raises ValueError, ImportError, AttributeError, ...
+        why = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunnerError(f"--runner={name}: Beam cannot make this runner ({why}); try FnApiRunner, DaskRunner, "
+                          "PortableRunner or the dotted path of a runner class") from None
+
+
 def run(cfg: Job, beam_args: list[str] | None = None, overwrite: bool = False) -> dict:
     """Run a job; returns the manifest (also written to ``<output>/manifest.json``)."""
     out = os.path.abspath(cfg.output)
@@ -94,15 +123,16 @@ def run(cfg: Job, beam_args: list[str] | None = None, overwrite: bool = False) -
     rt = resolve_runtime(cfg)  # model paths and devices: fail before anything is written
     os.makedirs(os.path.dirname(out), exist_ok=True)
     run_id = cache_store.new_run_id()
-    tmp = f"{out}.tmp-{run_id}"
-    os.makedirs(tmp)
     flags = beam_flags(cfg.beam, beam_args)
     options = PipelineOptions(flags)
+    runner = make_runner(options)
+    tmp = f"{out}.tmp-{run_id}"
+    os.makedirs(tmp)
     inputs = [{"source": s.source, "format": f.format, **fingerprint(f.path)} for s in cfg.inputs for f in s.files]
     started, t0 = _now(), time.monotonic()
     log.info("curate: running job %r with %s", cfg.name, " ".join(flags))
     try:
-        p = beam.Pipeline(options=options)
+        p = beam.Pipeline(runner=runner, options=options)
         build(p, cfg, tmp, rt, run_id)
         result = p.run()
         state = result.wait_until_finish()

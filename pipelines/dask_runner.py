@@ -1,0 +1,281 @@
+"""The job on a Dask cluster: Beam's ``DaskRunner`` with the gaps closed that a real job falls into.
+
+Beam's runner (``apache_beam/runners/dask/``, Beam 2.77) translates Create, ParDo, GroupByKey and
+Flatten into Dask bags, which is the right shape, but four things in its translation lose or mix
+data in any pipeline with more than one output, and ours has many:
+
+1. ``transform_evaluator.py`` ``ParDo.apply`` / ``apply_dofn_to_bundle`` put every output of a
+   multi-output ParDo (``with_outputs``) into one bag, and a consumer of one tag reads them all:
+   our stage stats arrive at the next stage's GroupByKey as records (the ``too many values to
+   unpack`` a user sees first).
+2. The same function takes the bundle's outputs *before* ``finish_bundle``, so what a DoFn emits
+   there is lost: our stats, Beam's own ``BatchElements`` (RunInference's last partial batch of
+   every partition) and the file sinks' write results.
+3. ``dask_runner.py`` ``run_pipeline`` computes only the bag of the last transform visited, so a
+   branch that does not lead to it (another output folder) never runs.
+4. Side inputs are iterators that compute their bag inside every task that reads them
+   (``DaskBagWindowedIterator``), so a side input's producers run again per partition.
+
+They cannot be worked around in the graph without giving up multi-output ParDos, finish_bundle,
+more than one sink and side inputs, so this module translates ParDo, side inputs and the sinks
+itself and leaves the rest to Beam's runner. A DoFn is set up once per worker process (Beam's
+sets it up and tears it down per partition, a model load each time).
+
+Without ``--dask_client_address`` the job starts a ``distributed.LocalCluster`` of
+``--dask_workers`` worker processes (default: the CPU count, at least 2), one thread each, and
+closes it when the run ends.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import threading
+import uuid
+
+from apache_beam import DoFn
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.runners.common import Receiver
+from apache_beam.runners.dask import dask_runner as beam_dask
+from apache_beam.runners.dask import transform_evaluator as te
+from apache_beam.runners.dask.overrides import dask_overrides
+
+log = logging.getLogger("curate")
+NAMES = ("DaskRunner", "dask", "apache_beam.runners.dask.dask_runner.DaskRunner", "pipelines.dask_runner.DaskRunner")
+
+
+class CurateDaskOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--dask_workers", type=int, default=None,
+                            help="worker processes of the LocalCluster the job starts when no "
+                                 "--dask_client_address is given (default: CPU count, at least 2)")
+
+
+class _Collect(Receiver):
+    """A receiver that keeps (tag, value): main outputs bare, tagged ones as ``TaggedOutput``."""
+
+    def __init__(self, tag, out: list):
+        self.tag, self.out = tag, out
+
+    def receive(self, windowed_value):
+        value = windowed_value.value
+        self.out.append(value if self.tag is None else TaggedOutput(self.tag, value))
+
+
+class _Receivers(dict):
+    def __init__(self):
+        super().__init__()
+        self.out: list = []
+
+    def __missing__(self, tag):
+        self[tag] = receiver = _Collect(tag, self.out)
+        return receiver
+
+
+_SET_UP: dict[str, DoFn] = {}  # per worker process: DoFns already set up, by translation key
+_LOCK = threading.Lock()
+
+
+def _fn_once(key: str, fn: DoFn) -> DoFn:
+    with _LOCK:
+        if key not in _SET_UP:
+            fn.setup()
+            _SET_UP[key] = fn
+        return _SET_UP[key]
+
+
+def _forget(run: str) -> int:
+    """Tear down and drop this run's DoFns in a worker (a long-lived cluster serves many runs)."""
+    with _LOCK:
+        keys = [k for k in _SET_UP if k.startswith(run + ":")]
+        for k in keys:
+            try:
+                _SET_UP.pop(k).teardown()
+            except Exception as exc:  # noqa: BLE001 - a teardown failure costs nothing but a log line
+                log.warning("dask: teardown of %s failed: %s", k, exc)
+    return len(keys)
+
+
+def _run_bundle(items, spec: dict, *side_values):
+    """One Dask partition as one Beam bundle; ``side_values`` are the side inputs' whole contents."""
+    from apache_beam.runners.common import DoFnContext, DoFnInvoker, DoFnSignature, _OutputHandler
+    from apache_beam.transforms.sideinputs import SideInputMap
+
+    fn = _fn_once(spec["key"], spec["fn"])
+    receivers = _Receivers()
+    handler = _OutputHandler(window_fn=spec["window_fn"], main_receivers=receivers[None], tagged_receivers=receivers,
+                             per_element_output_counter=None, output_batch_converter=None,
+                             process_yields_batches=False, process_batch_yields_elements=False)
+    sides = [SideInputMap(view, options, [te.get_windowed_value(v, mapping) for v in values])
+             for (view, options, mapping), values in zip(spec["sides"], side_values)]
+    invoker = DoFnInvoker.create_invoker(  # no invoke_setup: set up once per process above
+        DoFnSignature(fn), handler, context=DoFnContext(spec["label"], state=None), side_inputs=sides,
+        input_args=spec["args"], input_kwargs=spec["kwargs"], user_state_context=None,
+        bundle_finalizer_param=DoFn.BundleFinalizerParam())
+    invoker.invoke_start_bundle()
+    for item in items:  # a record dict is shared by every reader of a partition: each gets its own copy
+        item = dict(item) if type(item) is dict else item
+        invoker.invoke_process(te.get_windowed_value(item, spec["window_fn"]))
+    invoker.invoke_finish_bundle()
+    return receivers.out
+
+
+def _select(items, tag):
+    """The part of a multi-output ParDo's bag that belongs to ``tag`` (None: the main output)."""
+    out = []
+    for item in items:
+        if isinstance(item, TaggedOutput):
+            if item.tag == tag:
+                out.append(item.value)
+        elif tag is None:
+            out.append(item)
+    return out
+
+
+def _concat(*parts):
+    return list(itertools.chain.from_iterable(parts))
+
+
+def _discard(items):
+    for _ in items:
+        pass
+    return []
+
+
+class DaskRunner(beam_dask.DaskRunner):
+    """Beam's DaskRunner with multi-output ParDos, finish_bundle outputs, every sink and side
+    inputs computed once (see the module docstring)."""
+
+    @staticmethod
+    def to_dask_bag_visitor(bag_kwargs=None):
+        import dask
+        from apache_beam import pvalue
+        from apache_beam.pipeline import PipelineVisitor
+        from apache_beam.transforms.core import ParDo
+
+        bag_kwargs = bag_kwargs or {}
+        run = uuid.uuid4().hex
+
+        class Visitor(PipelineVisitor):
+            def __init__(self):
+                self.run = run
+                self.bags, self.consumed = {}, set()
+                self._tagged: dict = {}
+
+            def bag_of(self, pcoll):
+                producer = pcoll.producer
+                self.consumed.add(producer)
+                bag = self.bags[producer]
+                if len(producer.outputs) == 1:
+                    return bag
+                key = (producer, pcoll.tag)
+                if key not in self._tagged:
+                    self._tagged[key] = bag.map_partitions(_select, pcoll.tag)
+                return self._tagged[key]
+
+            def visit_transform(self, node) -> None:
+                transform = node.transform
+                inputs = [self.bag_of(i) for i in node.inputs if not isinstance(i, pvalue.PBegin)]
+                if type(transform) is ParDo:  # as Beam: _GroupAlsoByWindow (a subclass) is a no-op here
+                    self.bags[node] = self.par_do(node, inputs[0])
+                    return
+                op = te.TRANSLATIONS.get(transform.__class__, te.NoOp)(node, bag_kwargs=bag_kwargs)
+                if not inputs:
+                    bag_in = None
+                elif len(inputs) == 1 and op.__class__ is not te.Flatten:
+                    bag_in = inputs[0]
+                else:
+                    bag_in = inputs
+                self.bags[node] = op.apply(input_bag=bag_in, side_inputs=None)
+
+            def par_do(self, node, bag):
+                transform = node.transform
+                args, kwargs = transform.raw_side_inputs
+                main = next(iter(node.main_inputs.values()))
+                sides, values = [], []
+                for si in node.side_inputs:
+                    sides.append((type(si), si._view_options(), si._window_mapping_fn))
+                    parts = self.bag_of(si.pvalue).to_delayed(optimize_graph=False)
+                    values.append(dask.delayed(_concat)(*parts))
+                spec = {"key": f"{run}:{node.full_label}", "fn": transform.fn, "label": transform.label,
+                        "window_fn": getattr(getattr(main, "windowing", None), "windowfn", None),
+                        "args": list(args), "kwargs": kwargs, "sides": sides}
+                return bag.map_partitions(_run_bundle, spec, *values)
+
+            def leaves(self):
+                return [bag for node, bag in self.bags.items() if node not in self.consumed]
+
+        return Visitor()
+
+    def run_pipeline(self, pipeline, options):
+        import dask
+        import dask.distributed as ddist
+
+        dask_options = options.view_as(beam_dask.DaskOptions).get_all_options(drop_default=True, current_only=True)
+        bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options)
+        workers = options.view_as(CurateDaskOptions).dask_workers
+        cluster = None
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+        if not dask_options.get("address") and not dask_options.get("scheduler_file"):
+            n = workers or max(2, os.cpu_count() or 2)
+            cluster = _local_cluster(n)
+            dask_options["address"] = cluster.scheduler_address
+            log.info("dask: started a LocalCluster of %d worker processes at %s (dashboard %s)", n,
+                     cluster.scheduler_address, cluster.dashboard_link)
+        try:
+            client = ddist.Client(**dask_options)
+        except (OSError, TimeoutError) as exc:
+            if cluster is not None:
+                cluster.close()
+            from curate.errors import CurateError
+
+            where = dask_options.get("address") or dask_options.get("scheduler_file")
+            raise CurateError(f"dask: no scheduler at {where} ({type(exc).__name__}: {exc})") from None
+        pipeline.replace_all(dask_overrides())
+        visitor = self.to_dask_bag_visitor(bag_kwargs)
+        pipeline.visit(visitor)
+        sinks = [bag.map_partitions(_discard) for bag in visitor.leaves()]
+        futures = client.compute(list(dask.optimize(*sinks)))
+        return Result(client, futures, cluster, visitor.run)
+
+
+def _local_cluster(n: int):
+    """``n`` worker processes of one thread, each with an equal share of the cores for torch and
+    BLAS (unless the caller set the thread variables), and the workers' logs at warning level."""
+    import dask.distributed as ddist
+
+    threads = str(max(1, (os.cpu_count() or 1) // n))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "DASK_LOGGING__DISTRIBUTED": "warning"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: v for k, v in env.items() if saved[k] is None})
+    try:
+        return ddist.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
+class Result(beam_dask.DaskRunnerResult):
+    def __init__(self, client, futures, cluster=None, run: str = ""):
+        self.cluster, self.run = cluster, run
+        super().__init__(client, futures)
+
+    def wait_until_finish(self, duration=None):
+        try:
+            return super().wait_until_finish(duration)
+        finally:
+            if self.cluster is None:  # a cluster that outlives the run: free what the run set up
+                try:
+                    self.client.run(_forget, self.run)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("dask: the workers' DoFns were not torn down: %s", exc)
+            self.client.close()
+            if self.cluster is not None:
+                self.cluster.close()
+
+    def metrics(self):
+        raise NotImplementedError("the Dask runner keeps no Beam metrics; curate's stage stats travel as data")

@@ -1,0 +1,135 @@
+"""The job on a real Dask cluster (``distributed.LocalCluster`` worker processes) through
+``pipelines.dask_runner``: the same selection as the in-process runners, the Beam constructs
+Beam's own DaskRunner loses (tagged outputs, finish_bundle outputs, several sinks, side inputs),
+and one-line errors for runners and schedulers that cannot work."""
+import json
+import os
+
+import apache_beam as beam
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import EXAMPLES, load_manifest, run_cli, without_models, write_job
+
+pytest.importorskip("distributed", reason="dask[distributed] is installed by `make test`")
+
+
+class _Split(beam.DoFn):
+    """Main and tagged outputs, and more of both from finish_bundle."""
+
+    def start_bundle(self):
+        self.seen = 0
+
+    def process(self, x, offset):
+        self.seen += 1
+        yield x + offset
+        yield beam.pvalue.TaggedOutput("odd", x) if x % 2 else beam.pvalue.TaggedOutput("even", x)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        yield beam.pvalue.TaggedOutput("bundles", GlobalWindows.windowed_value(self.seen))
+
+
+def _write(pcoll, path, label):
+    return (pcoll | f"{label}All" >> beam.combiners.ToList()
+            | f"{label}Json" >> beam.Map(lambda xs: json.dumps(sorted(xs)))
+            | f"{label}Write" >> beam.io.WriteToText(path, num_shards=1, shard_name_template=""))
+
+
+def test_the_runner_keeps_tagged_and_finish_bundle_outputs_every_sink_and_side_inputs(tmp_path):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.dask_runner import DaskRunner
+
+    values = list(range(300))  # more than one partition (Beam's Create puts 128 in each)
+    with beam.Pipeline(runner=DaskRunner(), options=PipelineOptions(["--dask_workers=2"])) as p:
+        offset = p | "Offset" >> beam.Create([1000])
+        out = (p | beam.Create(values)
+               | beam.ParDo(_Split(), beam.pvalue.AsSingleton(offset)).with_outputs("odd", "even", "bundles",
+                                                                                   main="main"))
+        _write(out.main, str(tmp_path / "main.json"), "Main")
+        _write(out.odd, str(tmp_path / "odd.json"), "Odd")
+        _write(out.even | beam.Map(lambda x, total: x * 0 + total, beam.pvalue.AsSingleton(
+            out.bundles | beam.CombineGlobally(sum))), str(tmp_path / "even.json"), "Even")
+    read = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in ("main", "odd", "even")}
+    assert read["main"] == [x + 1000 for x in values]
+    assert read["odd"] == [x for x in values if x % 2]
+    assert read["even"] == [300] * 150  # every bundle's count arrived, through a side input
+
+
+def _job(job_dir, name, models: bool, extra=None):
+    cfg = {"output": name, "seed": 0, "sample": {"mode": "random", "n": 8},
+           "inputs": [{"source": "alpaca", "path": f"{EXAMPLES}/alpaca_cherry_sample.json"},
+                      {"source": "gsm8k", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"},
+                      {"source": "nq", "path": f"{EXAMPLES}/nq_sharegpt_sample.json", "form": "sharegpt",
+                       "id_field": "id", "fields": {"conversations": "items"}}],
+           "dedup": {"exact": {"scope": "global"}},
+           "select": {"policy": "superfiltering_diverse", "params": {"ifd_fraction": 0.5},
+                      "budget": {"fraction": 0.5}},
+           **(extra or {})}
+    if models:
+        cfg.setdefault("score", {"ifd": {"max_length": 128}})
+    else:
+        cfg = without_models({**cfg, "sample": {"mode": "none"},
+                              "select": {"policy": "random", "budget": {"fraction": 0.5}}})
+    return write_job(job_dir, cfg, f"{name}.yaml")
+
+
+def _outcome(out):
+    ann = pd.read_parquet(f"{out}/annotated").sort_values("id").reset_index(drop=True)
+    man = load_manifest(out)
+    return ann, man["counts"], sorted(pd.read_parquet(f"{out}/selected").id)
+
+
+def test_a_job_without_models_on_a_cluster_the_job_starts_matches_both_fnapi_modes(job_dir):
+    runs = {"fnapi": [], "multi": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+            "dask": ["--runner=DaskRunner", "--dask_workers=2"]}
+    for name, flags in runs.items():
+        assert run_cli("run", _job(job_dir, name, models=False), *flags) == 0
+    base_ann, base_counts, base_sel = _outcome("fnapi")
+    assert base_counts["dropped"]["exact_duplicate"] > 0 and base_counts["dropped"]["near_duplicate"] > 0
+    for name in ("multi", "dask"):
+        ann, counts, sel = _outcome(name)
+        assert sel == base_sel and counts == base_counts
+        cols = ["id", "selected", "drop_reason", "exact_dup_of", "near_dup_of"]
+        pd.testing.assert_frame_equal(ann[cols], base_ann[cols])
+    assert load_manifest("dask")["beam_options"]["runner"] == "DaskRunner"
+
+
+def test_the_models_run_on_a_given_scheduler_and_select_the_same_rows(job_dir, tmp_path_factory):
+    """Embeddings, clusters and IFD computed on two Dask worker processes (empty caches), against
+    FnApiRunner: the same selection and counts; scores agree to 1e-5 (batches hold other rows
+    on each runner, and fp32 sums in another order differ in the last bits)."""
+    from distributed import LocalCluster
+
+    fn_cache, dask_cache = tmp_path_factory.mktemp("fn"), tmp_path_factory.mktemp("dask")
+
+    def caches(root):
+        return {"embed": {"cache_dir": str(root / "embed")}, "score": {"ifd": {"max_length": 128,
+                                                                                "cache_dir": str(root / "ifd")}}}
+
+    assert run_cli("run", _job(job_dir, "fn", True, caches(fn_cache))) == 0
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        assert run_cli("run", _job(job_dir, "dask", True, caches(dask_cache)), "--runner=DaskRunner",
+                       f"--dask_client_address={cluster.scheduler_address}") == 0
+    fn, dk = _outcome("fn"), _outcome("dask")
+    assert dk[2] == fn[2] and dk[1] == fn[1] and len(fn[2]) > 0
+    stages = load_manifest("dask")["stages"]  # computed by the workers, not read from a cache
+    assert stages["score"]["model_rows"] > 0 and stages["embed"]["model_rows"] > 0
+    for col in ("ifd_loss", "rifd_loss", "rifd", "cluster_sim"):
+        np.testing.assert_allclose(dk[0][col].astype(float), fn[0][col].astype(float), atol=1e-5, rtol=0)
+    assert (dk[0].cluster_id == fn[0].cluster_id).all() and (dk[0].ifd_status == fn[0].ifd_status).all()
+
+
+def test_runners_and_schedulers_that_cannot_work_are_one_line(job_dir, capsys):
+    job = _job(job_dir, "x", models=False)
+    assert run_cli("run", job, "--runner=NoSuchRunner") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--runner=NoSuchRunner" in err[0] and "DaskRunner" in err[0]
+    assert run_cli("run", job, "--runner=DaskRunner", "--dask_client_address=127.0.0.1:9",
+                   "--dask_connection_timeout=2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no scheduler at 127.0.0.1:9" in err[0]
+    assert not any(n.startswith("x") for n in os.listdir(job_dir) if n != "x.yaml")
