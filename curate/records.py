@@ -4,7 +4,8 @@ Pure functions, no Beam: every rule here is testable on plain dicts.
 
 Row forms (``form: auto`` picks by the fields present, in this order):
 - ``messages``: ``[{role, content}, ...]`` (OpenAI / TRL chat form);
-- ``sharegpt``: ``conversations: [{from, value}, ...]``;
+- ``sharegpt``: ``conversations: [{from, value}, ...]``, or a plain list of strings that
+  alternate user and assistant, starting with the user (as LIMA ships);
 - ``alpaca``: ``instruction``, optional ``input``, ``output``.
 
 Multi-turn rule: the response is the content of the *last assistant turn*; the
@@ -168,6 +169,9 @@ def _turns(row: dict, list_field: str, role_key: str, text_key: str, roles: dict
         turns = turns.tolist()
     if not isinstance(turns, list) or not turns:
         raise RowError("bad_messages", f"field {list_field!r} must be a non-empty list of turns")
+    if all(isinstance(t, str) for t in turns):  # LIMA's form: plain strings, user and assistant in turn
+        turns = [{role_key: "user" if i % 2 == 0 else "assistant", text_key: t} for i, t in enumerate(turns)]
+        roles = {"user": "user", "assistant": "assistant"}
     out = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):

@@ -37,6 +37,20 @@ def test_sharegpt_with_mapped_field_and_user_id():
     assert (rec["id"], rec["prompt"], rec["response"]) == ("nq:7", "Q?", "A.")
 
 
+def test_lima_conversations_are_plain_strings_taking_turns():
+    spec = RowSpec(source="lima")
+    rec = to_record({"conversations": ["Q?", "A."], "source": "stackexchange"}, spec)
+    assert (rec["prompt"], rec["response"]) == ("Q?", "A.")
+    rec = to_record({"conversations": ["Hi", "Hello", "Add 2 and 2.", "4", "Thanks"]}, spec)
+    assert rec["response"] == "4" and rec["prompt"] == "User: Hi\n\nAssistant: Hello\n\nUser: Add 2 and 2."
+    assert [m["role"] for m in rec["messages"]] == ["user", "assistant", "user", "assistant"]
+    for bad, reason in ((["Q?", {"from": "gpt", "value": "A."}], "bad_messages"), (["Q?"], "no_response"),
+                        (["Q?", ""], "empty_response")):
+        with pytest.raises(RowError) as err:
+            to_record({"conversations": bad}, spec)
+        assert err.value.reason == reason
+
+
 def test_content_id_is_stable_and_depends_on_source_and_content():
     row = {"instruction": "a", "output": "b"}
     a = to_record(row, RowSpec(source="x"))["id"]
