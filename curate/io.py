@@ -18,8 +18,33 @@ from typing import Any, Iterable, Iterator
 
 from curate.errors import CurateError
 
-FORMATS = ("auto", "json", "jsonl", "parquet")
-_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+FORMATS = ("auto", "json", "jsonl", "parquet", "arrow")
+_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet",
+             ".arrow": "arrow"}
+# Compressed JSON and JSON lines are read through fsspec's codecs (gzip, bz2 and xz from the standard
+# library, zstd from the zstandard package): ``rows.jsonl.zst`` is JSON lines.
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".xz": "xz"}
+
+
+def _suffix(path: str) -> tuple[str, str | None]:
+    """(format suffix, compression) of a file name: ``a.jsonl.gz`` -> (".jsonl", "gzip")."""
+    stem, ext = os.path.splitext(path)
+    compression = COMPRESSIONS.get(ext.lower())
+    if compression:
+        ext = os.path.splitext(stem)[1]
+    return ext.lower(), compression
+
+
+def _open(path: str):
+    """A binary file object, decompressed when the name says so (buffered: zstandard's reader
+    cannot iterate lines by itself)."""
+    import io
+
+    import fsspec
+
+    compression = _suffix(path)[1]
+    handle = fsspec.open(path, "rb", compression=compression).open()
+    return io.BufferedReader(handle) if compression == "zstd" else handle
 
 
 class SourceReadError(CurateError):
@@ -46,24 +71,51 @@ class RawRow:
 
 
 def resolve_paths(pattern: str) -> list[str]:
-    """Files matching a path or glob, sorted; empty list if none."""
+    """Files matching a path or glob, sorted; empty list if none. A folder written by Hugging Face
+    ``datasets``' ``save_to_disk`` is its Arrow files, in the dataset's order."""
     if glob.has_magic(pattern):
         return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if os.path.isdir(pattern):
+        return saved_dataset_files(pattern)
     return [pattern] if os.path.isfile(pattern) else []
+
+
+def saved_dataset_files(folder: str) -> list[str]:
+    """The Arrow files of a ``Dataset.save_to_disk`` folder (``state.json`` lists them); a
+    ``DatasetDict`` folder is refused with its split names, since which split is the pool is the
+    user's call; any other folder has no files."""
+    state, splits = os.path.join(folder, "state.json"), os.path.join(folder, "dataset_dict.json")
+    if os.path.isfile(splits):
+        with open(splits, encoding="utf-8") as fh:
+            names = json.load(fh).get("splits", [])
+        example = os.path.join(folder, names[0] if names else "train")
+        raise SourceReadError(f"{folder}: a saved DatasetDict with splits {', '.join(names)}; "
+                              f"point the path at one split, e.g. {example}")
+    if not os.path.isfile(state):
+        return []
+    with open(state, encoding="utf-8") as fh:
+        files = [f["filename"] for f in json.load(fh).get("_data_files", [])]
+    if not files:
+        raise SourceReadError(f"{folder}: state.json lists no data files")
+    return [os.path.join(folder, f) for f in files]
 
 
 def detect_format(path: str, declared: str = "auto") -> str:
     """json, jsonl or parquet. A ``.json`` file whose first character is ``{`` is JSON lines."""
     if declared != "auto":
         return declared
-    ext = os.path.splitext(path)[1].lower()
+    ext, compression = _suffix(path)
     fmt = _SUFFIXES.get(ext)
-    if fmt is None:
+    if fmt is None or (compression and fmt not in ("json", "jsonl")):
         raise SourceReadError(f"{path}: cannot tell the format from the suffix {ext!r}; "
-                              f"set 'format' to one of json, jsonl, parquet")
+                              f"set 'format' to one of json, jsonl, parquet, arrow (json and jsonl may be "
+                              f"compressed: {', '.join(COMPRESSIONS)})")
     if fmt == "json":
-        with open(path, "rb") as fh:
-            head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        try:
+            with _open(path) as fh:
+                head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        except Exception as err:  # noqa: BLE001 - a broken compressed stream; preflight names it
+            raise SourceReadError(f"{path}: cannot read ({_one_line(err)})") from None
         if head.startswith(b"{"):
             return "jsonl"
     return fmt
@@ -81,6 +133,17 @@ def preflight(path: str, fmt: str) -> None:
             pq.read_metadata(path)
         except Exception as err:  # noqa: BLE001 - any failure means "not readable"
             raise SourceReadError(f"{path}: not a readable Parquet file ({_one_line(err)})") from None
+    elif fmt == "arrow":
+        try:
+            _arrow_reader(path)
+        except Exception as err:  # noqa: BLE001
+            raise SourceReadError(f"{path}: not a readable Arrow file ({_one_line(err)})") from None
+    elif _suffix(path)[1]:
+        try:
+            with _open(path) as fh:
+                fh.read(1)
+        except Exception as err:  # noqa: BLE001 - a broken compressed stream
+            raise SourceReadError(f"{path}: cannot decompress ({_one_line(err)})") from None
 
 
 def fingerprint(path: str) -> dict:
@@ -97,7 +160,7 @@ def _one_line(err: Exception) -> str:
 
 
 def iter_jsonl(path: str) -> Iterator[RawRow]:
-    with open(path, "rb") as fh:
+    with _open(path) as fh:
         for number, line in enumerate(fh, start=1):
             line = line.rstrip(b"\r\n")  # the raw row kept in rejects/ is the line as written
             if not line.strip():
@@ -116,7 +179,7 @@ def iter_jsonl(path: str) -> Iterator[RawRow]:
 
 
 def iter_json(path: str) -> Iterator[RawRow]:
-    with open(path, "rb") as fh:
+    with _open(path) as fh:
         data = fh.read()
     # surrogateescape keeps undecodable bytes inside strings; records.py rejects those rows.
     try:
@@ -143,18 +206,40 @@ def iter_parquet(path: str, batch_size: int = 4096) -> Iterator[RawRow]:
         raise SourceReadError(f"{path}: cannot read Parquet ({_one_line(err)})") from None
 
 
-def iter_file(path: str, fmt: str) -> Iterator[RawRow]:
+def _arrow_reader(path: str):
+    """An Arrow IPC reader: the streaming form ``datasets`` writes, else the file form."""
+    import pyarrow as pa
+
     try:
-        if fmt == "jsonl":
-            yield from iter_jsonl(path)
-        elif fmt == "json":
-            yield from iter_json(path)
-        elif fmt == "parquet":
-            yield from iter_parquet(path)
-        else:
-            raise SourceReadError(f"{path}: unknown format {fmt!r}")
-    except OSError as err:
+        return pa.ipc.open_stream(pa.memory_map(path))
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(pa.memory_map(path))
+
+
+def iter_arrow(path: str) -> Iterator[RawRow]:
+    reader = _arrow_reader(path)
+    batches = reader if hasattr(reader, "__iter__") else (reader.get_batch(i) for i in range(reader.num_record_batches))
+    number = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            number += 1
+            yield RawRow(path, number, value=row)
+
+
+def iter_file(path: str, fmt: str) -> Iterator[RawRow]:
+    readers = {"jsonl": iter_jsonl, "json": iter_json, "parquet": iter_parquet, "arrow": iter_arrow}
+    if fmt not in readers:
+        raise SourceReadError(f"{path}: unknown format {fmt!r}")
+    try:
+        yield from readers[fmt](path)
+    except SourceReadError:
+        raise
+    except (OSError, EOFError, ValueError) as err:  # a truncated or corrupt file, compressed or Arrow
         raise SourceReadError(f"{path}: {_one_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - zstandard.ZstdError and the like: still one file's problem
+        if type(err).__module__.split(".")[0] in ("zstandard", "pyarrow", "lzma", "bz2", "gzip", "zlib"):
+            raise SourceReadError(f"{path}: {_one_line(err)}") from None
+        raise
 
 
 def _sample_hash(seed: int, source: str, key: bytes) -> int:

@@ -61,3 +61,91 @@ def test_sampling_head_and_seeded(tmp_path):
     frac = list(sample_rows(rows, "s", "random", None, 0.5, 1))
     assert 10 < len(frac) < 40
     assert len(list(sample_rows(rows, "s", "random", 500, None, 1))) == 50
+
+
+def test_compressed_json_and_json_lines_read_as_the_plain_files(tmp_path):
+    import bz2
+    import gzip
+
+    import zstandard
+
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
+    lines = ("".join(json.dumps(r) + "\n" for r in rows) + "{not json}\n").encode()
+    listed = json.dumps(rows).encode()
+    files = {"a.jsonl.gz": gzip.compress(lines), "a.jsonl.zst": zstandard.ZstdCompressor().compress(lines),
+             "a.ndjson.bz2": bz2.compress(lines), "l.json.gz": gzip.compress(listed),
+             "lines.json.zst": zstandard.ZstdCompressor().compress(lines)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        fmt = detect_format(str(tmp_path / name))
+        assert fmt == ("json" if name.startswith("l.") else "jsonl"), name
+        got = list(iter_file(str(tmp_path / name), fmt))
+        assert [r.value for r in got if r.bad_reason is None] == rows, name
+        if fmt == "jsonl":  # a bad line is still a bad row, with its line number
+            assert [(r.row_number, r.bad_reason) for r in got if r.bad_reason] == [(6, "malformed_json")]
+    with pytest.raises(SourceReadError, match="cannot tell the format"):
+        detect_format(str(tmp_path / "x.parquet.gz"))
+
+
+def test_a_truncated_or_corrupt_compressed_file_is_one_line_naming_it(tmp_path):
+    import gzip
+
+    from curate.io import preflight
+
+    import random
+
+    noise = random.Random(0)
+    big = "".join(json.dumps({"instruction": f"q{i}", "output": "%x" % noise.getrandbits(800)}) + "\n"
+                  for i in range(2000)).encode()
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(big)[:20000])
+    with pytest.raises(SourceReadError, match="cut.jsonl.gz"):
+        list(iter_file(str(cut), "jsonl"))
+    junk = tmp_path / "junk.jsonl.zst"
+    junk.write_bytes(b"this is not zstd at all")
+    with pytest.raises(SourceReadError, match="junk.jsonl.zst: cannot decompress"):
+        preflight(str(junk), "jsonl")
+    with pytest.raises(SourceReadError, match="junk.jsonl.zst"):
+        list(iter_file(str(junk), "jsonl"))
+
+
+def test_a_saved_hugging_face_dataset_is_its_arrow_files_in_order(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from curate.io import resolve_paths
+
+    rows = [{"instruction": f"q{i}", "output": f"a{i}", "n": i} for i in range(7)]
+    ds = datasets.Dataset.from_list(rows)
+    ds.save_to_disk(str(tmp_path / "ds"), num_shards=3)
+    files = resolve_paths(str(tmp_path / "ds"))
+    assert len(files) == 3 and all(detect_format(f) == "arrow" for f in files)
+    assert [r.value for f in files for r in iter_file(f, "arrow")] == rows
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(SourceReadError, match="splits train, test; point the path at one split"):
+        resolve_paths(str(tmp_path / "dd"))
+    assert [r.value for r in iter_file(resolve_paths(str(tmp_path / "dd" / "test"))[0], "arrow")] == rows[:1]
+    assert resolve_paths(str(tmp_path)) == []  # a plain folder has no rows
+
+
+def test_a_job_reads_lima_rows_from_compressed_files_and_a_saved_dataset(job_dir):
+    import gzip
+
+    import zstandard
+
+    datasets = pytest.importorskip("datasets")
+    from tests.conftest import load_manifest, run_cli, without_models, write_job
+
+    lima = [{"conversations": [f"Question {i}?", f"Answer {i}."], "source": "stackexchange"} for i in range(4)]
+    (job_dir / "lima.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress("".join(json.dumps(r) + "\n" for r in lima).encode()))
+    (job_dir / "alpaca.json.gz").write_bytes(gzip.compress(json.dumps(
+        [{"instruction": f"Task {i}", "output": f"Done {i}"} for i in range(3)]).encode()))
+    datasets.Dataset.from_list([{"instruction": f"Saved {i}", "output": f"Row {i}"} for i in range(5)]).save_to_disk(
+        str(job_dir / "saved"), num_shards=2)
+    cfg = without_models({"output": "out", "inputs": [{"source": "lima", "path": "lima.jsonl.zst"},
+                                                      {"source": "alpaca", "path": "alpaca.json.gz"},
+                                                      {"source": "saved", "path": "saved"}]})
+    assert run_cli("run", write_job(job_dir, cfg)) == 0
+    man = load_manifest("out")
+    assert man["counts"]["rows_in"] == 12 and man["counts"]["selected"] == 12 and man["counts"]["rejected"] == {}
+    assert {i["path"].split("/")[-1] for i in man["inputs"]} == {
+        "lima.jsonl.zst", "alpaca.json.gz", "data-00000-of-00002.arrow", "data-00001-of-00002.arrow"}
