@@ -89,10 +89,9 @@ def test_compressed_json_and_json_lines_read_as_the_plain_files(tmp_path):
 
 def test_a_truncated_or_corrupt_compressed_file_is_one_line_naming_it(tmp_path):
     import gzip
+    import random
 
     from curate.io import preflight
-
-    import random
 
     noise = random.Random(0)
     big = "".join(json.dumps({"instruction": f"q{i}", "output": "%x" % noise.getrandbits(800)}) + "\n"
