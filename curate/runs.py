@@ -18,6 +18,7 @@ class RunError(CurateError):
 
 
 def _parquet(folder: str, name: str, columns: list[str] | None = None) -> pa.Table:
+    finished(folder)
     files = sorted(glob.glob(os.path.join(folder, name, "*.parquet")))
     if not files:
         raise RunError(f"{folder}: no {name}/ Parquet files (is it a finished curate run?)")
@@ -25,11 +26,17 @@ def _parquet(folder: str, name: str, columns: list[str] | None = None) -> pa.Tab
     return pa.concat_tables([t for t in tables if t.num_rows] or tables[:1])
 
 
-def manifest(folder: str) -> dict:
+def finished(folder: str) -> str:
+    """The path of the run's manifest.json; a job writes it last, so a folder without it (a run
+    that crashed or is still writing) is refused, whatever else it holds."""
     path = os.path.join(folder, "manifest.json")
     if not os.path.isfile(path):
         raise RunError(f"{folder}: no manifest.json (not a finished curate run)")
-    with open(path, encoding="utf-8") as fh:
+    return path
+
+
+def manifest(folder: str) -> dict:
+    with open(finished(folder), encoding="utf-8") as fh:
         return json.load(fh)
 
 

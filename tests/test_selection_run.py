@@ -90,6 +90,18 @@ def test_curate_select_runs_every_builtin_on_a_finished_run(scored_run, tmp_path
     assert read_table(scored_run, "annotated").to_pylist() == before  # the run itself is untouched
 
 
+def test_a_folder_without_its_final_manifest_is_refused_by_every_reader(scored_run, tmp_path, capsys):
+    half = tmp_path / "half"
+    shutil.copytree(scored_run, half)
+    (half / "manifest.json").unlink()  # what a run that stopped before its last write leaves
+    for argv in (("inspect", half), ("select", half, "--policy", "all"), ("export", half, "--format", "alpaca-json"),
+                 ("report", half)):
+        assert run_cli(*argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no manifest.json (not a finished curate run)" in err[0], argv
+    assert not (half / "selections").exists() and not (half / "export").exists()
+
+
 def test_select_errors_are_one_line(scored_run, tmp_path, capsys):
     assert run_cli("select", scored_run, "--policy", "superfilter", "--rows", "3") == 2
     assert "did you mean 'superfiltering'" in capsys.readouterr().err
