@@ -14,7 +14,6 @@ first it meets; a retried bundle that writes a key twice does no harm.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -25,6 +24,8 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate import storage
+
 log = logging.getLogger("curate")
 KEY = "key"
 STAGED = "staged-"
@@ -32,22 +33,39 @@ STAGED = "staged-"
 
 def files(folder: str | None) -> list[str]:
     """Every complete shard in ``folder`` (committed and staged), sorted; [] if none."""
-    if not folder or not os.path.isdir(folder):
+    if not folder or not storage.isdir(folder):
         return []
-    return sorted(p for p in glob.glob(os.path.join(folder, "*.parquet")) if not os.path.basename(p).startswith("."))
+    return [p for p in storage.glob(storage.join(folder, "*.parquet")) if not os.path.basename(p).startswith(".")]
+
+
+def _write(table: pa.Table, folder: str, name: str) -> str:
+    """A whole file or nothing: a dot-name renamed into place on a disk; one object PUT on a store
+    (an object appears whole, and a store has no rename)."""
+    final = storage.join(folder, name)
+    if storage.is_remote(folder):
+        with storage.open_file(final, "wb") as fh:
+            pq.write_table(table, fh)
+        return final
+    storage.makedirs(folder)
+    tmp = os.path.join(folder, "." + name)
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+    return final
 
 
 def write_shard(folder: str, rows: list[dict], schema: pa.Schema, run_id: str) -> str | None:
     """Write ``rows`` as one staged shard, atomically; returns its path (None when empty)."""
     if not rows:
         return None
-    os.makedirs(folder, exist_ok=True)
     name = f"{STAGED}{run_id}-{uuid.uuid4().hex[:12]}.parquet"
-    tmp = os.path.join(folder, "." + name)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
-    final = os.path.join(folder, name)
-    os.replace(tmp, final)
-    return final
+    return _write(pa.Table.from_pylist(rows, schema=schema), folder, name)
+
+
+def _read(path: str) -> pa.Table:
+    if storage.is_remote(path):
+        with storage.open_file(path) as fh:
+            return pq.read_table(fh)
+    return pq.read_table(path)
 
 
 def compact(folder: str | None, run_id: str) -> int:
@@ -57,12 +75,10 @@ def compact(folder: str | None, run_id: str) -> int:
     mine = [p for p in files(folder) if os.path.basename(p).startswith(f"{STAGED}{run_id}-")]
     if not mine:
         return 0
-    table = pa.concat_tables([pq.read_table(p) for p in mine], promote_options="default")
-    tmp = os.path.join(folder, f".part-{run_id}.parquet")
-    pq.write_table(table, tmp)
-    os.replace(tmp, os.path.join(folder, f"part-{run_id}.parquet"))
+    table = pa.concat_tables([_read(p) for p in mine], promote_options="default")
+    _write(table, folder, f"part-{run_id}.parquet")
     for p in mine:
-        os.remove(p)
+        storage.remove(p)
     return table.num_rows
 
 

@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 
-from curate import __version__
+from curate import __version__, storage
 from curate.config import ConfigError
 from curate.errors import CurateError
 
@@ -125,11 +125,11 @@ def cmd_validate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    path = os.path.join(args.output, "manifest.json")
-    if not os.path.isfile(path):
-        return _fail(f"{args.output}: no manifest.json (not a finished curate run)")
+    from curate import runs
+
+    path = runs.finished(args.output)
     try:
-        with open(path, encoding="utf-8") as fh:
+        with storage.open_file(path, "r", encoding="utf-8") as fh:
             man = json.load(fh)
         print(summary(man))
     except (ValueError, KeyError) as err:

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from curate import storage
 from curate.io import SourceReadError, detect_format, preflight, resolve_paths
 from curate.options import ConfigError, _check
 from curate.settings import InputFile, Job, build, schema_of
@@ -73,7 +74,7 @@ def _resolve_inputs(inputs: list[dict], section: str = "inputs") -> list[dict]:
                 preflight(path, fmt)
             except SourceReadError as err:
                 raise ConfigError(f"{section}[{i}] ({spec['source']}): {err}") from None
-            resolved.append(InputFile(os.path.abspath(path), fmt))
+            resolved.append(InputFile(storage.absolute(path), fmt))
         spec["files"] = tuple(resolved)
     return inputs
 

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
+from curate import storage
 from curate.errors import CurateError
 
 FORMATS = ("auto", "json", "jsonl", "parquet", "arrow")
@@ -36,8 +37,8 @@ def _suffix(path: str) -> tuple[str, str | None]:
 
 
 def _open(path: str):
-    """A binary file object, decompressed when the name says so (buffered: zstandard's reader
-    cannot iterate lines by itself)."""
+    """A binary file object (local or a URL), decompressed when the name says so (buffered:
+    zstandard's reader cannot iterate lines by itself)."""
     import io
 
     import fsspec
@@ -71,33 +72,34 @@ class RawRow:
 
 
 def resolve_paths(pattern: str) -> list[str]:
-    """Files matching a path or glob, sorted; empty list if none. A folder written by Hugging Face
-    ``datasets``' ``save_to_disk`` is its Arrow files, in the dataset's order."""
+    """Files matching a path or glob (local, or a URL such as ``s3://bucket/data/*.jsonl.gz``),
+    sorted; empty list if none. A folder written by Hugging Face ``datasets``' ``save_to_disk``
+    is its Arrow files, in the dataset's order."""
     if glob.has_magic(pattern):
-        return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-    if os.path.isdir(pattern):
+        return storage.glob(pattern)
+    if storage.isdir(pattern):
         return saved_dataset_files(pattern)
-    return [pattern] if os.path.isfile(pattern) else []
+    return [pattern] if storage.isfile(pattern) else []
 
 
 def saved_dataset_files(folder: str) -> list[str]:
     """The Arrow files of a ``Dataset.save_to_disk`` folder (``state.json`` lists them); a
     ``DatasetDict`` folder is refused with its split names, since which split is the pool is the
     user's call; any other folder has no files."""
-    state, splits = os.path.join(folder, "state.json"), os.path.join(folder, "dataset_dict.json")
-    if os.path.isfile(splits):
-        with open(splits, encoding="utf-8") as fh:
+    state, splits = storage.join(folder, "state.json"), storage.join(folder, "dataset_dict.json")
+    if storage.isfile(splits):
+        with storage.open_file(splits) as fh:
             names = json.load(fh).get("splits", [])
-        example = os.path.join(folder, names[0] if names else "train")
+        example = storage.join(folder, names[0] if names else "train")
         raise SourceReadError(f"{folder}: a saved DatasetDict with splits {', '.join(names)}; "
                               f"point the path at one split, e.g. {example}")
-    if not os.path.isfile(state):
+    if not storage.isfile(state):
         return []
-    with open(state, encoding="utf-8") as fh:
+    with storage.open_file(state) as fh:
         files = [f["filename"] for f in json.load(fh).get("_data_files", [])]
     if not files:
         raise SourceReadError(f"{folder}: state.json lists no data files")
-    return [os.path.join(folder, f) for f in files]
+    return [storage.join(folder, f) for f in files]
 
 
 def detect_format(path: str, declared: str = "auto") -> str:
@@ -123,14 +125,15 @@ def detect_format(path: str, declared: str = "auto") -> str:
 
 def preflight(path: str, fmt: str) -> None:
     """Cheap checks in the driver so an unreadable file fails before the job starts."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise SourceReadError(f"{path}: no such file")
-    if not os.access(path, os.R_OK):
+    if not storage.is_remote(path) and not os.access(path, os.R_OK):
         raise SourceReadError(f"{path}: permission denied")
     if fmt == "parquet":
         import pyarrow.parquet as pq
         try:
-            pq.read_metadata(path)
+            with storage.open_file(path) as fh:
+                pq.read_metadata(fh)
         except Exception as err:  # noqa: BLE001 - any failure means "not readable"
             raise SourceReadError(f"{path}: not a readable Parquet file ({_one_line(err)})") from None
     elif fmt == "arrow":
@@ -147,6 +150,10 @@ def preflight(path: str, fmt: str) -> None:
 
 
 def fingerprint(path: str) -> dict:
+    """What the manifest records of an input: sha256 of a local file; the size and ETag of an
+    object in a store (reading a large pool back to hash it would cost a download)."""
+    if storage.is_remote(path):
+        return {"path": path, **storage.info(path), "sha256": None}
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -196,7 +203,7 @@ def iter_json(path: str) -> Iterator[RawRow]:
 def iter_parquet(path: str, batch_size: int = 4096) -> Iterator[RawRow]:
     import pyarrow.parquet as pq
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(storage.open_file(path) if storage.is_remote(path) else path)
         number = 0
         for batch in pf.iter_batches(batch_size=batch_size):
             for row in batch.to_pylist():
@@ -210,10 +217,13 @@ def _arrow_reader(path: str):
     """An Arrow IPC reader: the streaming form ``datasets`` writes, else the file form."""
     import pyarrow as pa
 
+    def source():
+        return pa.PythonFile(storage.open_file(path)) if storage.is_remote(path) else pa.memory_map(path)
+
     try:
-        return pa.ipc.open_stream(pa.memory_map(path))
+        return pa.ipc.open_stream(source())
     except pa.ArrowInvalid:
-        return pa.ipc.open_file(pa.memory_map(path))
+        return pa.ipc.open_file(source())
 
 
 def iter_arrow(path: str) -> Iterator[RawRow]:

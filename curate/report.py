@@ -11,12 +11,11 @@ import base64
 import html
 import io
 import json
-import os
 
 import numpy as np
 import pyarrow.compute as pc
 
-from curate import runs
+from curate import runs, storage
 from curate.schema import rank_columns
 from curate.select.features import DEDUP_REASONS
 
@@ -240,10 +239,10 @@ def plot_evaluation(summary: dict):
 
 
 def evaluation_section(folder: str) -> str:
-    path = os.path.join(folder, "eval", "summary.json")
-    if not os.path.isfile(path):
+    path = storage.join(folder, "eval", "summary.json")
+    if not storage.isfile(path):
         return "<p>No evaluation: run <code>curate evaluate</code> on this run to compare policies by recovery.</p>"
-    with open(path, encoding="utf-8") as fh:
+    with storage.open_file(path, "r", encoding="utf-8") as fh:
         summary = json.load(fh)
     rows = []
     for name, e in summary["policies"].items():
@@ -327,8 +326,8 @@ def render(folder: str) -> str:
 
 
 def write_report(folder: str, out: str | None = None) -> str:
-    path = out or os.path.join(folder, "report.html")
+    path = out or storage.join(folder, "report.html")
     text = render(folder)
-    with open(path, "w", encoding="utf-8") as fh:
+    with storage.open_file(path, "w", encoding="utf-8") as fh:
         fh.write(text)
     return path

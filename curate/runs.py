@@ -2,14 +2,13 @@
 ``curate select``, ``curate export``, ``curate report`` and the notebook."""
 from __future__ import annotations
 
-import glob
 import json
-import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate import storage
 from curate.errors import CurateError
 
 
@@ -17,26 +16,33 @@ class RunError(CurateError):
     """The folder is not a finished run, or lacks what was asked for (one-line message)."""
 
 
+def _read(path: str, columns: list[str] | None) -> pa.Table:
+    if storage.is_remote(path):
+        with storage.open_file(path) as fh:
+            return pq.read_table(fh, columns=columns)
+    return pq.read_table(path, columns=columns)
+
+
 def _parquet(folder: str, name: str, columns: list[str] | None = None) -> pa.Table:
     finished(folder)
-    files = sorted(glob.glob(os.path.join(folder, name, "*.parquet")))
+    files = storage.glob(storage.join(folder, name, "*.parquet"))
     if not files:
         raise RunError(f"{folder}: no {name}/ Parquet files (is it a finished curate run?)")
-    tables = [pq.read_table(f, columns=columns) for f in files]
+    tables = [_read(f, columns) for f in files]
     return pa.concat_tables([t for t in tables if t.num_rows] or tables[:1])
 
 
 def finished(folder: str) -> str:
     """The path of the run's manifest.json; a job writes it last, so a folder without it (a run
     that crashed or is still writing) is refused, whatever else it holds."""
-    path = os.path.join(folder, "manifest.json")
-    if not os.path.isfile(path):
+    path = storage.join(folder, "manifest.json")
+    if not storage.isfile(path):
         raise RunError(f"{folder}: no manifest.json (not a finished curate run)")
     return path
 
 
 def manifest(folder: str) -> dict:
-    with open(finished(folder), encoding="utf-8") as fh:
+    with storage.open_file(finished(folder), "r", encoding="utf-8") as fh:
         return json.load(fh)
 
 
@@ -53,7 +59,7 @@ def selected(folder: str) -> pa.Table:
 
 
 def has_embeddings(folder: str) -> bool:
-    return bool(glob.glob(os.path.join(folder, "embeddings", "*.parquet")))
+    return bool(storage.glob(storage.join(folder, "embeddings", "*.parquet")))
 
 
 def embedding_matrix(folder: str) -> tuple[dict[str, int], np.ndarray]:

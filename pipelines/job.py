@@ -1,28 +1,27 @@
 """Running a job: resolve the run-time choices (``pipelines.runtime``), build the graph
 (``pipelines.graph``), run it, check the accounting, write the manifest, publish the output.
 
-Outputs are written into a sibling temporary folder ``<output>.tmp-<random>``;
+Outputs are written into a sibling temporary folder ``<output>.tmp-<run id>``;
 only after the run succeeded and the accounting identity holds is
 ``manifest.json`` written (last) and the folder renamed to ``<output>``. A crash
 leaves at most a ``.tmp-`` folder, never one that looks complete. An existing
-output is replaced only with ``overwrite``.
+output is replaced only with ``overwrite``. On an object store (``s3://...``), which
+has no rename, the temporary folder is a run-unique prefix and publishing copies it
+with the manifest last (``curate.storage.publish``); readers refuse a folder without it.
 """
 from __future__ import annotations
 
 import datetime as dt
-import glob
 import json
 import logging
 import os
 import re
-import shutil
 import time
-import uuid
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from curate import cache_store
+from curate import cache_store, storage
 from curate import manifest as manifest_mod
 from curate.errors import CurateError
 from curate.io import fingerprint
@@ -75,10 +74,10 @@ def _input_error(exc: BaseException) -> str | None:
 
 
 def _read_and_remove(folder: str, name: str) -> dict:
-    path = os.path.join(folder, name)
-    with open(path, encoding="utf-8") as fh:
+    path = storage.join(folder, name)
+    with storage.open_file(path, "rb") as fh:
         data = json.load(fh)
-    os.remove(path)
+    storage.remove(path)
     return data
 
 
@@ -117,17 +116,17 @@ def make_runner(options: PipelineOptions):
 
 def run(cfg: Job, beam_args: list[str] | None = None, overwrite: bool = False) -> dict:
     """Run a job; returns the manifest (also written to ``<output>/manifest.json``)."""
-    out = os.path.abspath(cfg.output)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
+    out = storage.absolute(cfg.output)
+    if storage.exists(out) and (not storage.isdir(out) or storage.listdir(out)) and not overwrite:
         raise OutputExistsError(f"output {cfg.output} already exists; pass --overwrite to replace it")
     rt = resolve_runtime(cfg)  # model paths and devices: fail before anything is written
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    storage.makedirs(os.path.dirname(out))
     run_id = cache_store.new_run_id()
     flags = beam_flags(cfg.beam, beam_args)
     options = PipelineOptions(flags)
     runner = make_runner(options)
-    tmp = f"{out}.tmp-{run_id}"
-    os.makedirs(tmp)
+    tmp = f"{out}.tmp-{run_id}"  # on a store: a run-unique prefix
+    storage.makedirs(tmp)
     inputs = [{"source": s.source, "format": f.format, **fingerprint(f.path)} for s in cfg.inputs for f in s.files]
     started, t0 = _now(), time.monotonic()
     log.info("curate: running job %r with %s", cfg.name, " ".join(flags))
@@ -142,30 +141,23 @@ def run(cfg: Job, beam_args: list[str] | None = None, overwrite: bool = False) -
         man = manifest_mod.build(cfg, stats, inputs, beam_options=options.get_all_options(drop_default=True),
                                  started=started, finished=_now(), wall_s=time.monotonic() - t0,
                                  reports=reports, runtime=rt)
-        man["outputs"] = {name: os.path.join(out, name) for name in ("annotated", "selected", "rejects")}
-        man["outputs"]["manifest"] = os.path.join(out, "manifest.json")
+        man["outputs"] = {name: storage.join(out, name) for name in ("annotated", "selected", "rejects")}
+        man["outputs"]["manifest"] = storage.join(out, "manifest.json")
         if rt.get("embed"):
-            man["outputs"]["embeddings"] = os.path.join(out, "embeddings")
+            man["outputs"]["embeddings"] = storage.join(out, "embeddings")
         for name in ("annotated", "selected", "rejects"):
-            os.makedirs(os.path.join(tmp, name), exist_ok=True)
-            man["outputs"][f"{name}_files"] = len(glob.glob(os.path.join(tmp, name, "*.parquet")))
+            storage.makedirs(storage.join(tmp, name))
+            man["outputs"][f"{name}_files"] = len(storage.glob(storage.join(tmp, name, "*.parquet")))
         _compact_caches(rt, run_id)
-        man["outputs"]["report"] = os.path.join(out, "report.html")
-        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as fh:
-            json.dump(man, fh, indent=2, default=str)
-            fh.write("\n")
+        man["outputs"]["report"] = storage.join(out, "report.html")
+        with storage.open_file(storage.join(tmp, "manifest.json"), "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(man, indent=2, default=str) + "\n")
         _write_report(tmp)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.rmtree(tmp)
         message = _input_error(exc)
         if message:
             raise InputError(message) from None
         raise
-    if os.path.exists(out):
-        old = f"{out}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    storage.publish(tmp, out)
     return man

@@ -5,11 +5,10 @@ fail for a reason the user can fix (a missing model package, no GPU) fails here,
 output is written. The result goes to the manifest as it is."""
 from __future__ import annotations
 
-import glob
 import logging
 import os
 
-from curate import cache_store
+from curate import cache_store, storage
 from curate.settings import Job
 
 log = logging.getLogger("curate")
@@ -37,17 +36,18 @@ def reuse_check(previous: str, key: str) -> dict:
     import pyarrow.parquet as pq
 
     folder = previous if os.path.basename(os.path.normpath(previous)) == "embeddings" else \
-        os.path.join(previous, "embeddings")
-    files = sorted(glob.glob(os.path.join(folder, "*.parquet")))
+        storage.join(previous, "embeddings")
+    files = storage.glob(storage.join(folder, "*.parquet"))
     if not files:
         log.warning("embed.reuse: no embeddings/ Parquet under %s; embedding everything", previous)
         return {"from": previous, "used": False, "why": "no embeddings found"}
-    stored = (pq.read_schema(files[0]).metadata or {}).get(b"curate.embed_key", b"").decode()
+    with storage.open_file(files[0]) as fh:
+        stored = (pq.read_schema(fh).metadata or {}).get(b"curate.embed_key", b"").decode()
     if stored != key:
         log.warning("embed.reuse: %s was made with other settings (key %s, now %s); embedding everything",
                     previous, stored or "none", key)
         return {"from": previous, "used": False, "why": "model, max_seq_length, dtype or text differ"}
-    return {"from": os.path.abspath(folder), "used": True, "files": files}
+    return {"from": storage.absolute(folder), "used": True, "files": files}
 
 
 def _cache(enabled: bool, cache_dir: str | None, kind: str, key: str) -> tuple[str | None, list[str]]:
@@ -56,7 +56,7 @@ def _cache(enabled: bool, cache_dir: str | None, kind: str, key: str) -> tuple[s
 
     if not enabled:
         return None, []
-    folder = os.path.join(cache_dir or os.path.join(cache_root(), kind), key)
+    folder = storage.join(cache_dir or os.path.join(cache_root(), kind), key)
     return folder, cache_store.files(folder)
 
 

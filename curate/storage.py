@@ -1,0 +1,179 @@
+"""Paths that may be local or on an object store (``s3://``, ``gs://``, ...), through fsspec.
+
+Why fsspec: one API over local disks, S3 (``s3fs``), GCS (``gcsfs``) and the rest, with globbing
+and the compression codecs our readers use; Beam's own sinks write to the same URLs through
+Beam's FileSystems (``apache-beam[aws]`` for S3, ``[gcp]`` for GCS). Credentials and endpoints
+come from each store's usual environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
+
+Object stores have no rename and no folders: a write is a whole object appearing at once, a
+"folder" is a prefix, and a move is a copy and a delete. The functions here keep the local
+behaviour (atomic renames) on local paths and do the object-store equivalent elsewhere.
+"""
+from __future__ import annotations
+
+import glob as _glob
+import os
+import shutil
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def _fs(path: str):
+    import fsspec.core
+
+    try:
+        return fsspec.core.url_to_fs(path)
+    except ImportError as exc:  # s3fs / gcsfs not installed
+        from curate.errors import CurateError
+
+        raise CurateError(f"{path}: {exc}") from None
+
+
+def _url(fs, path: str) -> str:
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return path if "://" in path else f"{protocol}://{path}"
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute; a URL as it is."""
+    return path if is_remote(path) else os.path.abspath(path)
+
+
+def join(*parts: str) -> str:
+    if not is_remote(parts[0]):
+        return os.path.join(*parts)
+    return "/".join([p.rstrip("/") for p in parts[:-1]] + [parts[-1]])
+
+
+def glob(pattern: str) -> list[str]:
+    """Files matching a glob, sorted (URLs stay URLs)."""
+    if not is_remote(pattern):
+        return sorted(p for p in _glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    fs, path = _fs(pattern)
+    return sorted(_url(fs, p) for p in fs.glob(path) if fs.isfile(p))
+
+
+def isfile(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.isfile(path)
+    fs, p = _fs(path)
+    return fs.isfile(p)
+
+
+def isdir(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.isdir(path)
+    fs, p = _fs(path)
+    return fs.isdir(p)
+
+
+def exists(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.exists(path)
+    fs, p = _fs(path)
+    return fs.exists(p)
+
+
+def listdir(path: str) -> list[str]:
+    """Names in a folder ([] if there is none)."""
+    if not is_remote(path):
+        return os.listdir(path) if os.path.isdir(path) else []
+    fs, p = _fs(path)
+    if not fs.isdir(p):
+        return []
+    return sorted(os.path.basename(x.rstrip("/")) for x in fs.ls(p, detail=False))
+
+
+def open_file(path: str, mode: str = "rb", **kwargs):
+    if not is_remote(path):
+        return open(path, mode, **kwargs)
+    import fsspec
+
+    return fsspec.open(path, mode, **kwargs).open()
+
+
+def makedirs(path: str) -> None:
+    if not is_remote(path):
+        os.makedirs(path, exist_ok=True)  # an object store has no folders to make
+
+
+def remove(path: str) -> None:
+    if not is_remote(path):
+        os.remove(path)
+    else:
+        fs, p = _fs(path)
+        fs.rm(p)
+
+
+def rmtree(path: str) -> None:
+    """Remove a folder and what it holds; nothing if it is not there."""
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, p = _fs(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+def replace(src: str, dst: str) -> None:
+    """Move a file into place: an atomic rename on a disk; a copy then a delete on a store (where
+    the object at ``dst`` appears whole, so readers never see a part of it)."""
+    if not is_remote(src):
+        os.replace(src, dst)
+    else:
+        fs, p = _fs(src)
+        fs.mv(p, _fs(dst)[1])
+
+
+def info(path: str) -> dict:
+    """Size and, on a store, the object's ETag (its content fingerprint, without reading it)."""
+    fs, p = _fs(path)
+    meta = fs.info(p)
+    return {"bytes": int(meta.get("size") or 0), "etag": str(meta.get("ETag") or meta.get("etag") or "").strip('"')}
+
+
+def filesystem(path: str):
+    """(pyarrow-usable filesystem, path inside it) for a URL; (None, path) for a local path."""
+    if not is_remote(path):
+        return None, path
+    return _fs(path)
+
+
+def walk(folder: str) -> list[str]:
+    """Every file under a folder, as full paths or URLs, sorted."""
+    if not is_remote(folder):
+        return sorted(os.path.join(d, f) for d, _, names in os.walk(folder) for f in names)
+    fs, p = _fs(folder)
+    return sorted(_url(fs, x) for x in fs.find(p))
+
+
+def publish(tmp: str, out: str, marker: str = "manifest.json") -> None:
+    """Make the finished folder ``tmp`` the output ``out``, replacing what was there.
+
+    On a disk: two renames (the old output is moved aside first). On a store, where there is no
+    rename: the old output's marker is deleted first (from then on readers refuse it), then the
+    old objects; every object but the marker is copied under ``out``, and the marker last, so a
+    reader never takes a half-copied folder for a finished one."""
+    import uuid
+
+    if not is_remote(out):
+        if os.path.exists(out):
+            old = f"{out}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        return
+    fs, out_path = _fs(out)
+    if fs.exists(f"{out_path}/{marker}"):
+        fs.rm(f"{out_path}/{marker}")
+    rmtree(out)
+    _, tmp_path = _fs(tmp)
+    files = [f for f in fs.find(tmp_path)]
+    last = [f for f in files if f == f"{tmp_path}/{marker}"]
+    for f in [f for f in files if f not in last] + last:
+        fs.copy(f, out_path + f[len(tmp_path):])
+    fs.rm(tmp_path, recursive=True)

@@ -1,0 +1,115 @@
+"""A job whose input, output and cache live on S3: a real S3-compatible server (moto's server
+mode, started here on a free port), s3fs for curate's own reads and writes, Beam's S3
+filesystem for its sinks; never a mocked client."""
+import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from tests.conftest import EXAMPLES, ids, load_manifest, run_cli, write_job
+
+pytest.importorskip("moto", reason="moto[server] is installed with the dev extras")
+pytest.importorskip("s3fs", reason="s3fs is installed with the dev extras")
+BUCKET = "curate-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3(monkeypatch, tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "moto.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for name, value in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    import boto3
+    import s3fs
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            boto3.client("s3").create_bucket(Bucket=BUCKET)
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(0.2)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3fs.S3FileSystem()
+    s3fs.S3FileSystem.clear_instance_cache()
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+def _job(folder, name, inputs, output, cache):
+    cfg = {"name": name, "output": output, "seed": 0, "inputs": inputs,
+           "dedup": {"exact": {"scope": "global"}, "semantic": {"enabled": False}},
+           "embed": {"cache_dir": cache}, "cluster": {"enabled": True, "k": 4},
+           "score": {"ifd": {"enabled": False}},
+           "select": {"policy": "cluster_balanced", "params": {"score": "cluster_sim"}, "budget": {"fraction": 0.5}}}
+    return write_job(folder, cfg, f"{name}.yaml")
+
+
+def test_input_output_and_cache_on_s3_round_trip(job_dir, s3, capsys):
+    rows = [json.loads(x) for x in open(f"{EXAMPLES}/gsm8k_sample.jsonl", encoding="utf-8")][:24]
+    rows += rows[:3]  # exact duplicates
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    with s3.open(f"{BUCKET}/in/part-0.jsonl.gz", "wb") as fh:
+        fh.write(gzip.compress(lines[: len(lines) // 2].rsplit("\n", 1)[0].encode() + b"\n"))
+    with s3.open(f"{BUCKET}/in/part-1.jsonl", "wb") as fh:
+        fh.write(lines[len(lines[: len(lines) // 2].rsplit("\n", 1)[0]) + 1:].encode())
+    (job_dir / "local.jsonl").write_text(lines)
+    remote_in = [{"source": "gsm8k", "path": f"s3://{BUCKET}/in/part-*"}]
+    out, cache = f"s3://{BUCKET}/runs/a", f"s3://{BUCKET}/cache/embed"
+
+    assert run_cli("run", _job(job_dir, "s3", remote_in, out, cache)) == 0
+    capsys.readouterr()
+    # the same rows from a local file, with a local cache: the same selection
+    assert run_cli("run", _job(job_dir, "local", [{"source": "gsm8k", "path": "local.jsonl"}], "local",
+                               str(job_dir / "cache"))) == 0
+    listing = s3.find(f"{BUCKET}/runs")
+    assert f"{BUCKET}/runs/a/manifest.json" in listing and not any(".tmp-" in k for k in listing)
+    with s3.open(f"{BUCKET}/runs/a/manifest.json") as fh:
+        man = json.load(fh)
+    assert man["accounting"]["holds"] and man["counts"]["rows_in"] == 27
+    assert man["counts"]["dropped"]["exact_duplicate"] == 3
+    assert {i["path"] for i in man["inputs"]} == {f"s3://{BUCKET}/in/part-0.jsonl.gz", f"s3://{BUCKET}/in/part-1.jsonl"}
+    assert all(i["sha256"] is None and i["etag"] for i in man["inputs"])
+    assert man["stages"]["embed"]["model_rows"] == 24 and s3.glob(f"{BUCKET}/cache/embed/*/*.parquet")
+    remote_ids = sorted(pd.read_parquet(f"{BUCKET}/runs/a/selected", filesystem=s3).id)
+    assert remote_ids == ids("local") and len(remote_ids) == 12
+    # readers take the folder where it is
+    assert run_cli("inspect", out) == 0 and "accounting holds" in capsys.readouterr().out
+    assert run_cli("export", out, "--format", "alpaca-json", "--out", job_dir / "a.json") == 0
+    assert len(json.load(open(job_dir / "a.json", encoding="utf-8"))) == 12
+
+    # a rerun over the output reads every embedding from the S3 cache
+    assert run_cli("run", _job(job_dir, "s3", remote_in, out, cache), "--overwrite") == 0
+    with s3.open(f"{BUCKET}/runs/a/manifest.json") as fh:
+        again = json.load(fh)
+    assert again["stages"]["embed"]["cached"] == 24 and "model_rows" not in again["stages"]["embed"]
+    assert sorted(pd.read_parquet(f"{BUCKET}/runs/a/selected", filesystem=s3).id) == remote_ids
+    assert run_cli("run", _job(job_dir, "s3", remote_in, out, cache)) == 2  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
+
+    # what a run that stopped before its last write leaves is refused
+    s3.copy(f"{BUCKET}/runs/a/selected", f"{BUCKET}/runs/half/selected", recursive=True)
+    for argv in (("inspect", f"s3://{BUCKET}/runs/half"),
+                 ("export", f"s3://{BUCKET}/runs/half", "--format", "alpaca-json", "--out", job_dir / "h.json")):
+        assert run_cli(*argv) == 2
+        assert "no manifest.json (not a finished curate run)" in capsys.readouterr().err
+    assert not os.path.exists(job_dir / "h.json")
