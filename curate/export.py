@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 
+from curate import storage
+
 FORMATS = {"alpaca-json": "alpaca.json", "sharegpt-json": "sharegpt.json", "messages-jsonl": "messages.jsonl"}
 SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
 
@@ -38,15 +40,18 @@ def export(folder: str, fmt: str, out: str | None = None) -> tuple[str, int]:
 
     table = runs.selected(folder)
     rows = rows_for(fmt, table)
-    path = out or os.path.join(folder, "export", FORMATS[fmt])
+    path = out or storage.join(folder, "export", FORMATS[fmt])
+    if fmt.endswith("jsonl"):
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    else:
+        text = json.dumps(rows, ensure_ascii=False, indent=1) + "\n"
+    if storage.is_remote(path):  # one object PUT: it appears whole
+        with storage.open_file(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return path, len(rows)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
-        if fmt.endswith("jsonl"):
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        else:
-            json.dump(rows, fh, ensure_ascii=False, indent=1)
-            fh.write("\n")
+        fh.write(text)
     os.replace(tmp, path)
     return path, len(rows)

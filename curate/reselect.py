@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import runs, schema
+from curate import runs, schema, storage
 from curate.select.base import Budget, Policy
 from curate.select.features import pool_of, selection_report
+
+
+def _write_parquet(table: pa.Table, path: str) -> None:
+    with storage.open_file(path, "wb") as fh:
+        pq.write_table(table, fh, compression="zstd")
 
 
 def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str | None = None) -> dict:
@@ -37,11 +41,11 @@ def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str 
     ranks = result.ranks()
     rows = pool.select(["id", "source", "cluster_id"]).to_pylist()
     rep = selection_report(policy, budget, seed, rows, ranks, result.dropped)
-    rep["run"] = os.path.abspath(folder)
-    out = out or os.path.join(folder, "selections", policy.name)
-    if os.path.exists(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "selection.json")):
+    rep["run"] = storage.absolute(folder)
+    out = out or storage.join(folder, "selections", policy.name)
+    if storage.listdir(out) and not storage.isfile(storage.join(out, "selection.json")):
         raise runs.RunError(f"{out} exists and is not a curate selection; choose another --out")
-    rep["output"] = os.path.abspath(out)
+    rep["output"] = storage.absolute(out)
 
     all_ids = table.column("id").to_pylist()
     old_reason = table.column("drop_reason").to_pylist()
@@ -56,16 +60,12 @@ def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str 
     picked = decided.filter(pc.field("selected")).sort_by([("rank", "ascending")])
 
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(os.path.join(tmp, "selected"))
-    pq.write_table(picked.cast(schema.SELECTED), os.path.join(tmp, "selected", "part-00000.parquet"),
-                   compression="zstd")
-    pq.write_table(decided.select(["id", "source", "selected", "rank", "drop_reason"]),
-                   os.path.join(tmp, "decisions.parquet"), compression="zstd")
-    with open(os.path.join(tmp, "selection.json"), "w", encoding="utf-8") as fh:
-        json.dump(rep, fh, indent=2)
-        fh.write("\n")
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    os.rename(tmp, out)
+    storage.makedirs(storage.join(tmp, "selected"))
+    _write_parquet(picked.cast(schema.SELECTED), storage.join(tmp, "selected", "part-00000.parquet"))
+    _write_parquet(decided.select(["id", "source", "selected", "rank", "drop_reason"]),
+                   storage.join(tmp, "decisions.parquet"))
+    with storage.open_file(storage.join(tmp, "selection.json"), "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(rep, indent=2) + "\n")
+    storage.makedirs(os.path.dirname(storage.absolute(out)))
+    storage.publish(tmp, out, marker="selection.json")
     return rep

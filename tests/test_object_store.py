@@ -97,6 +97,14 @@ def test_input_output_and_cache_on_s3_round_trip(job_dir, s3, capsys):
     assert run_cli("export", out, "--format", "alpaca-json", "--out", job_dir / "a.json") == 0
     assert len(json.load(open(job_dir / "a.json", encoding="utf-8"))) == 12
 
+    assert run_cli("select", out, "--policy", "random", "--rows", "5") == 0  # written beside the run, on S3
+    with s3.open(f"{BUCKET}/runs/a/selections/random/selection.json") as fh:
+        assert json.load(fh)["selected"] == 5
+    assert len(pd.read_parquet(f"{BUCKET}/runs/a/selections/random/selected", filesystem=s3)) == 5
+    assert run_cli("export", out, "--format", "messages-jsonl") == 0
+    assert len(s3.cat(f"{BUCKET}/runs/a/export/messages.jsonl").splitlines()) == 12
+    capsys.readouterr()
+
     # a rerun over the output reads every embedding from the S3 cache
     assert run_cli("run", _job(job_dir, "s3", remote_in, out, cache), "--overwrite") == 0
     with s3.open(f"{BUCKET}/runs/a/manifest.json") as fh:
