@@ -6,8 +6,8 @@ Graph (rows already dropped upstream go around the stage untouched):
                                      -> star edges -> Distinct
     verify: ids on an edge (side input) -> signatures again, for those ids only
             -> CoGroupByKey x2 with the edges -> estimated Jaccard >= threshold
-    verified edges -> CombineGlobally(union-find) -> {id: cluster} (side input)
-    records in a cluster -> GroupByKey(cluster) -> keep rule; others pass.
+    verified edges -> CombineGlobally(union-find) -> (id, cluster) pairs
+    records --CoGroupByKey(id)--> in a cluster -> GroupByKey(cluster) -> keep rule; others pass.
 
 Bucket entries travel in a few shards per batch (numpy arrays), not one element
 per (document, band), since Beam costs tens of microseconds per element. Only
@@ -165,12 +165,17 @@ def _with_near_fields(record: dict) -> dict:
 
 
 class RouteFn(beam.DoFn):
-    def process(self, record, clusters):
-        cluster = clusters.get(record["id"])
-        if cluster is None:
-            yield _with_near_fields(record)
-        else:
-            yield beam.pvalue.TaggedOutput(CLUSTERED, (cluster, record))
+    """(id, {rec: [record], cluster: [cluster id] or []}) to the record alone, or tagged with its
+    cluster: a join by id, so no worker holds the whole cluster map."""
+
+    def process(self, element):
+        _, joined = element
+        cluster = next(iter(joined["cluster"]), None)
+        for record in joined["rec"]:
+            if cluster is None:
+                yield _with_near_fields(record)
+            else:
+                yield beam.pvalue.TaggedOutput(CLUSTERED, (cluster, record))
 
 
 class ResolveClusterFn(StageFn):
@@ -229,8 +234,10 @@ class NearDedup(LiveStage):
         else:
             kept_edges = edges | "Unverified" >> beam.Map(lambda e: (e[0], e[1], None))
         clusters = kept_edges | "UnionFind" >> beam.CombineGlobally(UnionFindFn())
-        routed = live | "Route" >> beam.ParDo(RouteFn(), beam.pvalue.AsSingleton(clusters)).with_outputs(
-            CLUSTERED, main="single")
+        joined = ({"rec": live | "ById" >> beam.Map(lambda r: (r["id"], r)),
+                   "cluster": clusters | "ClusterOf" >> beam.FlatMap(lambda m: m.items())}
+                  | "JoinClusters" >> beam.CoGroupByKey())
+        routed = joined | "Route" >> beam.ParDo(RouteFn()).with_outputs(CLUSTERED, main="single")
         resolved = (routed[CLUSTERED]
                     | "GroupClusters" >> beam.GroupByKey()
                     | "KeepRule" >> beam.ParDo(ResolveClusterFn()).with_outputs(STATS, main="records"))

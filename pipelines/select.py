@@ -1,10 +1,10 @@
-"""The selection step: one global decision over the candidates' features, fed back as a side input.
+"""The selection step: one global decision over the candidates' features, joined back by id.
 
 Candidates are the rows no earlier stage dropped. Only their features (a few numbers per
 row, plus the embedding when the policy asks for it) are combined into one list; the
-policy (``curate.select``) runs once on it; the decisions (id -> rank or drop reason) come
-back to every row as a side input. The report (counts per source, per cluster, per reason)
-goes to the manifest.
+policy (``curate.select``) runs once on it; the decisions (id -> rank or drop reason) are
+joined back to the rows by id (CoGroupByKey), so no worker but the deciding one holds them
+all. The report (counts per source, per cluster, per reason) goes to the manifest.
 """
 from __future__ import annotations
 
@@ -35,15 +35,19 @@ def decide(rows: list[dict], cfg: Job) -> dict:
     return {"decisions": decisions, "report": selection_report(policy, budget, seed, rows, ranks, result.dropped)}
 
 
-def apply_decision(record: dict, decided: dict) -> dict:
-    record.pop("_vector", None)
-    if record.get("drop_reason") is None:
-        rank, reason = decided["decisions"][record["id"]]
-        record["rank"], record["drop_reason"] = rank, reason
-    else:
-        record["rank"] = None
-    record["selected"] = record["drop_reason"] is None
-    return record
+def apply_decision(element) -> list[dict]:
+    """(id, {rec: [record], decision: [[rank, reason]] or []}) to the decided record (a new dict)."""
+    _, joined = element
+    out = []
+    for record in joined["rec"]:
+        record = {k: v for k, v in record.items() if k != "_vector"}
+        if record.get("drop_reason") is None:
+            record["rank"], record["drop_reason"] = next(iter(joined["decision"]))
+        else:
+            record["rank"] = None
+        record["selected"] = record["drop_reason"] is None
+        out.append(record)
+    return out
 
 
 class Select(beam.PTransform):
@@ -73,5 +77,8 @@ class Select(beam.PTransform):
                    | "Features" >> beam.Map(features)
                    | "AllFeatures" >> beam.combiners.ToList()
                    | "Decide" >> beam.Map(decide, cfg))
-        out = records | "Apply" >> beam.Map(apply_decision, beam.pvalue.AsSingleton(decided))
+        out = ({"rec": records | "ById" >> beam.Map(lambda r: (r["id"], r)),
+                "decision": decided | "Decisions" >> beam.FlatMap(lambda d: d["decisions"].items())}
+               | "JoinDecisions" >> beam.CoGroupByKey()
+               | "Apply" >> beam.FlatMap(apply_decision))
         return {"records": out, "reports": decided | "Report" >> beam.Map(lambda d: ("select", d["report"]))}
