@@ -17,6 +17,7 @@ BENCHMARKS = {
     "targeted": "benchmarks.targeted",
     "less": "benchmarks.less",
     "rewrite": "benchmarks.rewrite",
+    "scale": "benchmarks.scale",
 }
 
 

@@ -1,0 +1,125 @@
+"""Scale: read -> exact dedup -> near dedup -> select on synthetic pools of growing size, on
+FnApiRunner (multi_processing, 2 workers) and on the Dask runner (a LocalCluster of 2 worker
+processes started by the job), one process tree per case.
+
+Pools are built from the real Alpaca + GSM8K rows: 80% unrelated rows (the instruction of one
+real row, a sentence of another, the answer of a third), 10% exact copies and 10% near copies
+(a word dropped, a few added) of earlier rows, dealt round robin into four sources (files).
+Policies: ``random`` and ``mixture`` (per-source quotas: the grouped-quota path that
+``cluster_balanced`` shares; clusters would need the embedding stage, a model stage, which is
+measured on its own in ``benchmarks.embed``).
+
+Reported per case: wall time, rows/s, and peak resident memory of the driver process and of the
+largest other process (a Beam SDK worker or a Dask worker), sampled every 100 ms. Model stages
+are not measured here (see ``benchmarks.embed`` and ``benchmarks.ifd``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import yaml
+
+from benchmarks.common import REPO, emit, pinned_job, real_rows
+
+RUNNERS = {"fnapi_multi_2": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+           "dask_2": ["--runner=DaskRunner", "--dask_workers=2"]}
+SOURCES = ("s0", "s1", "s2", "s3")
+POLICIES = {"random": {"policy": "random", "budget": {"fraction": 0.25}},
+            "mixture": {"policy": "mixture", "params": {"shares": {s: 1.0 for s in SOURCES}},
+                        "budget": {"fraction": 0.25}}}
+
+
+def make_pool(n: int, folder: str, seed: int = 0) -> dict:
+    """Write ``n`` rows as JSON lines, one file per source; returns the planted counts."""
+    base = real_rows()
+    rng = random.Random(seed)
+    counts = {"unrelated": 0, "exact": 0, "near": 0}
+    written: list[dict] = []
+    files = [open(os.path.join(folder, f"{s}.jsonl"), "w", encoding="utf-8") for s in SOURCES]
+    try:
+        for i in range(n):
+            kind = rng.random()
+            if written and kind < 0.10:
+                row, what = dict(rng.choice(written)), "exact"
+            elif written and kind < 0.20:
+                src = rng.choice(written)
+                words = src["output"].split()
+                if len(words) > 3:
+                    del words[rng.randrange(len(words))]
+                row = {**src, "output": " ".join(words) + " Hope this helps."}
+                what = "near"
+            else:
+                a, b, c = (base[rng.randrange(len(base))] for _ in range(3))
+                sentence = b["instruction"].split(".")[0]
+                row = {"instruction": f"{a['instruction']} {sentence} (case {i})", "input": a.get("input", ""),
+                       "output": c["output"]}
+                what = "unrelated"
+            counts[what] += 1
+            if len(written) < 50_000:
+                written.append(row)
+            elif rng.random() < 0.01:
+                written[rng.randrange(len(written))] = row
+            files[i % len(files)].write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        for fh in files:
+            fh.close()
+    return counts
+
+
+def run_peaks(cmd: list[str], cwd: str) -> dict:
+    """Wall seconds; peak RSS (MB) of the root process and of the largest descendant."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root = psutil.Process(proc.pid)
+    peaks: dict[int, int] = {}
+    while proc.poll() is None:
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    peaks[p.pid] = max(peaks.get(p.pid, 0), p.memory_info().rss)
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
+    others = [v for pid, v in peaks.items() if pid != proc.pid]
+    return {"wall_s": wall, "driver_peak_mb": round(peaks.get(proc.pid, 0) / 2**20, 1),
+            "worker_peak_mb": round(max(others, default=0) / 2**20, 1), "processes": len(peaks)}
+
+
+def run(quick: bool):
+    sizes = (10_000, 100_000) if quick else (10_000, 100_000, 1_000_000)
+    with tempfile.TemporaryDirectory(prefix="curate-scale-") as tmp:
+        for n in sizes:
+            data = os.path.join(tmp, f"pool_{n}")
+            os.makedirs(data)
+            planted = make_pool(n, data)
+            for runner, flags in RUNNERS.items():
+                for policy, select in POLICIES.items():
+                    case = f"{runner}/{policy}/{n}"
+                    out = os.path.join(tmp, "out")
+                    job = os.path.join(tmp, "job.yaml")
+                    with open(job, "w") as fh:
+                        yaml.safe_dump(pinned_job(("dedup.exact", "dedup.near"), name="scale", output=out,
+                                                  inputs=[{"source": s, "path": os.path.join(data, f"{s}.jsonl")}
+                                                          for s in SOURCES], select=select), fh)
+                    res = run_peaks([sys.executable, "-m", "curate", "run", job, "--overwrite", *flags], REPO)
+                    with open(os.path.join(out, "manifest.json")) as fh:
+                        man = json.load(fh)
+                    assert man["accounting"]["holds"] and man["counts"]["rows_in"] == n
+                    emit("scale", case, "rows_per_s", n / res["wall_s"], n=n, wall_s=round(res["wall_s"], 1),
+                         driver_peak_mb=res["driver_peak_mb"], worker_peak_mb=res["worker_peak_mb"],
+                         processes=res["processes"], planted=planted, dropped=man["counts"]["dropped"],
+                         selected=man["counts"]["selected"],
+                         busy_s={k: v.get("busy_s") for k, v in man["stages"].items() if v.get("busy_s")})
