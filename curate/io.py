@@ -166,23 +166,70 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())[:300]
 
 
-def iter_jsonl(path: str) -> Iterator[RawRow]:
+CHUNK_BYTES = 32 << 20
+
+
+def jsonl_chunks(path: str, target: int = CHUNK_BYTES) -> list[tuple[int, int, int]]:
+    """(start byte, end byte, first line number) of newline-aligned pieces of about ``target``
+    bytes of a local, uncompressed JSON lines file, so one big file is read by many workers
+    (one piece: a compressed file, a URL, or a small file). One pass counts the lines, so
+    rows keep their line numbers for rejects/."""
+    if storage.is_remote(path) or _suffix(path)[1] or os.path.getsize(path) <= target:
+        return [(0, -1, 1)]
+    size, chunks, start, line = os.path.getsize(path), [], 0, 1
+    with open(path, "rb") as fh:
+        while start < size:
+            end = min(start + target, size)
+            if end < size:
+                fh.seek(end)
+                end += len(fh.readline())  # to the end of the line the cut fell in
+            fh.seek(start)
+            lines, left = 0, end - start
+            while left > 0:
+                block = fh.read(min(left, 1 << 24))
+                lines += block.count(b"\n")
+                left -= len(block)
+            chunks.append((start, end, line))
+            start, line = end, line + lines
+    return chunks
+
+
+def iter_jsonl(path: str, start: int = 0, end: int = -1, first_line: int = 1) -> Iterator[RawRow]:
+    """Rows of a JSON lines file, or of its byte range ``[start, end)`` (see ``jsonl_chunks``)."""
+    if start or end >= 0:
+        yield from _iter_lines(path, _lines_in_range(path, start, end), first_line)
+        return
     with _open(path) as fh:
-        for number, line in enumerate(fh, start=1):
-            line = line.rstrip(b"\r\n")  # the raw row kept in rejects/ is the line as written
-            if not line.strip():
-                continue  # blank lines are not rows
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield RawRow(path, number, bad_reason="undecodable_bytes", bad_detail=_one_line(err),
-                             raw_text=line.decode("utf-8", "backslashreplace"))
-                continue
-            try:
-                yield RawRow(path, number, value=json.loads(text))
-            except json.JSONDecodeError as err:
-                yield RawRow(path, number, bad_reason="malformed_json", bad_detail=_one_line(err),
-                             raw_text=text)
+        yield from _iter_lines(path, fh, first_line)
+
+
+def _lines_in_range(path: str, start: int, end: int):
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        left = end - start
+        for line in fh:
+            if left <= 0:
+                return
+            left -= len(line)
+            yield line
+
+
+def _iter_lines(path: str, lines, first_line: int) -> Iterator[RawRow]:
+    for number, line in enumerate(lines, start=first_line):
+        line = line.rstrip(b"\r\n")  # the raw row kept in rejects/ is the line as written
+        if not line.strip():
+            continue  # blank lines are not rows
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield RawRow(path, number, bad_reason="undecodable_bytes", bad_detail=_one_line(err),
+                         raw_text=line.decode("utf-8", "backslashreplace"))
+            continue
+        try:
+            yield RawRow(path, number, value=json.loads(text))
+        except json.JSONDecodeError as err:
+            yield RawRow(path, number, bad_reason="malformed_json", bad_detail=_one_line(err),
+                         raw_text=text)
 
 
 def iter_json(path: str) -> Iterator[RawRow]:
@@ -236,12 +283,13 @@ def iter_arrow(path: str) -> Iterator[RawRow]:
             yield RawRow(path, number, value=row)
 
 
-def iter_file(path: str, fmt: str) -> Iterator[RawRow]:
+def iter_file(path: str, fmt: str, piece: tuple[int, int, int] | None = None) -> Iterator[RawRow]:
+    """A file's rows; ``piece``: only that byte range of a JSON lines file (``jsonl_chunks``)."""
     readers = {"jsonl": iter_jsonl, "json": iter_json, "parquet": iter_parquet, "arrow": iter_arrow}
     if fmt not in readers:
         raise SourceReadError(f"{path}: unknown format {fmt!r}")
     try:
-        yield from readers[fmt](path)
+        yield from (iter_jsonl(path, *piece) if piece is not None else readers[fmt](path))
     except SourceReadError:
         raise
     except (OSError, EOFError, ValueError) as err:  # a truncated or corrupt file, compressed or Arrow

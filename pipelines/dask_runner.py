@@ -215,7 +215,9 @@ class DaskRunner(beam_dask.DaskRunner):
         import dask.distributed as ddist
 
         dask_options = options.view_as(beam_dask.DaskOptions).get_all_options(drop_default=True, current_only=True)
-        bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options)
+        # one element of a Create per partition unless told otherwise: our Creates are read units
+        # (a file or a 32 MB piece), so a partition's memory is bounded by one unit's rows
+        bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options) or {"partition_size": 1}
         workers = options.view_as(CurateDaskOptions).dask_workers
         cluster = None
         logging.getLogger("distributed").setLevel(logging.WARNING)

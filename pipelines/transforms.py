@@ -12,7 +12,7 @@ import apache_beam as beam
 
 from curate.dedup.exact import dedup_key, resolve_group
 from curate.ids import resolve_ids
-from curate.io import SourceReadError, iter_file, sample_rows
+from curate.io import SourceReadError, iter_file, jsonl_chunks, sample_rows
 from curate.records import FieldMap, RowSpec, convert, make_reject
 from curate.settings import Job, Sample
 from curate.stats import merge
@@ -34,14 +34,20 @@ def _batches(items, size):
 
 
 def read_units(cfg: Job) -> list[dict]:
-    """What the Read stage reads in parallel: one file, or a whole source when sampling
-    (a sample is taken over a source's rows, so its files are read in one place)."""
+    """What the Read stage reads in parallel: a piece of about 32 MB of a large local JSON lines
+    file, one other file, or a whole source when sampling (a sample is taken over a source's
+    rows, so its files are read in one place). Pieces keep a worker's memory bounded whatever
+    the file size."""
     units = []
     for spec in cfg.inputs:
         files = list(spec.files)
-        groups = [files] if cfg.sample.mode != "none" else [[f] for f in files]
-        for group in groups:
-            units.append({"source": spec.source, "files": group})
+        if cfg.sample.mode != "none":
+            units.append({"source": spec.source, "files": files})
+            continue
+        for f in files:
+            pieces = jsonl_chunks(f.path) if f.format == "jsonl" else [(0, -1, 1)]
+            for piece in pieces:
+                units.append({"source": spec.source, "files": [f], "range": piece if len(pieces) > 1 else None})
     return units
 
 
@@ -58,9 +64,11 @@ class ReadFn(StageFn):
 
         def rows():
             nonlocal seen
+            piece = unit.get("range")
             for f in unit["files"]:
-                self.count("files", source=source)
-                for row in iter_file(f.path, f.format):
+                if piece is None or piece[0] == 0:
+                    self.count("files", source=source)
+                for row in iter_file(f.path, f.format, piece):
                     seen += 1
                     yield row
 

@@ -148,3 +148,19 @@ def test_a_job_reads_lima_rows_from_compressed_files_and_a_saved_dataset(job_dir
     assert man["counts"]["rows_in"] == 12 and man["counts"]["selected"] == 12 and man["counts"]["rejected"] == {}
     assert {i["path"].split("/")[-1] for i in man["inputs"]} == {
         "lima.jsonl.zst", "alpaca.json.gz", "data-00000-of-00002.arrow", "data-00001-of-00002.arrow"}
+
+
+def test_a_large_json_lines_file_reads_in_pieces_with_its_line_numbers(tmp_path):
+    from curate.io import jsonl_chunks
+
+    p = tmp_path / "big.jsonl"
+    lines = [json.dumps({"instruction": f"q{i}", "output": "x" * (i % 50)}) for i in range(3000)]
+    lines[1234] = "{not json"
+    lines[2000] = ""
+    p.write_text("\n".join(lines) + "\n")
+    whole = [(r.row_number, r.value, r.bad_reason) for r in iter_file(str(p), "jsonl")]
+    pieces = jsonl_chunks(str(p), target=4096)
+    assert len(pieces) > 10 and pieces[0][:2] == (0, pieces[1][0]) and pieces[-1][1] == p.stat().st_size
+    parts = [(r.row_number, r.value, r.bad_reason) for piece in pieces for r in iter_file(str(p), "jsonl", piece)]
+    assert parts == whole and len(whole) == 2999 and (1235, None, "malformed_json") in parts
+    assert jsonl_chunks(str(p)) == [(0, -1, 1)]  # small: one piece
