@@ -117,36 +117,11 @@ def rmtree(path: str) -> None:
         fs.rm(p, recursive=True)
 
 
-def replace(src: str, dst: str) -> None:
-    """Move a file into place: an atomic rename on a disk; a copy then a delete on a store (where
-    the object at ``dst`` appears whole, so readers never see a part of it)."""
-    if not is_remote(src):
-        os.replace(src, dst)
-    else:
-        fs, p = _fs(src)
-        fs.mv(p, _fs(dst)[1])
-
-
 def info(path: str) -> dict:
     """Size and, on a store, the object's ETag (its content fingerprint, without reading it)."""
     fs, p = _fs(path)
     meta = fs.info(p)
     return {"bytes": int(meta.get("size") or 0), "etag": str(meta.get("ETag") or meta.get("etag") or "").strip('"')}
-
-
-def filesystem(path: str):
-    """(pyarrow-usable filesystem, path inside it) for a URL; (None, path) for a local path."""
-    if not is_remote(path):
-        return None, path
-    return _fs(path)
-
-
-def walk(folder: str) -> list[str]:
-    """Every file under a folder, as full paths or URLs, sorted."""
-    if not is_remote(folder):
-        return sorted(os.path.join(d, f) for d, _, names in os.walk(folder) for f in names)
-    fs, p = _fs(folder)
-    return sorted(_url(fs, x) for x in fs.find(p))
 
 
 def publish(tmp: str, out: str, marker: str = "manifest.json") -> None:
@@ -172,7 +147,7 @@ def publish(tmp: str, out: str, marker: str = "manifest.json") -> None:
         fs.rm(f"{out_path}/{marker}")
     rmtree(out)
     _, tmp_path = _fs(tmp)
-    files = [f for f in fs.find(tmp_path)]
+    files = fs.find(tmp_path)
     last = [f for f in files if f == f"{tmp_path}/{marker}"]
     for f in [f for f in files if f not in last] + last:
         fs.copy(f, out_path + f[len(tmp_path):])
