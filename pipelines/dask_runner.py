@@ -75,22 +75,28 @@ class _Receivers(dict):
         return receiver
 
 
-_SET_UP: dict[str, DoFn] = {}  # per worker process: DoFns already set up, by translation key
+_SET_UP: dict[tuple[str, int], DoFn] = {}  # per worker process: DoFns set up, by (translation key, thread)
 _LOCK = threading.Lock()
 
 
 def _fn_once(key: str, fn: DoFn) -> DoFn:
+    """One set-up instance per worker thread, as Beam gives each bundle-processing thread its own
+    (a DoFn keeps per-bundle state); RunInference shares the model between them."""
+    from apache_beam.internal import pickler
+
+    slot = (key, threading.get_ident())
     with _LOCK:
-        if key not in _SET_UP:
-            fn.setup()
-            _SET_UP[key] = fn
-        return _SET_UP[key]
+        if slot not in _SET_UP:
+            own = pickler.loads(pickler.dumps(fn))  # never an instance another thread also holds
+            own.setup()
+            _SET_UP[slot] = own
+        return _SET_UP[slot]
 
 
 def _forget(run: str) -> int:
     """Tear down and drop this run's DoFns in a worker (a long-lived cluster serves many runs)."""
     with _LOCK:
-        keys = [k for k in _SET_UP if k.startswith(run + ":")]
+        keys = [k for k in _SET_UP if k[0].startswith(run + ":")]
         for k in keys:
             try:
                 _SET_UP.pop(k).teardown()

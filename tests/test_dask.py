@@ -38,13 +38,21 @@ def _write(pcoll, path, label):
             | f"{label}Write" >> beam.io.WriteToText(path, num_shards=1, shard_name_template=""))
 
 
-def test_the_runner_keeps_tagged_and_finish_bundle_outputs_every_sink_and_side_inputs(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2], ids=["two_workers", "one_worker_two_threads"])
+def test_the_runner_keeps_tagged_and_finish_bundle_outputs_every_sink_and_side_inputs(tmp_path, threads):
     from apache_beam.options.pipeline_options import PipelineOptions
+    from distributed import LocalCluster
 
     from pipelines.dask_runner import DaskRunner
 
     values = list(range(40))  # 40 partitions: the runner puts one element of a Create in each
-    with beam.Pipeline(runner=DaskRunner(), options=PipelineOptions(["--dask_workers=2"])) as p:
+    cluster = None
+    if threads == 1:
+        flags = ["--dask_workers=2"]  # a cluster the run starts
+    else:  # threads share a worker process: each needs its own DoFn instance (per-bundle state)
+        cluster = LocalCluster(n_workers=1, threads_per_worker=threads, processes=True, dashboard_address=":0")
+        flags = [f"--dask_client_address={cluster.scheduler_address}"]
+    with beam.Pipeline(runner=DaskRunner(), options=PipelineOptions(flags)) as p:
         offset = p | "Offset" >> beam.Create([1000])
         out = (p | beam.Create(values)
                | beam.ParDo(_Split(), beam.pvalue.AsSingleton(offset)).with_outputs("odd", "even", "bundles",
@@ -53,6 +61,8 @@ def test_the_runner_keeps_tagged_and_finish_bundle_outputs_every_sink_and_side_i
         _write(out.odd, str(tmp_path / "odd.json"), "Odd")
         _write(out.even | beam.Map(lambda x, total: x * 0 + total, beam.pvalue.AsSingleton(
             out.bundles | beam.CombineGlobally(sum))), str(tmp_path / "even.json"), "Even")
+    if cluster is not None:
+        cluster.close()
     read = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in ("main", "odd", "even")}
     assert read["main"] == [x + 1000 for x in values]
     assert read["odd"] == [x for x in values if x % 2]
