@@ -43,7 +43,8 @@ def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str 
     rep = selection_report(policy, budget, seed, rows, ranks, result.dropped)
     rep["run"] = storage.absolute(folder)
     out = out or storage.join(folder, "selections", policy.name)
-    if storage.listdir(out) and not storage.isfile(storage.join(out, "selection.json")):
+    if (storage.exists(out) and not storage.isdir(out)) or (
+            storage.listdir(out) and not storage.isfile(storage.join(out, "selection.json"))):
         raise runs.RunError(f"{out} exists and is not a curate selection; choose another --out")
     rep["output"] = storage.absolute(out)
 

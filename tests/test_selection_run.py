@@ -109,6 +109,9 @@ def test_select_errors_are_one_line(scored_run, tmp_path, capsys):
     assert "needs the column(s) nope" in capsys.readouterr().err
     assert run_cli("select", tmp_path, "--policy", "all") == 2
     assert "not a finished curate run" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("keep me too")
+    assert run_cli("select", scored_run, "--policy", "all", "--out", tmp_path / "afile") == 2
+    assert "is not a curate selection" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "keep me too"
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert run_cli("select", scored_run, "--policy", "all", "--out", tmp_path / "mine") == 2
