@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -68,6 +69,9 @@ class Teacher:
             if s.api_key_env and not key:
                 raise ValueError(f"teacher: the environment variable {s.api_key_env} holding the API key is not set")
             client = openai.OpenAI(base_url=s.base_url, api_key=key or "none", timeout=s.timeout_s, max_retries=0)
+            # closed with the teacher, or at exit while httpx is still whole (a client left to the
+            # interpreter's teardown prints a traceback from its __del__)
+            weakref.finalize(self, client.close)
         self.client = client
 
     def complete(self, messages: list[dict]) -> Reply:
