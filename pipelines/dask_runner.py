@@ -18,7 +18,7 @@ data in any pipeline with more than one output, and ours has many:
 
 They cannot be worked around in the graph without giving up multi-output ParDos, finish_bundle,
 more than one sink and side inputs, so this module translates ParDo, side inputs and the sinks
-itself and leaves the rest to Beam's runner. A DoFn is set up once per worker process (Beam's
+itself and leaves the rest to Beam's runner. A DoFn is set up once per worker thread (Beam's
 sets it up and tears it down per partition, a model load each time).
 
 Without ``--dask_client_address`` the job starts a ``distributed.LocalCluster`` of
@@ -117,7 +117,7 @@ def _run_bundle(items, spec: dict, *side_values):
                              process_yields_batches=False, process_batch_yields_elements=False)
     sides = [SideInputMap(view, options, [te.get_windowed_value(v, mapping) for v in values])
              for (view, options, mapping), values in zip(spec["sides"], side_values)]
-    invoker = DoFnInvoker.create_invoker(  # no invoke_setup: set up once per process above
+    invoker = DoFnInvoker.create_invoker(  # no invoke_setup: _fn_once set it up for this thread
         DoFnSignature(fn), handler, context=DoFnContext(spec["label"], state=None), side_inputs=sides,
         input_args=spec["args"], input_kwargs=spec["kwargs"], user_state_context=None,
         bundle_finalizer_param=DoFn.BundleFinalizerParam())
