@@ -71,25 +71,32 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def run_measured(cmd: list[str], cwd: str | None = None, env: dict | None = None) -> dict:
-    """Run a command; wall seconds and peak RSS (MB) of it and its children, sampled every 50 ms."""
+def run_measured(cmd: list[str], cwd: str | None = None, env: dict | None = None, every: float = 0.05) -> dict:
+    """Run a command; wall seconds and peak RSS (MB), sampled every ``every`` seconds: of it and its
+    children together (``peak_rss_mb``), of the command's own process (``driver_peak_mb``) and of
+    its largest child (``worker_peak_mb``, a Beam SDK worker or a Dask worker)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ps = psutil.Process(proc.pid)
-    peak = 0
+    root = psutil.Process(proc.pid)
+    peak, peaks = 0, {}
     while proc.poll() is None:
         try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-            peak = max(peak, rss)
+            rss = {p.pid: p.memory_info().rss for p in [root, *root.children(recursive=True)]}
         except psutil.Error:
-            pass
-        time.sleep(0.05)
+            rss = {}
+        peak = max(peak, sum(rss.values()))
+        for pid, v in rss.items():
+            peaks[pid] = max(peaks.get(pid, 0), v)
+        time.sleep(every)
     out, err = proc.communicate()
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return {"wall_s": wall, "peak_rss_mb": round(peak / 2**20, 1), "stdout": out}
+    children = [v for pid, v in peaks.items() if pid != proc.pid]
+    return {"wall_s": wall, "peak_rss_mb": round(peak / 2**20, 1), "stdout": out,
+            "driver_peak_mb": round(peaks.get(proc.pid, 0) / 2**20, 1),
+            "worker_peak_mb": round(max(children, default=0) / 2**20, 1), "processes": len(peaks)}
 
 
 def spread(rows: list, n: int) -> list:

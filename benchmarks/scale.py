@@ -18,15 +18,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
-import time
 
-import psutil
 import yaml
 
-from benchmarks.common import REPO, emit, pinned_job, real_rows
+from benchmarks.common import REPO, emit, pinned_job, real_rows, run_measured
 
 RUNNERS = {"fnapi_multi_2": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
            "dask_2": ["--runner=DaskRunner", "--dask_workers=2"]}
@@ -73,31 +70,6 @@ def make_pool(n: int, folder: str, seed: int = 0) -> dict:
     return counts
 
 
-def run_peaks(cmd: list[str], cwd: str) -> dict:
-    """Wall seconds; peak RSS (MB) of the root process and of the largest descendant."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    root = psutil.Process(proc.pid)
-    peaks: dict[int, int] = {}
-    while proc.poll() is None:
-        try:
-            for p in [root, *root.children(recursive=True)]:
-                try:
-                    peaks[p.pid] = max(peaks.get(p.pid, 0), p.memory_info().rss)
-                except psutil.Error:
-                    pass
-        except psutil.Error:
-            pass
-        time.sleep(0.1)
-    out, err = proc.communicate()
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    others = [v for pid, v in peaks.items() if pid != proc.pid]
-    return {"wall_s": wall, "driver_peak_mb": round(peaks.get(proc.pid, 0) / 2**20, 1),
-            "worker_peak_mb": round(max(others, default=0) / 2**20, 1), "processes": len(peaks)}
-
-
 def run(quick: bool):
     sizes = (10_000, 100_000) if quick else (10_000, 100_000, 1_000_000)
     with tempfile.TemporaryDirectory(prefix="curate-scale-") as tmp:
@@ -114,7 +86,8 @@ def run(quick: bool):
                         yaml.safe_dump(pinned_job(("dedup.exact", "dedup.near"), name="scale", output=out,
                                                   inputs=[{"source": s, "path": os.path.join(data, f"{s}.jsonl")}
                                                           for s in SOURCES], select=select), fh)
-                    res = run_peaks([sys.executable, "-m", "curate", "run", job, "--overwrite", *flags], REPO)
+                    cmd = [sys.executable, "-m", "curate", "run", job, "--overwrite", *flags]
+                    res = run_measured(cmd, REPO, every=0.1)
                     with open(os.path.join(out, "manifest.json")) as fh:
                         man = json.load(fh)
                     assert man["accounting"]["holds"] and man["counts"]["rows_in"] == n
