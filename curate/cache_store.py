@@ -61,13 +61,6 @@ def write_shard(folder: str, rows: list[dict], schema: pa.Schema, run_id: str) -
     return _write(pa.Table.from_pylist(rows, schema=schema), folder, name)
 
 
-def _read(path: str) -> pa.Table:
-    if storage.is_remote(path):
-        with storage.open_file(path) as fh:
-            return pq.read_table(fh)
-    return pq.read_table(path)
-
-
 def compact(folder: str | None, run_id: str) -> int:
     """Merge this run's staged shards into one ``part-<run>.parquet``; returns the rows merged.
 
@@ -75,7 +68,7 @@ def compact(folder: str | None, run_id: str) -> int:
     mine = [p for p in files(folder) if os.path.basename(p).startswith(f"{STAGED}{run_id}-")]
     if not mine:
         return 0
-    table = pa.concat_tables([_read(p) for p in mine], promote_options="default")
+    table = pa.concat_tables([storage.read_table(p) for p in mine], promote_options="default")
     _write(table, folder, f"part-{run_id}.parquet")
     for p in mine:
         storage.remove(p)

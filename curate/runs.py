@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate import storage
 from curate.errors import CurateError
@@ -16,19 +15,12 @@ class RunError(CurateError):
     """The folder is not a finished run, or lacks what was asked for (one-line message)."""
 
 
-def _read(path: str, columns: list[str] | None) -> pa.Table:
-    if storage.is_remote(path):
-        with storage.open_file(path) as fh:
-            return pq.read_table(fh, columns=columns)
-    return pq.read_table(path, columns=columns)
-
-
 def _parquet(folder: str, name: str, columns: list[str] | None = None) -> pa.Table:
     finished(folder)
     files = storage.glob(storage.join(folder, name, "*.parquet"))
     if not files:
         raise RunError(f"{folder}: no {name}/ Parquet files (is it a finished curate run?)")
-    tables = [_read(f, columns) for f in files]
+    tables = [storage.read_table(f, columns) for f in files]
     return pa.concat_tables([t for t in tables if t.num_rows] or tables[:1])
 
 

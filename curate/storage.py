@@ -117,6 +117,16 @@ def rmtree(path: str) -> None:
         fs.rm(p, recursive=True)
 
 
+def read_table(path: str, columns: list[str] | None = None):
+    """A Parquet file as a pyarrow Table, local or on a store."""
+    import pyarrow.parquet as pq
+
+    if not is_remote(path):
+        return pq.read_table(path, columns=columns)
+    with open_file(path) as fh:
+        return pq.read_table(fh, columns=columns)
+
+
 def info(path: str) -> dict:
     """Size and, on a store, the object's ETag (its content fingerprint, without reading it)."""
     fs, p = _fs(path)
