@@ -123,6 +123,22 @@ def test_a_saved_hugging_face_dataset_is_its_arrow_files_in_order(tmp_path):
         resolve_paths(str(tmp_path / "dd"))
     assert [r.value for r in iter_file(resolve_paths(str(tmp_path / "dd" / "test"))[0], "arrow")] == rows[:1]
     assert resolve_paths(str(tmp_path)) == []  # a plain folder has no rows
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "state.json").write_text(json.dumps({"_data_files": []}))
+    with pytest.raises(SourceReadError, match="state.json lists no data files"):
+        resolve_paths(str(tmp_path / "empty"))
+
+
+def test_an_arrow_file_in_the_file_format_reads_too(tmp_path):
+    p = tmp_path / "rows.arrow"  # datasets writes the stream format; pyarrow's writers also the file format
+    table = pa.table({"instruction": ["a", "b", "c"], "output": ["x", "y", "z"]})
+    with pa.ipc.new_file(str(p), table.schema) as writer:
+        writer.write_table(table, max_chunksize=2)
+    assert [r.value for r in iter_file(str(p), detect_format(str(p)))] == table.to_pylist()
+    (tmp_path / "bad.arrow").write_bytes(b"not arrow")
+    from curate.io import preflight
+    with pytest.raises(SourceReadError, match="not a readable Arrow file"):
+        preflight(str(tmp_path / "bad.arrow"), "arrow")
 
 
 def test_a_job_reads_lima_rows_from_compressed_files_and_a_saved_dataset(job_dir):
