@@ -34,9 +34,9 @@ def build(p: beam.Pipeline, cfg: Job, folder: str, rt: dict, run_id: str = "run"
     exact = ids["records"] | "ExactDedup" >> T.ExactDedup(cfg)
     reflected = exact["records"] | "Reflection" >> Reflection(cfg, rt.get("rewrite", {}), run_id)
     realigned = reflected["records"] | "ReAlign" >> ReAlignStage(cfg, rt.get("rewrite", {}), run_id)
-    rewritten = realigned
-    if "rewrite" in rt:  # a rewrite can duplicate another row
-        rewritten = realigned["records"] | "ExactDedupRewritten" >> T.ExactDedup(cfg, after_rewrite=True)
+    rewriting = "rewrite" in rt
+    rewritten = (realigned["records"] | "ExactDedupRewritten" >> T.ExactDedup(cfg, after_rewrite=True)
+                 if rewriting else realigned)  # a rewrite can duplicate another row
     near = rewritten["records"] | "NearDedup" >> NearDedup(cfg)
     ec = near["records"] | "EmbedCluster" >> EmbedClusterDedup(cfg, rt, run_id)
     scored = ec["records"] | "Score" >> Score(cfg, rt.get("score", {}), run_id)
@@ -61,7 +61,7 @@ def build(p: beam.Pipeline, cfg: Job, folder: str, rt: dict, run_id: str = "run"
             os.path.join(folder, "rewrite_failures", "part"), REWRITE_FAILURES, file_name_suffix=".parquet",
             codec="zstd")
     stats = (read["stats"], valid["stats"], ids["stats"], exact["stats"], reflected["stats"], realigned["stats"],
-             *([rewritten["stats"]] if rewritten is not realigned else []), near["stats"], ec["stats"],
+             *([rewritten["stats"]] if rewriting else []), near["stats"], ec["stats"],
              scored["stats"], targeted["stats"], less["stats"], degraded["stats"], written["stats"])
     stats | "FlattenStats" >> beam.Flatten() | "Stats" >> T.WriteStats(os.path.join(folder, STATS_FILE))
     reports = (near["reports"], ec["reports"], selection["reports"]) | "FlattenReports" >> beam.Flatten()
