@@ -7,6 +7,12 @@
   against a real llama.cpp server (``llama-cpp-python[server]``, the packaged SmolLM2 GGUF, 2
   threads) at 1, 4 and 8 requests in flight, on the same reflection prompts of real rows;
   baseline: one request at a time. Skipped with a line when llama-cpp-python is not installed.
+- ``task_classifier_teacher``: ``classifier: teacher`` on the same test rows against the real
+  llama.cpp server (the packaged SmolLM2-135M as the classifying teacher; the reference used a
+  fine-tuned 13B model): accuracy where the reply names one category, with the embedding
+  classifier's label where it does not, against the embedding classifier alone. Point
+  ``CURATE_BENCH_TEACHER_URL`` (and ``CURATE_BENCH_TEACHER_MODEL``, key in ``OPENAI_API_KEY``) at
+  a capable endpoint to measure that one instead.
 - ``teacher_cache_hit``: the same requests through the stage's request cache (a Parquet shard
   read and a keyed lookup) against sending them.
 ``--quick``: 8 requests per case, else 24.
@@ -43,6 +49,48 @@ def classifier():
     emit("rewrite", "task_classifier", "accuracy", ours["accuracy"], "tfidf_linear_svm", base["accuracy"],
          n=ours["rows"], macro_f1=ours["macro_f1"], baseline_macro_f1=round(base["macro_f1"], 4),
          train_rows=len(train_x), wall_s=round(secs, 1))
+    return test_x, test_y, clf.predict(encode(embedder, test_x))
+
+
+def teacher_classifier(quick: bool, test_x, test_y, fallback):
+    """The teacher names the category (ReAlign's own method); the embedding classifier's label
+    where its reply names none."""
+    import os
+
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from curate.rewrite import realign as RA
+    from curate.rewrite.teacher import Teacher
+    from curate.settings import TeacherEndpoint
+
+    n = 24 if quick else len(test_x)
+    test_x, test_y, fallback = test_x[:n], test_y[:n], fallback[:n]
+    url, model = os.environ.get("CURATE_BENCH_TEACHER_URL"), os.environ.get("CURATE_BENCH_TEACHER_MODEL", "smollm2")
+    with tempfile.TemporaryDirectory() as tmp:
+        server = None
+        if not url:
+            from curate.rewrite.local_server import LocalServer
+
+            server = LocalServer(tmp)
+            server.start()
+            url = server.url
+        try:
+            s = TeacherEndpoint(base_url=url, model=model, max_tokens=16, temperature=0.0, concurrency=1)
+            t = time.perf_counter()
+            replies = Teacher(s).complete_many([RA.classify_messages(x) for x in test_x])
+            secs = time.perf_counter() - t
+        finally:
+            if server:
+                server.stop()
+    named = [RA.parse_category(r.text if r.status == "ok" else None) for r in replies]
+    combined = [a or b for a, b in zip(named, fallback)]
+    emb = float(accuracy_score(test_y, fallback))
+    emit("rewrite", "task_classifier_teacher", "accuracy", float(accuracy_score(test_y, combined)),
+         "embedding_classifier", emb, n=n, teacher=model if server is None else "smollm2-135m (llama.cpp)",
+         macro_f1=round(float(f1_score(test_y, combined, average="macro", zero_division=0)), 4),
+         named_one_category=sum(x is not None for x in named),
+         teacher_alone_accuracy=round(sum(a == y for a, y in zip(named, test_y)) / n, 4),
+         failed=sum(r.status != "ok" for r in replies), requests_per_s=round(n / secs, 2))
 
 
 def _prompts(n: int) -> list[list[dict]]:
@@ -102,5 +150,13 @@ def teacher(quick: bool):
 
 
 def run(quick: bool):
-    classifier()
+    test_x, test_y, fallback = classifier()
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        if not __import__("os").environ.get("CURATE_BENCH_TEACHER_URL"):
+            print("rewrite: teacher classifier skipped: pip install 'llama-cpp-python[server]' (make test does)")
+            test_x = None
+    if test_x is not None:
+        teacher_classifier(quick, test_x, test_y, fallback)
     teacher(quick)

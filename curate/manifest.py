@@ -17,9 +17,9 @@ from curate.stats import END, START, parse_stat_key
 MANIFEST_VERSION = "1.0"
 # Pipeline order of the stages, for reports; a stage not listed sorts after these.
 STAGE_ORDER = ("read", "validate", "ids", "exact_dedup", "rewrite_teacher", "rewrite_teacher_qa", "rewrite_student",
-               "rewrite", "realign_classify", "realign_teacher", "realign", "exact_dedup_rewritten", "near_dedup",
-               "embed", "cluster", "semantic_dedup", "score", "rds_targets", "rds", "less_targets", "less",
-               "degradation", "select", "write")
+               "rewrite", "realign_classify", "realign_classify_teacher", "realign_category", "realign_teacher",
+               "realign", "exact_dedup_rewritten", "near_dedup", "embed", "cluster", "semantic_dedup", "score",
+               "rds_targets", "rds", "less_targets", "less", "degradation", "select", "write")
 
 
 class AccountingError(Exception):
@@ -223,12 +223,14 @@ def rewrite_report(cfg: Job, stages: dict, runtime: dict) -> dict:
     if not (w.reflection.enabled or w.realign.enabled):
         return {"enabled": False}
     rt = runtime.get("rewrite", {})
-    teacher = [stages.get(s, {}) for s in ("rewrite_teacher", "rewrite_teacher_qa", "realign_teacher")]
+    teacher = [stages.get(s, {}) for s in ("rewrite_teacher", "rewrite_teacher_qa", "realign_classify_teacher",
+                                           "realign_teacher")]
     reflection, realign = stages.get("rewrite", {}), stages.get("realign", {})
+    category = stages.get("realign_category", {})
     out = {"enabled": True, "teacher": rt.get("teacher"), "cache": rt.get("cache"),
            "requests_sent": sum(int(t.get("model_rows", 0)) for t in teacher),
            "requests_cached": sum(int(t.get("cached", 0)) for t in teacher),
-           "requests_failed": int(reflection.get("requests_failed", 0)) + int(realign.get("requests_failed", 0))}
+           "requests_failed": sum(int(s.get("requests_failed", 0)) for s in (reflection, realign, category))}
     if w.reflection.enabled:
         out["reflection"] = {"student": {k: v for k, v in rt.get("student", {}).items() if k != "cache_files"},
                              "rows": int(reflection.get("rows", 0)), "status": by_reason(reflection, "status"),
@@ -236,6 +238,8 @@ def rewrite_report(cfg: Job, stages: dict, runtime: dict) -> dict:
     if w.realign.enabled:
         out["realign"] = {**rt.get("realign", {}), "rows": int(realign.get("rows", 0)),
                           "status": by_reason(realign, "status"), "reason": by_reason(realign, "reason")}
+        if category:  # classifier: teacher
+            out["realign"]["category_by"] = by_reason(category, "by")
     return out
 
 

@@ -320,6 +320,10 @@ class ReAlign:
     # datasets/classification/task_classifier_train_dataset.json); required when enabled
     classifier_train: str | None = opt(None, types=(str,))
     classifier_test: str | None = opt(None, types=(str,))  # the same form; accuracy goes to the manifest
+    # who names each row's task: "embedding" (the classifier trained on classifier_train) or "teacher"
+    # (one more cached request a row, as the reference's LLM classifier; a reply that names no single
+    # category, or a failed request, falls back to the embedding classifier's label)
+    classifier: str = opt("embedding", choices=("embedding", "teacher"))
     min_ratio: float = opt(0.5, minimum=0.0, maximum=1.0)  # a rewrite must keep more of the answer's tokens
     short_words: int = opt(8, minimum=0)  # answers this short must appear in the rewrite
 

@@ -1,13 +1,16 @@
 """The ReAlign stage: answers reformatted to their task's format, kept when nothing was lost
 (``curate.rewrite.realign``).
 
-    rows -> task category (embeddings + the trained classifier) -> reformat request (rows whose
-    category has a format) -> Teacher (cached, as in ``pipelines.rewrite``) -> parse -> post-filter
+    rows -> task category (embeddings + the trained classifier) [-> with ``classifier: teacher``:
+    classify request -> Teacher -> the category the reply names, else the classifier's] ->
+    reformat request (rows whose category has a format) -> Teacher (cached, as in
+    ``pipelines.rewrite``) -> parse -> post-filter
 
 The classifier is trained by the driver before the graph (``prepare``) and kept in the model
 cache under a fingerprint of its training file and embedder, so a rerun reuses it. A row whose
 request fails keeps its answer (``realign_status: teacher_failed``; the request goes to
-``rewrite_failures/``); rows in = rows out. It runs after exact dedup and the reflection stage, before the second exact pass.
+``rewrite_failures/``); rows in = rows out. It runs after exact dedup and the reflection stage,
+before the second exact pass.
 """
 from __future__ import annotations
 
@@ -66,7 +69,8 @@ def prepare(r, embed_model: str | None) -> dict:
         os.makedirs(folder, exist_ok=True)
         clf.save(path + ".tmp")
         os.replace(path + ".tmp", path)
-    out = {"classifier": path, "embed_model": embed_model, "trained_on": os.path.abspath(r.classifier_train)}
+    out = {"classifier": path, "classified_by": r.classifier, "embed_model": embed_model,
+           "trained_on": os.path.abspath(r.classifier_train)}
     if test:
         texts, labels = test
         embedder = embedder or load_embedder(embed_model)
@@ -100,6 +104,43 @@ class ClassifyHandler(StageHandler):
 class _Loaded:
     def __init__(self, embedder, classifier):
         self.embedder, self.classifier = embedder, classifier
+
+
+def classify_request(row: dict, s: TeacherSettings):
+    """The teacher's classification request of a single-turn row (multi-turn rows are not rewritten)."""
+    if single_turn(row):
+        msgs = RA.classify_messages(row["prompt"])
+        yield {"row": row["id"], "kind": "classify", "messages": msgs,
+               "key": request_key(s.model, RA.CLASSIFY_TEMPLATE_VERSION, msgs, s.sampling())}
+
+
+class ChooseCategoryFn(StageFn):
+    """The category the teacher's reply names; the embedding classifier's label when the reply
+    names none (or several) or the request failed (that request also goes to ``rewrite_failures/``)."""
+
+    stage = "realign_category"
+    metrics = ("rows", "by", "requests_failed")
+
+    def handle(self, element):
+        _, grouped = element
+        row = dict(grouped["row"][0])
+        reply = grouped["reply"][0] if grouped["reply"] else None
+        if reply is None:
+            by = "classifier"  # multi-turn: never asked
+        elif reply["reply_status"] != "ok":
+            by = "classifier_after_failed_request"
+            self.count("requests_failed")
+            yield beam.pvalue.TaggedOutput(FAILURES, {"id": row["id"], "source": row["source"],
+                                                      "request": "realign_classify", "error": reply["reply_error"],
+                                                      "attempts": reply["reply_attempts"]})
+        else:
+            named = RA.parse_category(reply["reply"])
+            by = "teacher" if named else "classifier_after_unparsed_reply"
+            row["realign_category"] = named or row["realign_category"]
+        row["realign_category_by"] = by
+        self.count("rows")
+        self.count("by", reason=by)
+        yield row
 
 
 def reformat_request(row: dict, s: TeacherSettings):
@@ -178,21 +219,38 @@ class ReAlignStage(LiveStage):
         self.cfg, self.rt, self.run_id, self.teacher_handler = cfg, rt, run_id, teacher_handler
         self.enabled = cfg.rewrite.realign.enabled
 
+    def _teacher(self, name: str, s: TeacherSettings):
+        handler = self.teacher_handler or TeacherHandler(s, self.cfg.rewrite.teacher.batch_rows)
+        return CachedInference(name, handler, lambda q: q["key"], REPLY, self.rt.get("cache"),
+                               self.rt.get("cache_files"), self.run_id, flush_rows=1,
+                               cache_when=lambda q: q["reply_status"] == "ok")
+
     def expand_live(self, live):
-        r, t = self.cfg.rewrite.realign, self.cfg.rewrite.teacher
+        r = self.cfg.rewrite.realign
         s = TeacherSettings(**self.rt["teacher"])
         classified = live | "Classify" >> CachedInference("realign_classify", ClassifyHandler(self.rt["realign"]),
                                                           lambda rec: rec["id"],
                                                           [pa.field("realign_category", pa.string())])
-        handler = self.teacher_handler or TeacherHandler(s, t.batch_rows)
-        replies = (classified["records"] | "Requests" >> beam.FlatMap(reformat_request, s)
-                   | "Teacher" >> CachedInference("realign_teacher", handler, lambda q: q["key"], REPLY,
-                                                  self.rt.get("cache"), self.rt.get("cache_files"), self.run_id,
-                                                  flush_rows=1, cache_when=lambda q: q["reply_status"] == "ok"))
-        rows = classified["records"] | "RowsById" >> beam.Map(lambda rec: (rec["id"], rec))
+        records, stats = classified["records"], [classified["stats"]]
+        if r.classifier == "teacher":
+            asked = (records | "ClassifyRequests" >> beam.FlatMap(classify_request, s)
+                     | "ClassifyTeacher" >> self._teacher("realign_classify_teacher", s))
+            chosen = ({"row": records | "ClassifiedById" >> beam.Map(lambda rec: (rec["id"], rec)),
+                       "reply": asked["records"] | "ClassReplyById" >> beam.Map(lambda q: (q["row"], q))}
+                      | "JoinCategory" >> beam.CoGroupByKey()
+                      | "Category" >> beam.ParDo(ChooseCategoryFn()).with_outputs(FAILURES, STATS, main="records"))
+            records, stats = chosen.records, stats + [asked["stats"], chosen[STATS]]
+            failures = [chosen[FAILURES]]
+        else:
+            records = records | "ClassifiedBy" >> beam.Map(lambda rec: {**rec, "realign_category_by": "classifier"})
+            failures = []
+        replies = (records | "Requests" >> beam.FlatMap(reformat_request, s)
+                   | "Teacher" >> self._teacher("realign_teacher", s))
+        rows = records | "RowsById" >> beam.Map(lambda rec: (rec["id"], rec))
         by_row = replies["records"] | "RepliesById" >> beam.Map(lambda q: (q["row"], q))
         applied = ({"row": rows, "reply": by_row} | "Join" >> beam.CoGroupByKey()
                    | "Apply" >> beam.ParDo(ApplyFn(self.cfg.score.ifd.model, r.min_ratio, r.short_words))
                    .with_outputs(FAILURES, STATS, main="records"))
-        stats = (classified["stats"], replies["stats"], applied[STATS]) | "Stats" >> beam.Flatten()
-        return {"records": applied.records, "stats": stats, FAILURES: applied[FAILURES]}
+        stats = (*stats, replies["stats"], applied[STATS]) | "Stats" >> beam.Flatten()
+        failed = (*failures, applied[FAILURES]) | "Failures" >> beam.Flatten() if failures else applied[FAILURES]
+        return {"records": applied.records, "stats": stats, FAILURES: failed}

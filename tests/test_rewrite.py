@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from curate.rewrite import realign as RA
 from curate.rewrite import reflection as R
 from curate.rewrite.teacher import Teacher, TeacherSettings, backoff, request_key
 
@@ -200,6 +201,13 @@ def test_the_decision_table_takes_every_branch():
 def teacher_reply(body: dict) -> str | int:
     """What a teacher would say, from the request itself (so replies do not depend on order)."""
     system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+    if system == RA.CLASSIFY_SYSTEM:  # ReAlign with classifier: teacher
+        question = user.split("Request:\n", 1)[1].rsplit("\n\nCategory name:", 1)[0]
+        if "Napkins" in question:
+            return "Hard to say: roleplay or story_generation."  # two names: not guessed, the classifier's
+        if "Unreachable" in question:
+            return 503
+        return "open_qa" if "dolls" in question else "Category: math_puzzles."
     if "[Question start]" in user:  # ReAlign: reformat the response
         question = user.split("[Question start]\n", 1)[1].split("\n[Question end]", 1)[0]
         response = user.split("[Response start]\n", 1)[1].split("\n[Response end]", 1)[0]
@@ -350,8 +358,6 @@ def test_a_teacher_that_goes_down_half_way_loses_no_row_and_the_rerun_completes(
 # --- ReAlign (methods.md §4.5) ------------------------------------------------------------------
 
 def test_realign_categories_formats_and_pass_through():
-    from curate.rewrite import realign as RA
-
     assert len(RA.CATEGORIES) == 46 and RA.UNCHANGED <= set(RA.CATEGORIES)
     assert set(RA.GROUP) == set(RA.CATEGORIES) - RA.UNCHANGED  # every other category has a format
     assert set(RA.GROUP.values()) <= set(RA.FORMATS)
@@ -361,6 +367,22 @@ def test_realign_categories_formats_and_pass_through():
     assert "numbered steps" in msgs[1]["content"] and "[Response start]\n4\n[Response end]" in msgs[1]["content"]
     assert RA.parse("Reasoning: fine.\nRevised response: Four.") == "Four."
     assert RA.parse("Reasoning: the format suits.") is None and RA.parse("Revised response:   ") is None
+
+
+def test_a_teacher_classification_reply_is_taken_only_when_it_names_one_category():
+    msgs = RA.classify_messages("Convert 179 centimeters to feet.")
+    assert msgs[0]["content"] == RA.CLASSIFY_SYSTEM and "Convert 179 centimeters" in msgs[1]["content"]
+    assert all(f"- {name}: " in msgs[1]["content"] for name in RA.CATEGORIES) and set(RA.DESCRIPTIONS) == \
+        set(RA.CATEGORIES)
+    assert RA.parse_category("math_puzzles") == "math_puzzles"
+    assert RA.parse_category('  "Open QA".\n') == "open_qa"  # quotes, spaces, a period: still the name
+    assert RA.parse_category("The category is `code-language-classification`.") == "code_language_classification"
+    assert RA.parse_category("Roleplay. Roleplay fits best.") == "roleplay"  # one name, said twice
+    assert RA.parse_category("roleplay or story_generation") is None  # two names: no guess
+    assert RA.parse_category("code_language_classification or language_classification") is None
+    assert RA.parse_category("defaults to open questions") is None  # inside a word is not a name
+    for reply in ("", None, "I cannot tell."):
+        assert RA.parse_category(reply) is None
 
 
 def test_realign_post_filter_truth_table():
@@ -400,9 +422,11 @@ def test_realign_post_filter_on_the_nq_fixture_keeps_the_answers_that_survived()
 
 
 def test_realign_reformats_keeps_what_the_filter_passes_and_reports_the_classifier(job_dir, teacher_server):
+    """classifier: teacher, so the teacher names the task; where its reply names no single category
+    or its request fails, the embedding classifier's label is used (the real-server test runs the
+    embedding classifier alone)."""
     import pandas as pd
 
-    from curate.rewrite import realign as RA
     from tests.conftest import EXAMPLES, load_manifest, run_cli, shared, write_job
 
     train = json.load(open(shared("realign_task_classifier_train.json"), encoding="utf-8"))
@@ -411,13 +435,17 @@ def test_realign_reformats_keeps_what_the_filter_passes_and_reports_the_classifi
     rows = [json.loads(x) for x in open(f"{EXAMPLES}/gsm8k_sample.jsonl", encoding="utf-8")][:3]
     rows += [{"instruction": "Napkins: fold one into a swan.", "input": "", "output": "Fold it in half, then again."},
              {"instruction": "what is the setting of a dolls house?", "input": "",
-              "output": "a Norwegian town circa 1879"}]
+              "output": "a Norwegian town circa 1879"},
+             {"instruction": "Unreachable: how many legs has a spider?", "input": "", "output": "Eight."}]
     pool = job_dir / "pool.jsonl"
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = {"output": "re", "inputs": [{"source": "pool", "path": str(pool)}],
+    chat = job_dir / "chat.jsonl"  # multi-turn: never asked, never rewritten
+    turns = [("user", "Hi"), ("assistant", "Hello"), ("user", "Add 2 and 2."), ("assistant", "4")]
+    chat.write_text(json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + "\n")
+    cfg = {"output": "re", "inputs": [{"source": "pool", "path": str(pool)}, {"source": "chat", "path": str(chat)}],
            "dedup": {"near": {"enabled": False}, "semantic": {"enabled": False}},
            "embed": {"enabled": False}, "cluster": {"enabled": False}, "score": {"ifd": {"enabled": False}},
-           "rewrite": {"realign": {"enabled": True, "classifier_train": str(small),
+           "rewrite": {"realign": {"enabled": True, "classifier": "teacher", "classifier_train": str(small),
                                    "classifier_test": shared("realign_task_classifier_test.json")},
                        "cache_dir": str(job_dir / "teacher"),
                        "teacher": {"base_url": teacher_server["url"], "model": "scripted", "max_retries": 0}}}
@@ -426,10 +454,22 @@ def test_realign_reformats_keeps_what_the_filter_passes_and_reports_the_classifi
     test = man["rewrite"]["realign"]["test"]
     assert test["rows"] == 143 and 0 < test["accuracy"] <= 1 and 0 < test["macro_f1"] <= 1
     ann = pd.read_parquet("re/annotated")
-    assert man["accounting"]["holds"] and len(ann) == 5 and ann.realign_category.isin(RA.CATEGORIES).all()
-    for _, row in ann.iterrows():
+    assert man["accounting"]["holds"] and len(ann) == 7 and ann.realign_category.isin(RA.CATEGORIES).all()
+    by = dict(zip(ann.prompt.str[:11], ann.realign_category_by))
+    assert by["Napkins: fo"] == "classifier_after_unparsed_reply" and by["Unreachable"] == \
+        "classifier_after_failed_request"
+    assert ann[ann.source == "chat"].realign_category_by.tolist() == ["classifier"]
+    assert man["rewrite"]["realign"]["category_by"] == {"teacher": 4, "classifier_after_unparsed_reply": 1,
+                                                        "classifier_after_failed_request": 1, "classifier": 1}
+    assert man["rewrite"]["realign"]["classified_by"] == "teacher" and man["rewrite"]["requests_failed"] == 1
+    failed = pd.read_parquet("re/rewrite_failures")
+    assert failed.request.tolist() == ["realign_classify"] and "503" in failed.error[0]
+    single = ann[ann.source == "pool"]
+    for _, row in single.iterrows():
         formatted = RA.format_for(row.realign_category) is not None
         assert row.original_response == next(r["output"] for r in rows if r["instruction"] in row.original_prompt)
+        if row.realign_category_by == "teacher":
+            assert row.realign_category == ("open_qa" if "dolls" in row.prompt else "math_puzzles")
         if not formatted:
             assert row.realign_status == "unchanged_category" and row.response == row.original_response
         elif "Napkins" in row.prompt:
@@ -440,8 +480,11 @@ def test_realign_reformats_keeps_what_the_filter_passes_and_reports_the_classifi
         else:
             assert (row.realign_status, row.realign_reason) == ("rewritten", "ok")
             assert row.response.startswith("Step 1. ") and row.messages[-1]["content"] == row.response
-    assert man["rewrite"]["requests_sent"] == teacher_server["requests"] == sum(
-        RA.format_for(c) is not None for c in ann.realign_category)
+    assert ann[ann.source == "chat"].realign_status.tolist() == ["not_applicable"]
+    # one classification request a single-turn row (the failed one included), one reformat request a
+    # formatted category
+    formatted = sum(RA.format_for(c) is not None for c in single.realign_category)
+    assert man["rewrite"]["requests_sent"] == teacher_server["requests"] == 6 + formatted
 
 
 def test_realign_classifier_files_that_cannot_be_used_are_one_line(tmp_path):

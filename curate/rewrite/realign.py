@@ -31,7 +31,10 @@ CATEGORIES = (
     "text_summarization", "text_to_code_translation", "text_to_text_translation", "title_generation",
     "topic_classification", "value_judgement")
 COLUMNS = StageColumns("rewrite.realign", ("rewrite.realign.enabled",), (
-    Column("realign_category", pa.string(), "the task category the classifier gave the instruction"),
+    Column("realign_category", pa.string(), "the task category of the instruction"),
+    Column("realign_category_by", pa.string(), "who named it: classifier (the embedding classifier), teacher, "
+                                               "classifier_after_unparsed_reply or classifier_after_failed_request "
+                                               "(rewrite.realign.classifier: teacher fell back to the classifier)"),
     Column("realign_status", pa.string(), "rewritten, filtered (the post-filter kept the original: see "
                                           "realign_reason), unchanged_category (no format for it), parse_failed, "
                                           "teacher_failed (see rewrite_failures/) or not_applicable (multi-turn)"),
@@ -85,6 +88,97 @@ GROUP = {
     "language_learning_questions": "tutor", "natural_language_learning_tutor": "tutor",
     "ml_ai_language_model_tutor": "tutor", "rejecting": "refusal",
 }
+
+# what each category holds, in our words, for a teacher that classifies (``classifier: teacher``)
+DESCRIPTIONS = {
+    "advice_giving": "asks for personal, practical or professional advice",
+    "closed_qa": "a question answered from a passage or facts given in the request",
+    "code_correction": "find and fix the bugs or errors in given code",
+    "code_language_classification": "say which programming language a piece of code is written in",
+    "code_simplification": "make given code shorter, cleaner or simpler without changing what it does",
+    "code_to_code_translation": "rewrite code from one programming language in another",
+    "code_to_text_translation": "describe given code in prose or pseudocode (documentation, comments)",
+    "data_generation": "make up sample data, examples or records in a given shape",
+    "default": "none of the other categories fits",
+    "email_generation": "write an email or a letter",
+    "exam_problem_solving_tutor": "solve an exam or homework problem from a school subject, with the working",
+    "explain_answer": "explain a concept, process or why something is so",
+    "explain_code": "explain what given code does and how it works",
+    "fact_verification": "check whether a statement or claim is true",
+    "fill_in_the_blank": "fill the gap in a sentence or text",
+    "general_classification": "put given items into given classes or groups",
+    "how_to_generation": "how to do or make something",
+    "information_extraction": "pull specific facts, names or fields out of a given text",
+    "instructional_rewriting": "rewrite a text to a new style, tone, audience or length as instructed",
+    "keywords_extraction": "list the key words or phrases of a text",
+    "language_classification": "say which human language a text is in",
+    "language_learning_questions": "questions about a human language: grammar, meaning or use of words",
+    "language_polishing": "improve the wording, fluency or style of a text",
+    "math_puzzles": "arithmetic, math word problems, unit conversions and puzzles",
+    "ml_ai_language_model_tutor": "teach a machine learning, AI or language model concept",
+    "natural_language_learning_tutor": "act as a tutor for learning a human language",
+    "note_summarization": "turn material into notes or bullet points",
+    "open_qa": "a general knowledge question answered from what one knows",
+    "ordering": "sort or rank items by some criterion",
+    "paraphrasing": "say the same text in other words",
+    "planning": "make a plan, schedule or itinerary",
+    "poem_generation": "write a poem, song lyrics or verse",
+    "question_generation": "write questions about a topic or text, or ask the user questions",
+    "recommendations": "recommend or suggest things to choose (books, products, places, options)",
+    "rejecting": "a harmful, unethical or impossible request that should be declined",
+    "roleplay": "act as a character or persona",
+    "sentiment_analysis": "say what feeling, opinion or intent a text expresses",
+    "story_generation": "write a story, joke, dialogue or other creative prose",
+    "table_extraction": "put information into a table or read it from one",
+    "text_correction": "correct the spelling, grammar or punctuation of a text",
+    "text_summarization": "summarize a text",
+    "text_to_code_translation": "write code, a query or a command that does what is described",
+    "text_to_text_translation": "translate a text from one human language to another",
+    "title_generation": "write a title or headline",
+    "topic_classification": "say what topic or subject a text is about",
+    "value_judgement": "give an opinion or judge what is better, right or preferable",
+}
+CLASSIFY_TEMPLATE_VERSION = "realign-classify-v1"
+CLASSIFY_SYSTEM = ("You sort user requests into task categories. Reply with the name of the one category that fits "
+                   "the request best, exactly as written in the list, and nothing else.")
+CLASSIFY_PROMPT = """Categories:
+{categories}
+
+Request:
+{question}
+
+Category name:"""
+
+
+def classify_messages(question: str) -> list[dict]:
+    """The teacher's classification request: the 46 names with what each holds, then the request."""
+    listed = "\n".join(f"- {name}: {DESCRIPTIONS[name]}" for name in CATEGORIES)
+    return [{"role": "system", "content": CLASSIFY_SYSTEM},
+            {"role": "user", "content": CLASSIFY_PROMPT.format(categories=listed, question=question)}]
+
+
+def _name_pattern(name: str) -> re.Pattern:
+    return re.compile(r"(?<![a-z0-9_])" + r"[ _-]".join(map(re.escape, name.split("_"))) + r"(?![a-z0-9_])")
+
+
+_NAMES = {name: _name_pattern(name) for name in CATEGORIES}
+
+
+def parse_category(reply: str | None) -> str | None:
+    """The category a classification reply names, or None. The reply alone (quotes, a trailing
+    period, spaces for underscores allowed) is taken; otherwise exactly one category name must
+    occur in it. A reply naming several, or none, is not guessed at: the classifier's label is used."""
+    if not reply:
+        return None
+    text = reply.strip().lower()
+    whole = re.sub(r"[\s-]+", "_", text.strip(" \t\n`'\"*.:"))
+    if whole in _NAMES:
+        return whole
+    spans = [(m.start(), m.end(), name) for name, pattern in _NAMES.items() for m in pattern.finditer(text)]
+    # "code_language_classification" holds "language_classification": a match inside a longer one is not one
+    found = {name for a, b, name in spans if not any(x <= a and b <= y and (x, y) != (a, b) for x, y, _ in spans)}
+    return found.pop() if len(found) == 1 else None
+
 
 SYSTEM = ("You rewrite the format of an assistant's answer. First judge whether the given format suits the "
           "question; if it does not, copy the answer unchanged. Otherwise change only the form: keep every fact, "
