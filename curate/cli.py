@@ -196,7 +196,7 @@ def cmd_select(args) -> int:
         policy, budget = _policy_args(args)
         man = runs.manifest(args.output)
         seed = man.get("seed", 0) if args.seed is None else args.seed
-        rep = select_run(args.output, policy, budget, seed, args.out)
+        rep = select_run(args.output, policy, budget, seed, args.out, args.scope)
     except (PolicyError, runs.RunError, ValueError) as err:
         return _fail(str(err))
     print(f"policy {rep['policy']} ({json.dumps(rep.get('params', rep.get('steps')))}), budget "
@@ -379,6 +379,8 @@ def parser() -> argparse.ArgumentParser:
     budget.add_argument("--fraction", type=float, help="keep this fraction of the candidate rows")
     budget.add_argument("--tokens", type=int, help="keep at most this many tokens (estimated: characters / 4)")
     sel.add_argument("--seed", type=int, help="default: the run's seed")
+    sel.add_argument("--scope", choices=("global", "cluster"), default="global",
+                     help="cluster: the policy runs on each cluster alone with its share of the budget")
     sel.add_argument("--out", help="where to write the selection (default OUTPUT/selections/POLICY)")
     sub.add_parser("policies", help="list the installed selection policies and their parameters")
     exp = sub.add_parser("export", help="write selected/ as alpaca-json, sharegpt-json or messages-jsonl")

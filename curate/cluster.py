@@ -22,9 +22,26 @@ import pyarrow as pa
 from curate.columns import Column, StageColumns
 
 COLUMNS = StageColumns("cluster", ("cluster.enabled", "embed.enabled"), (
-    Column("cluster_id", pa.int32(), "k-means cluster of the row's embedding, null for rows dropped before embedding"),
-    Column("cluster_sim", pa.float32(), "cosine similarity of the row's embedding to its cluster centroid"),
+    Column("cluster_id", pa.int32(), "k-means cluster of the row's embedding (or the input field cluster.column "
+                                     "names), null for rows dropped before clustering"),
+    Column("cluster_sim", pa.float32(), "cosine similarity of the row's embedding to its cluster centroid (null "
+                                        "with cluster.column)"),
 ))
+
+
+def given_cluster(original: str, column: str) -> int | None:
+    """The cluster id an input row carries in ``column`` (``cluster.column``): an integer, or a
+    string of one; None when the field is missing, null or not an integer."""
+    import json
+
+    value = json.loads(original).get(column) if original else None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
 
 
 def default_k(n: int, k_min: int = 2, k_max: int = 1024) -> int:

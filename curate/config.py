@@ -96,6 +96,12 @@ def _check_select(cfg: dict):
         raise ConfigError(f"select: policy {sel['policy']} needs embeddings; enable the embed stage")
     if policy.needs_budget and not given:
         raise ConfigError(f"select: policy {sel['policy']} needs a budget (select.budget.rows, fraction or tokens)")
+    if sel["scope"] not in policy.supported_scopes():
+        raise ConfigError(f"select: policy {sel['policy']} cannot run with scope {sel['scope']} (it supports "
+                          f"{', '.join(policy.supported_scopes())}: its decision spans the whole pool)")
+    clusters = cfg["cluster"]["column"] or (cfg["cluster"]["enabled"] and cfg["embed"]["enabled"])
+    if sel["scope"] == "cluster" and not clusters:
+        raise ConfigError("select: scope cluster needs cluster ids: enable embed and cluster, or set cluster.column")
     return policy
 
 
@@ -106,6 +112,8 @@ def _check_columns(job: Job, policy) -> None:
     for column in policy.required_columns():
         stage = stage_of(column)
         off = stage.switches_off(job) if stage is not None else []
+        if column == "cluster_id" and job.cluster.column:  # the input rows give the clusters
+            off = []
         if off:
             off = " and ".join(off)
             raise ConfigError(f"select: policy {job.select.policy} needs the column {column}; enable {off}")

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from curate import runs, schema, storage
 from curate.select.base import Budget, Policy
 from curate.select.features import pool_of, selection_report
+from curate.select.scope import check_scope, run_per_cluster
 
 
 def _write_parquet(table: pa.Table, path: str) -> None:
@@ -25,8 +26,11 @@ def _write_parquet(table: pa.Table, path: str) -> None:
         pq.write_table(table, fh, compression="zstd")
 
 
-def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str | None = None) -> dict:
-    """Run ``policy`` on ``folder``'s candidates, write the selection, return its report."""
+def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str | None = None,
+               scope: str = "global") -> dict:
+    """Run ``policy`` on ``folder``'s candidates (all at once, or per cluster: ``curate.select.scope``),
+    write the selection, return its report."""
+    check_scope(policy, scope)
     table = runs.annotated(folder)
     pool = pool_of(table)
     ids = pool.column("id").to_pylist()
@@ -37,10 +41,15 @@ def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str 
                          (p + "\n" + r for p, r in zip(table.column("prompt").to_pylist(),
                                                       table.column("response").to_pylist()))))
         texts = [by_id[i] for i in ids]
-    result = policy.run(pool, budget, seed, emb, texts=texts)
+    if scope == "cluster":
+        result = run_per_cluster(policy, pool, budget, seed, emb, texts)
+    else:
+        result = policy.run(pool, budget, seed, emb, texts=texts)
     ranks = result.ranks()
     rows = pool.select(["id", "source", "cluster_id"]).to_pylist()
     rep = selection_report(policy, budget, seed, rows, ranks, result.dropped)
+    if scope == "cluster":
+        rep["scope"] = scope
     rep["run"] = storage.absolute(folder)
     out = out or storage.join(folder, "selections", policy.name)
     if (storage.exists(out) and not storage.isdir(out)) or (

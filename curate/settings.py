@@ -340,6 +340,9 @@ class Rewrite:
 @dataclass(frozen=True)
 class Cluster:
     enabled: bool = opt(True)
+    # take each row's cluster id from this field of the input row (an integer; a row without one
+    # gets none) instead of k-means on the embeddings; works with embed off
+    column: str | None = opt(None, types=(str,))
     k: int | None = opt(None, types=(int,), minimum=1)
     k_min: int = opt(2, minimum=1)
     k_max: int = opt(1024, minimum=1)
@@ -368,6 +371,9 @@ class Select:
     params: dict = free_map()
     budget: BudgetSpec = section(BudgetSpec)
     seed: int | None = opt(None, types=(int,))
+    # global: the policy sees every candidate at once (one worker holds their features);
+    # cluster: it runs on each cluster alone with its share of the budget (curate.select.scope)
+    scope: str = opt("global", choices=("global", "cluster"))
 
 
 @dataclass(frozen=True)

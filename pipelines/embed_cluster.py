@@ -225,14 +225,24 @@ class EmbedClusterDedup(LiveStage):
         self.e, self.c, self.s = cfg.embed, cfg.cluster, cfg.dedup.semantic
         self.rt, self.run_id, self.handler = rt, run_id, handler
         self.use_gpu = rt.get("cluster", {}).get("faiss_gpu", False)
-        self.enabled = self.e.enabled
+        self.enabled = self.e.enabled or bool(self.c.column)
 
     def expand_live(self, live):
+        if self.c.column:  # the input's own clusters: no k-means
+            column = self.c.column
+            live = live | "GivenCluster" >> beam.Map(
+                lambda r: {**r, "cluster_id": clustering.given_cluster(r.get("original"), column), "cluster_sim": None})
+            if not self.e.enabled:
+                return {"records": live}
         emb = live | "Embed" >> Embed(self.e, self.rt["embed"], self.run_id, self.handler)
         embeddings = emb["records"] | "EmbeddingRows" >> beam.Map(
             lambda r: {"id": r["id"], "text_hash": r["_embed_key"], "embedding": r["_vector"]})
-        if not self.c.enabled:
+        if not self.c.enabled and not self.c.column:
             return {"records": emb["records"], "stats": emb["stats"], "embeddings": embeddings}
+        if self.c.column:  # semantic dedup within the given clusters
+            sem = emb["records"] | "SemanticDedup" >> SemanticDedup(self.s)
+            return {"records": sem["records"], "stats": (emb["stats"], sem["stats"]) | "ECStats" >> beam.Flatten(),
+                    "embeddings": embeddings}
         clu = emb["records"] | "Cluster" >> Cluster(self.c, self.use_gpu)
         sem = clu["records"] | "SemanticDedup" >> SemanticDedup(self.s)
         return {"records": sem["records"],

@@ -1,17 +1,21 @@
-"""The selection step: one global decision over the candidates' features, joined back by id.
+"""The selection step: the policy's decisions over the candidates' features, joined back by id.
 
-Candidates are the rows no earlier stage dropped. Only their features (a few numbers per
-row, plus the embedding when the policy asks for it) are combined into one list; the
-policy (``curate.select``) runs once on it; the decisions (id -> rank or drop reason) are
-joined back to the rows by id (CoGroupByKey), so no worker but the deciding one holds them
-all. The report (counts per source, per cluster, per reason) goes to the manifest.
+Candidates are the rows no earlier stage dropped. With ``select.scope: global`` their features
+(a few numbers per row, plus the embedding when the policy asks for it) are combined into one
+list and the policy (``curate.select``) runs once on it. With ``scope: cluster`` the features
+are grouped by cluster and the policy runs on each group with its share of the budget
+(``curate.select.scope``): only per-cluster counts (to split the budget), one order key per
+selected row (for the global rank) and the per-cluster reports are combined globally. Either
+way the decisions (id -> rank or drop reason) are joined back to the rows by id
+(CoGroupByKey). The report (counts per source, per cluster, per reason) goes to the manifest.
 """
 from __future__ import annotations
 
 import apache_beam as beam
 import numpy as np
 
-from curate.select.base import Budget
+from curate.select import scope as S
+from curate.select.base import Budget, PolicyError
 from curate.select.features import feature_row, features_table, selection_report
 from curate.select.registry import make
 from curate.settings import Job
@@ -33,6 +37,34 @@ def decide(rows: list[dict], cfg: Job) -> dict:
     decisions = {rid: [rank, None] for rid, rank in ranks.items()}
     decisions.update({rid: [None, reason] for rid, reason in result.dropped.items()})
     return {"decisions": decisions, "report": selection_report(policy, budget, seed, rows, ranks, result.dropped)}
+
+
+def decide_cluster(element, cfg: Job, budgets: dict) -> dict:
+    """One cluster's decision with its share of the budget: its drops, its selected rows' order
+    keys and its report."""
+    key, rows = element
+    rows = sorted(rows, key=lambda r: r["id"])
+    policy, _, seed = policy_from(cfg)
+    budget = budgets[key]
+    emb = np.stack([r["_vector"] for r in rows]) if policy.wants_embeddings() and rows else None
+    texts = [r["_text"] for r in rows] if policy.wants_text() else None
+    result = S.run_cluster(policy, features_table(rows), budget, seed, emb, texts)
+    ranks = result.ranks()
+    return {"selected": [(S.order_key(key, rank, budget, len(rows)), rid) for rid, rank in ranks.items()],
+            "dropped": result.dropped,
+            "report": selection_report(policy, budget, seed, rows, ranks, result.dropped)}
+
+
+def _add_pairs(pairs) -> tuple[int, int]:
+    rows = tokens = 0
+    for n, t in pairs:
+        rows, tokens = rows + n, tokens + t
+    return rows, tokens
+
+
+def _sizes(pairs) -> dict:
+    """{cluster: (rows, tokens)} from the per-cluster counts."""
+    return {k: (int(n), int(t)) for k, (n, t) in pairs}
 
 
 def apply_decision(element) -> list[dict]:
@@ -57,6 +89,10 @@ class Select(beam.PTransform):
         super().__init__()
         self.cfg = cfg
         policy, _, _ = policy_from(cfg)  # fail at graph construction, not in a worker
+        S.check_scope(policy, cfg.select.scope)
+        if cfg.select.scope == "cluster" and not (cfg.cluster.column or (cfg.cluster.enabled and cfg.embed.enabled)):
+            raise PolicyError("select.scope: cluster needs cluster ids (enable embed and cluster, or set "
+                              "cluster.column)")
         self.with_vectors, self.with_text = policy.wants_embeddings(), policy.wants_text()
 
     def expand(self, records):
@@ -72,13 +108,38 @@ class Select(beam.PTransform):
                 row["_vector"] = r["_vector"]
             return row
 
-        decided = (records
-                   | "Candidates" >> beam.Filter(lambda r: r.get("drop_reason") is None)
-                   | "Features" >> beam.Map(features)
-                   | "AllFeatures" >> beam.combiners.ToList()
-                   | "Decide" >> beam.Map(decide, cfg))
-        out = ({"rec": records | "ById" >> beam.Map(lambda r: (r["id"], r)),
-                "decision": decided | "Decisions" >> beam.FlatMap(lambda d: d["decisions"].items())}
+        feats = (records
+                 | "Candidates" >> beam.Filter(lambda r: r.get("drop_reason") is None)
+                 | "Features" >> beam.Map(features))
+        if cfg.select.scope == "cluster":
+            decisions, report = self._per_cluster(feats)
+        else:
+            decided = feats | "AllFeatures" >> beam.combiners.ToList() | "Decide" >> beam.Map(decide, cfg)
+            decisions = decided | "Decisions" >> beam.FlatMap(lambda d: d["decisions"].items())
+            report = decided | "Report" >> beam.Map(lambda d: ("select", d["report"]))
+        out = ({"rec": records | "ById" >> beam.Map(lambda r: (r["id"], r)), "decision": decisions}
                | "JoinDecisions" >> beam.CoGroupByKey()
                | "Apply" >> beam.FlatMap(apply_decision))
-        return {"records": out, "reports": decided | "Report" >> beam.Map(lambda d: ("select", d["report"]))}
+        return {"records": out, "reports": report}
+
+    def _per_cluster(self, feats):
+        """(id -> [rank, reason] pairs, the report) with the policy run per cluster."""
+        cfg = self.cfg
+        _, budget, seed = policy_from(cfg)
+
+        by_cluster = feats | "ByCluster" >> beam.Map(lambda r: (S.cluster_key(r.get("cluster_id")), r))
+        budgets = (by_cluster
+                   | "Counts" >> beam.Map(lambda kv: (kv[0], (1, kv[1]["approx_tokens"])))
+                   | "PerCluster" >> beam.CombinePerKey(_add_pairs)
+                   | "Clusters" >> beam.combiners.ToList()  # one small pair per cluster
+                   | "Split" >> beam.Map(lambda pairs: S.split_budget(budget, _sizes(pairs))))
+        decided = (by_cluster | "GroupCluster" >> beam.GroupByKey()
+                   | "DecideCluster" >> beam.Map(decide_cluster, cfg, beam.pvalue.AsSingleton(budgets)))
+        ranks = (decided | "Selected" >> beam.FlatMap(lambda d: d["selected"])
+                 | "AllSelected" >> beam.combiners.ToList()  # one (order key, id) per selected row
+                 | "Ranks" >> beam.FlatMap(lambda keyed: [(rid, [rank, None])
+                                                          for rid, rank in S.global_ranks(keyed).items()]))
+        dropped = decided | "Dropped" >> beam.FlatMap(lambda d: [(rid, [None, r]) for rid, r in d["dropped"].items()])
+        report = (decided | "Reports" >> beam.Map(lambda d: d["report"]) | "AllReports" >> beam.combiners.ToList()
+                  | "Merge" >> beam.Map(lambda reps: ("select", S.merge_reports(reps, budget, seed))))
+        return (ranks, dropped) | "AllDecisions" >> beam.Flatten(), report

@@ -77,10 +77,27 @@ def test_select_problems_are_caught_before_the_run(job_dir):
              ({"policy": "cluster_balanced", "budget": {"rows": 5}}, "needs the column cluster_id; enable cluster"),
              ({"policy": "deita", "params": {"column": "ifd_loss"}}, "needs embeddings"),
              ({"policy": "all", "budget": {"rows": 5, "fraction": 0.5}}, "give one of rows, fraction or tokens"),
-             ({"policy": "nope"}, "unknown policy 'nope'")]
+             ({"policy": "nope"}, "unknown policy 'nope'"),
+             ({"policy": "random", "budget": {"rows": 5}, "scope": "cluster"},
+              "scope cluster needs cluster ids: enable embed and cluster, or set cluster.column"),
+             ({"policy": "mixture", "params": {"shares": {"s": 1}}, "budget": {"rows": 5}, "scope": "cluster"},
+              "policy mixture cannot run with scope cluster")]
     off = {"embed": {"enabled": False}, "cluster": {"enabled": False}, "score": {"ifd": {"enabled": False}},
            "dedup": {"semantic": {"enabled": False}}}
     for select, message in cases:
         with pytest.raises(ConfigError, match=message.replace("(", "\\(")):
             validate({**base, **off, "select": select})
     assert validate({**base, "select": {"policy": "superfiltering", "budget": {"fraction": 0.1}}}).select.seed == 0
+    given = {**off, "cluster": {"enabled": False, "column": "topic"}}  # the rows carry their clusters
+    for policy in ({"policy": "random", "scope": "cluster"}, {"policy": "cluster_balanced"}):
+        assert validate({**base, **given, "select": {**policy, "budget": {"rows": 5}}}).cluster.column == "topic"
+
+
+def test_a_given_cluster_id_is_an_integer_or_nothing():
+    import json
+
+    from curate.cluster import given_cluster
+
+    for value, want in ((3, 3), ("7", 7), (" -2", -2), ("x", None), (1.5, None), (True, None), (None, None)):
+        assert given_cluster(json.dumps({"topic": value}), "topic") == want
+    assert given_cluster(json.dumps({"other": 1}), "topic") is None and given_cluster(None, "topic") is None

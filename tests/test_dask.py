@@ -81,9 +81,16 @@ def _job(job_dir, name, models: bool, extra=None):
            **(extra or {})}
     if models:
         cfg.setdefault("score", {"ifd": {"max_length": 128}})
-    else:
-        cfg = without_models({**cfg, "sample": {"mode": "none"},
-                              "select": {"policy": "random", "budget": {"fraction": 0.5}}})
+    else:  # selection per cluster, the clusters given by the rows (the sample sources carry none)
+        grouped = job_dir / "grouped.jsonl"
+        rng = np.random.default_rng(0)  # words at random: no two rows are near duplicates
+        words = [f"w{n}" for n in range(500)]
+        grouped.write_text("".join(json.dumps({"instruction": " ".join(rng.choice(words, 12)),
+                                               "output": " ".join(rng.choice(words, 20)),
+                                               "group": i % 4 if i % 5 else str(i % 4)}) + "\n" for i in range(24)))
+        cfg = without_models({**cfg, "sample": {"mode": "none"}, "inputs": cfg["inputs"] + [
+            {"source": "grouped", "path": str(grouped)}], "cluster": {"column": "group"},
+            "select": {"policy": "random", "budget": {"fraction": 0.5}, "scope": "cluster"}})
     return write_job(job_dir, cfg, f"{name}.yaml")
 
 
@@ -100,10 +107,17 @@ def test_a_job_without_models_on_a_cluster_the_job_starts_matches_both_fnapi_mod
         assert run_cli("run", _job(job_dir, name, models=False), *flags) == 0
     base_ann, base_counts, base_sel = _outcome("fnapi")
     assert base_counts["dropped"]["exact_duplicate"] > 0 and base_counts["dropped"]["near_duplicate"] > 0
+    grouped = base_ann[base_ann.source == "grouped"]
+    assert len(grouped) == 24 and grouped.drop_reason.fillna("").str.endswith("duplicate").sum() == 0
+    assert [int(json.loads(o)["group"]) for o in grouped.original] == grouped.cluster_id.tolist()
+    assert base_ann.cluster_id.isna().sum() > 0  # the other sources carry no group
+    by_cluster = load_manifest("fnapi")["select"]["by_cluster"]
+    assert set(by_cluster) == {"none", "0", "1", "2", "3"} and all(  # half of each cluster, give or take one
+        abs(v["selected"] - v["pool"] / 2) <= 1 for v in by_cluster.values())
     for name in ("multi", "dask"):
         ann, counts, sel = _outcome(name)
         assert sel == base_sel and counts == base_counts
-        cols = ["id", "selected", "drop_reason", "exact_dup_of", "near_dup_of"]
+        cols = ["id", "selected", "rank", "drop_reason", "exact_dup_of", "near_dup_of", "cluster_id"]
         pd.testing.assert_frame_equal(ann[cols], base_ann[cols])
     assert load_manifest("dask")["beam_options"]["runner"] == "DaskRunner"
 

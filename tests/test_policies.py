@@ -275,3 +275,57 @@ def test_targeted_takes_the_best_rows_and_caps_each_cluster():
     with pytest.raises(PolicyError, match="max_per_cluster needs cluster_id"):
         run("targeted", table([0.9, 0.8]), {"column": "ifd_loss", "max_per_cluster": 1}, rows=1)
     assert make("targeted", {}).required_columns() == ("rds_score",)
+
+
+# --- select.scope: cluster (curate.select.scope) --------------------------------------------------
+
+def test_budget_split_per_cluster_adds_up_exactly_and_follows_the_sizes():
+    from curate.select.scope import split_budget
+
+    sizes = {0: (5, 50), 1: (3, 300), 2: (2, 20), -1: (1, 10)}
+    rows = split_budget(Budget(rows=4), sizes)
+    assert {k: b.rows for k, b in rows.items()} == {0: 2, 1: 1, 2: 1, -1: 0}  # 1.82, 1.09, 0.73, 0.36
+    assert sum(b.rows for b in split_budget(Budget(rows=7), sizes).values()) == 7
+    big = split_budget(Budget(rows=100), sizes)  # more than the pool: every cluster whole
+    assert {k: b.rows for k, b in big.items()} == {k: n for k, (n, _) in sizes.items()}
+    half = split_budget(Budget(fraction=0.5), sizes)  # half of the whole pool's 11 rows, rounded: 6
+    assert sum(b.rows for b in half.values()) == 6 and half[0].rows == 3
+    tokens = split_budget(Budget(tokens=190), sizes)  # in proportion to each cluster's tokens
+    assert {k: b.tokens for k, b in tokens.items()} == {0: 25, 1: 150, 2: 10, -1: 5}
+    assert all(b.unlimited for b in split_budget(Budget(), sizes).values())
+    tie = split_budget(Budget(rows=1), {3: (1, 0), 1: (1, 0)})  # equal remainders: the lower id
+    assert tie[1].rows == 1 and tie[3].rows == 0
+
+
+def test_per_cluster_selection_keeps_each_clusters_share_and_interleaves_the_ranks():
+    from curate.select.scope import run_per_cluster
+
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, NAN, 0.1]
+    clusters = [0, 0, 0, 0, 0, 0, 1, 1, 1, None]
+    t = table(scores, clusters=clusters)
+    sel = run_per_cluster(make("top_k", {"column": "ifd_loss"}), t, Budget(rows=5), 0)
+    assert set(sel.selected) | set(sel.dropped) == set(t.column("id").to_pylist())
+    assert not set(sel.selected) & set(sel.dropped)
+    # shares 6/10, 3/10, 1/10 of 5 rows: 3, 1 (2 rounded down, remainder to the larger part), 1
+    assert set(sel.selected) == {"r00", "r01", "r02", "r06", "r09"}
+    # the global top_k takes the five best scores, all in cluster 0
+    assert set(make("top_k", {"column": "ifd_loss"}).run(t, Budget(rows=5)).selected) == {f"r0{i}" for i in range(5)}
+    assert sel.selected == ["r09", "r00", "r06", "r01", "r02"]  # every cluster's best first, then the rest
+    assert sel.dropped["r08"] == "top_k:score_nan" and sel.dropped["r07"] == "top_k:over_budget"
+    shuffled = t.take(np.random.default_rng(0).permutation(t.num_rows))
+    assert run_per_cluster(make("top_k", {"column": "ifd_loss"}), shuffled, Budget(rows=5), 0) == sel
+
+
+def test_policies_global_by_nature_refuse_the_cluster_scope():
+    from curate.select.scope import check_scope, run_per_cluster
+
+    for name, params in (("cluster_balanced", {}), ("mixture", {"shares": {"a": 1.0}}),
+                         ("paser", {"clusters": "kmeans"})):
+        with pytest.raises(PolicyError, match=f"policy {name}: cannot run with select.scope: cluster"):
+            check_scope(make(name, params), "cluster")
+    chain = make("chain", {"steps": [{"policy": "superfiltering", "budget": {"fraction": 0.5}},
+                                     {"policy": "cluster_balanced"}]})
+    assert chain.supported_scopes() == ("global",)
+    check_scope(make("facility_location", {}), "cluster")
+    with pytest.raises(PolicyError, match="needs cluster ids"):
+        run_per_cluster(make("random", {}), table([0.5, 0.6]), Budget(rows=1), 0)

@@ -52,6 +52,38 @@ def test_the_jobs_policy_ranks_selected_rows_and_gives_every_dropped_row_a_reaso
     assert os.path.isfile(os.path.join(scored_run, "report.html"))
 
 
+def test_cluster_scope_in_the_job_equals_curate_select_and_keeps_each_clusters_share(scored_run, tmp_path, capsys):
+    """select.scope: cluster in the Beam job (grouped by cluster, budget split, ranks interleaved)
+    decides exactly what ``curate select --scope cluster`` decides in one process."""
+    from curate.select import Budget
+    from curate.select.scope import split_budget
+
+    base = scored_run.parent
+    cfg = {"name": "scoped", "output": str(tmp_path / "scoped"), "seed": 0,
+           "inputs": [{"source": "alpaca", "path": shared("alpaca_cherry_5pct.json")},
+                      {"source": "gsm8k", "path": shared("gsm8k_train.json")}],
+           "sample": {"mode": "random", "n": PER_SOURCE}, "cluster": {"k": 4},
+           "score": {"ifd": {"cache_dir": str(base / "cache")}},
+           "select": {"policy": "facility_location", "budget": {"fraction": 0.4}, "scope": "cluster"}}
+    assert run_cli("run", write_job(tmp_path, cfg)) == 0
+    job = {r["id"]: (r["rank"], r["drop_reason"]) for r in read_table(tmp_path / "scoped", "annotated").to_pylist()}
+    man = load_manifest(tmp_path / "scoped")
+    assert man["accounting"]["holds"] and man["select"]["scope"] == "cluster"
+    out = tmp_path / "again"
+    assert run_cli("select", str(tmp_path / "scoped"), "--policy", "facility_location", "--fraction", "0.4",
+                   "--scope", "cluster", "--out", str(out)) == 0
+    again = {r["id"]: (r["rank"], r["drop_reason"]) for r in pq.read_table(out / "decisions.parquet").to_pylist()}
+    assert again == job
+    by_cluster = man["select"]["by_cluster"]
+    shares = split_budget(Budget(fraction=0.4), {int(c): (v["pool"], 0) for c, v in by_cluster.items()})
+    assert {c: v["selected"] for c, v in by_cluster.items()} == {str(c): b.rows for c, b in shares.items()}
+    assert sum(b.rows for b in shares.values()) == round(0.4 * 2 * PER_SOURCE) == man["select"]["selected"]
+    capsys.readouterr()
+    assert run_cli("select", str(tmp_path / "scoped"), "--policy", "mixture", "--param", "shares={alpaca: 1}",
+                   "--fraction", "0.4", "--scope", "cluster") == 2  # global by nature: refused in one line
+    assert "policy mixture: cannot run with select.scope: cluster" in capsys.readouterr().err
+
+
 BUILTIN_CASES = [
     ("all", []), ("random", ["--tokens", "4000"]),
     ("threshold", ["--param", "column=ifd_ppl", "--param", "max=0.9"]),

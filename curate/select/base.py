@@ -226,6 +226,10 @@ class Policy:
     needs_text: ClassVar[bool] = False  # the pool carries each row's prompt + response (Pool.texts)
     needs_budget: ClassVar[bool] = False
     keeps_step_names: ClassVar[bool] = False  # composite policies: reasons keep their steps' prefixes
+    # where the policy may run (curate.select.scope): "global" (all candidates at once) and
+    # "cluster" (each cluster alone with its share of the budget); a policy whose decision spans
+    # clusters or sources lists "global" only
+    scopes: ClassVar[tuple[str, ...]] = ("global", "cluster")
 
     def __init__(self, **params: Any):
         where = f"policy {self.name}"
@@ -248,6 +252,9 @@ class Policy:
 
     def wants_text(self) -> bool:
         return self.needs_text
+
+    def supported_scopes(self) -> tuple[str, ...]:
+        return self.scopes
 
     def describe(self) -> dict:
         return {"policy": self.name, "params": dict(self.p)}

@@ -150,6 +150,7 @@ class Paser(Policy):
     }
     needs_budget = True
     needs_text = True
+    scopes = ("global",)  # it splits the budget between its own clusters by their degradation
 
     def required_columns(self) -> tuple[str, ...]:
         return (self.p["column"],) + (("cluster_id",) if self.p["clusters"] == "kmeans" else ())

@@ -88,6 +88,7 @@ TEMPERATURE = Param((int, float), 1.0, "softmax temperature", minimum=1e-6)
 
 class _Quota(Policy):
     needs_budget = True
+    scopes = ("global",)  # its quotas span clusters (or sources): it needs the whole pool
 
     def required_columns(self):
         return (self.group_column,) + ((self.p["score"],) if self.p["score"] else ())

@@ -52,6 +52,9 @@ class Chain(Policy):
     def wants_text(self) -> bool:
         return any(p.wants_text() for p, _ in self.steps)
 
+    def supported_scopes(self) -> tuple[str, ...]:
+        return tuple(s for s in self.scopes if all(s in p.supported_scopes() for p, _ in self.steps))
+
     def describe(self) -> dict:
         return {"policy": self.name, "steps": [{**p.describe(), **({"budget": b.as_dict()} if b else {})}
                                                for p, b in self.steps]}
