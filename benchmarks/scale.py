@@ -5,9 +5,12 @@ processes started by the job), one process tree per case.
 Pools are built from the real Alpaca + GSM8K rows: 80% unrelated rows (the instruction of one
 real row, a sentence of another, the answer of a third), 10% exact copies and 10% near copies
 (a word dropped, a few added) of earlier rows, dealt round robin into four sources (files).
-Policies: ``random`` and ``mixture`` (per-source quotas: the grouped-quota path that
-``cluster_balanced`` shares; clusters would need the embedding stage, a model stage, which is
-measured on its own in ``benchmarks.embed``).
+Each row carries a precomputed cluster id (``topic``, round(sqrt(n)) clusters, the k-means
+default; copies keep their original's), read with ``cluster.column`` so no model runs.
+Policies: ``random`` and ``mixture`` (per-source quotas) over the whole pool,
+``cluster_balanced`` on the precomputed clusters, and ``random`` with ``select.scope: cluster``
+(each cluster decided alone, the only global state per-cluster counts and the selected rows'
+order keys).
 
 Reported per case: wall time, rows/s, and peak resident memory of the driver process and of the
 largest other process (a Beam SDK worker or a Dask worker), sampled every 100 ms. Model stages
@@ -26,11 +29,15 @@ import yaml
 from benchmarks.common import REPO, emit, pinned_job, real_rows, run_measured
 
 RUNNERS = {"fnapi_multi_2": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
-           "dask_2": ["--runner=DaskRunner", "--dask_workers=2"]}
+           "dask_2": ["--runner=DaskRunner", "--dask_workers=2"],
+           # workers that spill to disk above 60% of 3 GB, as a cluster with bounded memory runs
+           "dask_2_3gb": ["--runner=DaskRunner", "--dask_workers=2", "--dask_memory_limit=3GB"]}
 SOURCES = ("s0", "s1", "s2", "s3")
 POLICIES = {"random": {"policy": "random", "budget": {"fraction": 0.25}},
             "mixture": {"policy": "mixture", "params": {"shares": {s: 1.0 for s in SOURCES}},
-                        "budget": {"fraction": 0.25}}}
+                        "budget": {"fraction": 0.25}},
+            "cluster_balanced": {"policy": "cluster_balanced", "budget": {"fraction": 0.25}},
+            "random_per_cluster": {"policy": "random", "budget": {"fraction": 0.25}, "scope": "cluster"}}
 
 
 def make_pool(n: int, folder: str, seed: int = 0) -> dict:
@@ -38,6 +45,7 @@ def make_pool(n: int, folder: str, seed: int = 0) -> dict:
     base = real_rows()
     rng = random.Random(seed)
     counts = {"unrelated": 0, "exact": 0, "near": 0}
+    topics = max(2, round(n ** 0.5))
     written: list[dict] = []
     files = [open(os.path.join(folder, f"{s}.jsonl"), "w", encoding="utf-8") for s in SOURCES]
     try:
@@ -56,7 +64,7 @@ def make_pool(n: int, folder: str, seed: int = 0) -> dict:
                 a, b, c = (base[rng.randrange(len(base))] for _ in range(3))
                 sentence = b["instruction"].split(".")[0]
                 row = {"instruction": f"{a['instruction']} {sentence} (case {i})", "input": a.get("input", ""),
-                       "output": c["output"]}
+                       "output": c["output"], "topic": rng.randrange(topics)}
                 what = "unrelated"
             counts[what] += 1
             if len(written) < 50_000:
@@ -70,22 +78,35 @@ def make_pool(n: int, folder: str, seed: int = 0) -> dict:
     return counts
 
 
+def _pick(env: str, everything):
+    """The cases named in the environment variable ``env`` (comma-separated), else all."""
+    names = [x for x in os.environ.get(env, "").split(",") if x]
+    unknown = [x for x in names if x not in [str(e) for e in everything]]
+    if unknown:
+        raise SystemExit(f"{env}: unknown {', '.join(unknown)} (choose from {', '.join(map(str, everything))})")
+    return [e for e in everything if not names or str(e) in names]
+
+
 def run(quick: bool):
-    sizes = (10_000, 100_000) if quick else (10_000, 100_000, 1_000_000)
+    """``CURATE_SCALE_SIZES``, ``CURATE_SCALE_RUNNERS`` and ``CURATE_SCALE_POLICIES`` (comma-separated)
+    pick a subset of the cases: the whole grid at 1M rows takes hours on 2 cores."""
+    sizes = _pick("CURATE_SCALE_SIZES", (10_000, 100_000) if quick else (10_000, 100_000, 1_000_000))
+    runners, policies = _pick("CURATE_SCALE_RUNNERS", list(RUNNERS)), _pick("CURATE_SCALE_POLICIES", list(POLICIES))
     with tempfile.TemporaryDirectory(prefix="curate-scale-") as tmp:
         for n in sizes:
             data = os.path.join(tmp, f"pool_{n}")
             os.makedirs(data)
             planted = make_pool(n, data)
-            for runner, flags in RUNNERS.items():
-                for policy, select in POLICIES.items():
+            for runner, flags in ((r, RUNNERS[r]) for r in runners):
+                for policy, select in ((p, POLICIES[p]) for p in policies):
                     case = f"{runner}/{policy}/{n}"
                     out = os.path.join(tmp, "out")
                     job = os.path.join(tmp, "job.yaml")
                     with open(job, "w") as fh:
                         yaml.safe_dump(pinned_job(("dedup.exact", "dedup.near"), name="scale", output=out,
                                                   inputs=[{"source": s, "path": os.path.join(data, f"{s}.jsonl")}
-                                                          for s in SOURCES], select=select), fh)
+                                                          for s in SOURCES], select=select,
+                                                  cluster={"column": "topic"}), fh)
                     cmd = [sys.executable, "-m", "curate", "run", job, "--overwrite", *flags]
                     res = run_measured(cmd, REPO, every=0.1)
                     with open(os.path.join(out, "manifest.json")) as fh:

@@ -52,6 +52,9 @@ class CurateDaskOptions(PipelineOptions):
         parser.add_argument("--dask_workers", type=int, default=None,
                             help="worker processes of the LocalCluster the job starts when no "
                                  "--dask_client_address is given (default: CPU count, at least 2)")
+        parser.add_argument("--dask_memory_limit", default=None,
+                            help="memory per worker of that LocalCluster, e.g. 2GB (default: the machine's "
+                                 "memory shared by the workers); a worker spills to disk above 60%% of it")
 
 
 class _Collect(Receiver):
@@ -224,12 +227,13 @@ class DaskRunner(beam_dask.DaskRunner):
         # one element of a Create per partition unless told otherwise: our Creates are read units
         # (a file or a 32 MB piece), so a partition's memory is bounded by one unit's rows
         bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options) or {"partition_size": 1}
-        workers = options.view_as(CurateDaskOptions).dask_workers
+        ours = options.view_as(CurateDaskOptions)
+        workers = ours.dask_workers
         cluster = None
         logging.getLogger("distributed").setLevel(logging.WARNING)
         if not dask_options.get("address") and not dask_options.get("scheduler_file"):
             n = workers or max(2, os.cpu_count() or 2)
-            cluster = _local_cluster(n)
+            cluster = _local_cluster(n, ours.dask_memory_limit)
             dask_options["address"] = cluster.scheduler_address
             log.info("dask: started a LocalCluster of %d worker processes at %s (dashboard %s)", n,
                      cluster.scheduler_address, cluster.dashboard_link)
@@ -250,9 +254,11 @@ class DaskRunner(beam_dask.DaskRunner):
         return Result(client, futures, cluster, visitor.run)
 
 
-def _local_cluster(n: int):
+def _local_cluster(n: int, memory_limit: str | None = None):
     """``n`` worker processes of one thread, each with an equal share of the cores for torch and
-    BLAS (unless the caller set the thread variables), and the workers' logs at warning level."""
+    BLAS (unless the caller set the thread variables), and the workers' logs at warning level.
+    ``memory_limit`` per worker (Dask's default: the machine's memory / n) sets where a worker
+    spills to disk (60%), pauses (80%) and is restarted (95%)."""
     import dask.distributed as ddist
 
     threads = str(max(1, (os.cpu_count() or 1) // n))
@@ -260,7 +266,8 @@ def _local_cluster(n: int):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update({k: v for k, v in env.items() if saved[k] is None})
     try:
-        return ddist.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
+        return ddist.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                  memory_limit=memory_limit or "auto")
     finally:
         for k, v in saved.items():
             if v is None:
