@@ -25,7 +25,7 @@ $(LLAMA_STAMP): $(STAMP)
 	touch $(LLAMA_STAMP)
 
 test: $(STAMP) $(LLAMA_STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=20
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks all --quick

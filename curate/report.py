@@ -13,6 +13,7 @@ import io
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import runs, storage
@@ -164,19 +165,37 @@ def plot_map(folder: str, table):
     return fig
 
 
-def duplicate_pairs(table, column: str, limit: int = 5) -> list[tuple[str, str, str, str]]:
-    """Up to ``limit`` (dropped id, dropped text, kept id, kept text) pairs for a dedup column."""
+def table_texts(table):
+    """``texts(ids) -> {id: prompt + response}`` over a table that holds the text columns."""
+    def texts(ids) -> dict[str, str]:
+        hit = table.filter(pc.is_in(table.column("id"), pa.array(sorted(set(ids)), pa.string())))
+        return {r["id"]: r["prompt"] + "\n" + r["response"] for r in hit.select(["id", "prompt", "response"])
+                .to_pylist()}
+    return texts
+
+
+def run_texts(folder: str):
+    """``texts(ids)`` read from a run's annotated/ one file at a time, so the report never holds
+    every row's text (at a million rows that is gigabytes on the driver)."""
+    def texts(ids) -> dict[str, str]:
+        want, out = pa.array(sorted(set(ids)), pa.string()), {}
+        for part in runs.parquet_parts(folder, "annotated", ["id", "prompt", "response"]):
+            out.update(table_texts(part.filter(pc.is_in(part.column("id"), want)))(ids))
+        return out
+    return texts
+
+
+def duplicate_pairs(table, column: str, limit: int = 5, texts=None) -> list[tuple[str, str, str, str]]:
+    """Up to ``limit`` (dropped id, dropped text, kept id, kept text) pairs for a dedup column.
+    ``texts``: where the text comes from (default: ``table``'s own prompt and response)."""
     if column not in table.column_names:
         return []
     dup = table.filter(pc.is_valid(table.column(column)))
     if not dup.num_rows:
         return []
-    dup = dup.sort_by("id").slice(0, limit)
-    text = {r["id"]: r["prompt"] + "\n" + r["response"] for r in
-            table.filter(pc.is_in(table.column("id"), dup.column(column))).select(["id", "prompt", "response"])
-            .to_pylist()}
-    return [(r["id"], r["prompt"] + "\n" + r["response"], r[column], text.get(r[column], ""))
-            for r in dup.select(["id", "prompt", "response", column]).to_pylist()]
+    dup = dup.sort_by("id").slice(0, limit).select(["id", column]).to_pylist()
+    text = (texts or table_texts(table))([r["id"] for r in dup] + [r[column] for r in dup])
+    return [(r["id"], text.get(r["id"], ""), r[column], text.get(r[column], "")) for r in dup]
 
 
 def top_targeted(table, column: str = "rds_score", limit: int = 10) -> list[dict]:
@@ -190,16 +209,18 @@ def top_targeted(table, column: str = "rds_score", limit: int = 10) -> list[dict
     return scored.sort_by([(column, "descending"), ("id", "ascending")]).slice(0, limit).to_pylist()
 
 
+TEXT_COLUMNS = ("prompt", "response", "messages", "original", "original_prompt", "original_response")
 TARGETED = (("less", "LESS"), ("rds", "RDS+"))  # (column prefix, name) of the targeted scores
 
 
-def targeted_section(table) -> str:
+def targeted_section(table, texts=None) -> str:
     parts = []
     for prefix, name in TARGETED:
         score, subtask = f"{prefix}_score", f"{prefix}_subtask"
         top = top_targeted(table, score)
         if not top:
             continue
+        text = (texts or table_texts(table))([r["id"] for r in top])
         counts: dict[str, int] = {}
         for s in table.column(subtask).to_pylist():
             if s is not None:
@@ -207,7 +228,7 @@ def targeted_section(table) -> str:
         parts.append(f"<h3>{name}</h3><p>Rows most like the targets by {score}, best first; the subtask each "
                      "row matched best.</p>"
                      + _rows([(r["id"], r["source"], r.get(subtask), f"{r[score]:.4f}",
-                               "yes" if r.get("selected") else "no", _short(r["prompt"] + "\n" + r["response"]))
+                               "yes" if r.get("selected") else "no", _short(text.get(r["id"], "")))
                               for r in top], ("row", "source", "subtask", score, "selected", "text"))
                      + _rows(sorted(counts.items()), ("subtask", "rows matched best")))
     return "".join(parts) or "<p>No targeted scores: the run had score.rds and score.less off.</p>"
@@ -268,7 +289,9 @@ def _short(text: str, n: int = 240) -> str:
 
 def render(folder: str) -> str:
     man = runs.manifest(folder)
-    table = runs.annotated(folder)
+    names = runs.parquet_columns(folder, "annotated")
+    table = runs.annotated(folder, [c for c in names if c not in TEXT_COLUMNS])  # text: only where shown
+    texts = run_texts(folder)
     acc, c = man["accounting"], man["counts"]
     sec = {}
     sec["summary"] = (f"<p>job <b>{html.escape(str(man['job'].get('name')))}</b>, finished {man['timing']['finished']}"
@@ -296,7 +319,7 @@ def render(folder: str) -> str:
     if "score" in man and man["score"].get("enabled"):
         shares = {k: v for k, v in man["score"].items() if "share" in k}
         sec["scores"] += f"<pre>{html.escape(json.dumps(shares, indent=2))}</pre>"
-    sec["targeted"] = targeted_section(table)
+    sec["targeted"] = targeted_section(table, texts)
     clusters = plot_clusters(table)
     sec["clusters"] = _png(clusters) if clusters else "<p>No clusters: the run had the cluster stage off.</p>"
     emap = plot_map(folder, table)
@@ -304,7 +327,7 @@ def render(folder: str) -> str:
     dups = []
     for column, title in (("exact_dup_of", "exact duplicates"), ("near_dup_of", "near duplicates (MinHash)"),
                           ("semantic_dup_of", "semantic duplicates (SemDeDup)")):
-        pairs = duplicate_pairs(table, column)
+        pairs = duplicate_pairs(table, column, texts=texts)
         body = _rows([(a, _short(at), b, _short(bt)) for a, at, b, bt in pairs],
                      ("dropped row", "text", "kept row", "text")) if pairs else "<p>none in this run</p>"
         dups.append(f"<h3>{title}</h3>{body}")

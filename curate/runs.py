@@ -15,13 +15,31 @@ class RunError(CurateError):
     """The folder is not a finished run, or lacks what was asked for (one-line message)."""
 
 
-def _parquet(folder: str, name: str, columns: list[str] | None = None) -> pa.Table:
+def _files(folder: str, name: str) -> list[str]:
     finished(folder)
     files = storage.glob(storage.join(folder, name, "*.parquet"))
     if not files:
         raise RunError(f"{folder}: no {name}/ Parquet files (is it a finished curate run?)")
-    tables = [storage.read_table(f, columns) for f in files]
+    return files
+
+
+def _parquet(folder: str, name: str, columns: list[str] | None = None) -> pa.Table:
+    tables = list(parquet_parts(folder, name, columns))
     return pa.concat_tables([t for t in tables if t.num_rows] or tables[:1])
+
+
+def parquet_parts(folder: str, name: str, columns: list[str] | None = None):
+    """The tables of ``name``/ one file at a time (``columns`` only)."""
+    for f in _files(folder, name):
+        yield storage.read_table(f, columns)
+
+
+def parquet_columns(folder: str, name: str) -> list[str]:
+    """The column names of ``name``/ (from its first file's schema, no data read)."""
+    import pyarrow.parquet as pq
+
+    with storage.open_file(_files(folder, name)[0], "rb") as fh:
+        return pq.read_schema(fh).names
 
 
 def finished(folder: str) -> str:
