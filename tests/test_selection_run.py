@@ -52,18 +52,17 @@ def test_the_jobs_policy_ranks_selected_rows_and_gives_every_dropped_row_a_reaso
     assert os.path.isfile(os.path.join(scored_run, "report.html"))
 
 
-def test_cluster_scope_in_the_job_equals_curate_select_and_keeps_each_clusters_share(scored_run, tmp_path, capsys):
+def test_cluster_scope_in_the_job_equals_curate_select_and_keeps_each_clusters_share(tmp_path, capsys):
     """select.scope: cluster in the Beam job (grouped by cluster, budget split, ranks interleaved)
     decides exactly what ``curate select --scope cluster`` decides in one process."""
     from curate.select import Budget
     from curate.select.scope import split_budget
 
-    base = scored_run.parent
     cfg = {"name": "scoped", "output": str(tmp_path / "scoped"), "seed": 0,
            "inputs": [{"source": "alpaca", "path": shared("alpaca_cherry_5pct.json")},
                       {"source": "gsm8k", "path": shared("gsm8k_train.json")}],
            "sample": {"mode": "random", "n": PER_SOURCE}, "cluster": {"k": 4},
-           "score": {"ifd": {"cache_dir": str(base / "cache")}},
+           "score": {"ifd": {"enabled": False}},  # facility location needs embeddings only
            "select": {"policy": "facility_location", "budget": {"fraction": 0.4}, "scope": "cluster"}}
     assert run_cli("run", write_job(tmp_path, cfg)) == 0
     job = {r["id"]: (r["rank"], r["drop_reason"]) for r in read_table(tmp_path / "scoped", "annotated").to_pylist()}
