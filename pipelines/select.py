@@ -125,7 +125,7 @@ class Select(beam.PTransform):
     def _per_cluster(self, feats):
         """(id -> [rank, reason] pairs, the report) with the policy run per cluster."""
         cfg = self.cfg
-        _, budget, seed = policy_from(cfg)
+        policy, budget, seed = policy_from(cfg)
 
         by_cluster = feats | "ByCluster" >> beam.Map(lambda r: (S.cluster_key(r.get("cluster_id")), r))
         budgets = (by_cluster
@@ -141,5 +141,5 @@ class Select(beam.PTransform):
                                                           for rid, rank in S.global_ranks(keyed).items()]))
         dropped = decided | "Dropped" >> beam.FlatMap(lambda d: [(rid, [None, r]) for rid, r in d["dropped"].items()])
         report = (decided | "Reports" >> beam.Map(lambda d: d["report"]) | "AllReports" >> beam.combiners.ToList()
-                  | "Merge" >> beam.Map(lambda reps: ("select", S.merge_reports(reps, budget, seed))))
+                  | "Merge" >> beam.Map(lambda reps: ("select", S.merge_reports(reps, policy, budget, seed))))
         return (ranks, dropped) | "AllDecisions" >> beam.Flatten(), report

@@ -329,3 +329,22 @@ def test_policies_global_by_nature_refuse_the_cluster_scope():
     check_scope(make("facility_location", {}), "cluster")
     with pytest.raises(PolicyError, match="needs cluster ids"):
         run_per_cluster(make("random", {}), table([0.5, 0.6]), Budget(rows=1), 0)
+
+
+def test_per_cluster_reports_merge_to_the_report_of_the_whole_selection():
+    from curate.select.features import selection_report
+    from curate.select.scope import merge_reports, run_per_cluster, split_budget
+
+    policy, budget = make("random", {}), Budget(rows=4)
+    t = table([0.1] * 9, sources=list("aabbbabab"), clusters=[0, 0, 0, 1, 1, 1, 1, None, None])
+    rows = t.to_pylist()
+    whole = run_per_cluster(policy, t, budget, 0)
+    per = []
+    shares = split_budget(budget, {0: (3, 0), 1: (4, 0), -1: (2, 0)})
+    for key, members in ((0, rows[:3]), (1, rows[3:7]), (-1, rows[7:])):
+        part = policy.run(features_table(members), shares[key], 0)
+        per.append(selection_report(policy, shares[key], 0, members, part.ranks(), part.dropped))
+    merged = merge_reports(per, policy, budget, 0)
+    assert merged == {**selection_report(policy, budget, 0, rows, whole.ranks(), whole.dropped), "scope": "cluster"}
+    empty = merge_reports([], policy, budget, 0)  # no candidate reached the selection
+    assert (empty["policy"], empty["pool"], empty["selected"], empty["by_cluster"]) == ("random", 0, 0, {})

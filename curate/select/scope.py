@@ -90,12 +90,9 @@ def global_ranks(keyed: list[tuple[tuple, str]]) -> dict[str, int]:
     return {rid: i for i, (_, rid) in enumerate(sorted(keyed), start=1)}
 
 
-def merge_reports(reports: list[dict], budget: Budget, seed: int) -> dict:
-    """One selection report from the per-cluster ones (counts add; the budget is the global one)."""
-    if not reports:
-        return {}
-    out = {k: v for k, v in reports[0].items() if k not in ("budget", "pool", "selected", "dropped", "by_source",
-                                                            "by_cluster")}
+def merge_reports(reports: list[dict], policy: Policy, budget: Budget, seed: int) -> dict:
+    """One selection report from the per-cluster ones (counts add; the budget is the global one;
+    no clusters, no candidates: an empty report)."""
     dropped, sources, clusters = Counter(), {}, {}
     for r in reports:
         dropped.update(r["dropped"])
@@ -104,7 +101,7 @@ def merge_reports(reports: list[dict], budget: Budget, seed: int) -> dict:
             got["pool"] += c["pool"]
             got["selected"] += c["selected"]
         clusters.update(r["by_cluster"])
-    return {**out, "scope": "cluster", "budget": budget.as_dict(), "seed": seed,
+    return {**policy.describe(), "scope": "cluster", "budget": budget.as_dict(), "seed": seed,
             "pool": sum(r["pool"] for r in reports), "selected": sum(r["selected"] for r in reports),
             "dropped": dict(sorted(dropped.items())), "by_source": dict(sorted(sources.items())),
             "by_cluster": dict(sorted(clusters.items(), key=lambda kv: (len(kv[0]), kv[0])))}
@@ -119,21 +116,20 @@ def run_per_cluster(policy: Policy, table: pa.Table, budget: Budget, seed: int, 
         raise PolicyError("select.scope: cluster needs cluster ids (enable the cluster stage)")
     keys = [cluster_key(c) for c in table.column("cluster_id").to_pylist()]
     tokens = table.column("approx_tokens").to_pylist() if "approx_tokens" in table.column_names else [0] * len(keys)
-    sizes: dict[int, list[int]] = {}
-    for k, t in zip(keys, tokens):
-        got = sizes.setdefault(k, [0, 0])
-        got[0] += 1
-        got[1] += int(t or 0)
-    budgets = split_budget(budget, {k: tuple(v) for k, v in sizes.items()})
+    members: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        members.setdefault(k, []).append(i)
+    sizes = {k: (len(rows), sum(int(tokens[i] or 0) for i in rows)) for k, rows in members.items()}
+    budgets = split_budget(budget, sizes)
     keyed, dropped = [], {}
-    for k in sorted(sizes):
-        rows = [i for i, key in enumerate(keys) if key == k]
+    for k in sorted(members):
+        rows = members[k]
         part = table.take(pa.array(rows, pa.int64()))
         emb = None if embeddings is None else embeddings[rows]
         txt = None if texts is None else [texts[i] for i in rows]
         result = run_cluster(policy, part, budgets[k], seed, emb, txt)
         dropped.update(result.dropped)
-        keyed += [(order_key(k, r, budgets[k], sizes[k][0]), rid) for r, rid in enumerate(result.selected, 1)]
+        keyed += [(order_key(k, r, budgets[k], len(rows)), rid) for r, rid in enumerate(result.selected, 1)]
     ranks = global_ranks(keyed)
     return Selection(sorted(ranks, key=ranks.get), dropped)
 
