@@ -121,3 +121,14 @@ def test_input_output_and_cache_on_s3_round_trip(job_dir, s3, capsys):
         assert run_cli(*argv) == 2
         assert "no manifest.json (not a finished curate run)" in capsys.readouterr().err
     assert not os.path.exists(job_dir / "h.json")
+
+    # targets (score.rds, score.less) are read from the store like inputs: globbed, decompressed
+    with s3.open(f"{BUCKET}/targets/math.jsonl.gz", "wb") as fh:
+        fh.write(gzip.compress(lines.encode()))
+    from curate.config import validate
+    from pipelines.targeted import read_targets
+
+    job = validate({"output": "t", "inputs": remote_in, "score": {"ifd": {"enabled": False}, "rds": {"enabled": True}},
+                    "targets": [{"source": "math", "path": f"s3://{BUCKET}/targets/*.jsonl.gz"}]})
+    got = read_targets(job)
+    assert len(got) == 27 and {r["source"] for r in got} == {"math"} and got[0]["prompt"] == rows[0]["instruction"]
