@@ -31,17 +31,17 @@ COLUMNS = StageColumns("cluster", ("cluster.enabled", "embed.enabled"), (
 
 def given_cluster(original: str, column: str) -> int | None:
     """The cluster id an input row carries in ``column`` (``cluster.column``): an integer, or a
-    string of one; None when the field is missing, null or not an integer."""
+    string of one, that fits ``cluster_id``'s int32; None when the field is missing, null, not an
+    integer or out of that range."""
     import json
 
-    value = json.loads(original).get(column) if original else None
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
+    row = json.loads(original) if original else None
+    value = row.get(column) if isinstance(row, dict) else None
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return None
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if -2**31 <= value < 2**31 else None
 
 
 def default_k(n: int, k_min: int = 2, k_max: int = 1024) -> int:

@@ -98,6 +98,7 @@ def test_a_given_cluster_id_is_an_integer_or_nothing():
 
     from curate.cluster import given_cluster
 
-    for value, want in ((3, 3), ("7", 7), (" -2", -2), ("x", None), (1.5, None), (True, None), (None, None)):
+    for value, want in ((3, 3), ("7", 7), (" -2", -2), ("x", None), (1.5, None), (True, None), (None, None),
+                        (2**31, None), (-2**31, -2**31)):
         assert given_cluster(json.dumps({"topic": value}), "topic") == want
     assert given_cluster(json.dumps({"other": 1}), "topic") is None and given_cluster(None, "topic") is None
