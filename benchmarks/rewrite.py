@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 
@@ -55,8 +56,6 @@ def classifier():
 def teacher_classifier(quick: bool, test_x, test_y, fallback):
     """The teacher names the category (ReAlign's own method); the embedding classifier's label
     where its reply names none."""
-    import os
-
     from sklearn.metrics import accuracy_score, f1_score
 
     from curate.rewrite import realign as RA
@@ -154,7 +153,7 @@ def run(quick: bool):
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        if not __import__("os").environ.get("CURATE_BENCH_TEACHER_URL"):
+        if not os.environ.get("CURATE_BENCH_TEACHER_URL"):
             print("rewrite: teacher classifier skipped: pip install 'llama-cpp-python[server]' (make test does)")
             test_x = None
     if test_x is not None:
