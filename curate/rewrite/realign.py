@@ -4,7 +4,8 @@ the reformatted response only when the post-filter finds nothing lost.
 
 Ours, not the reference's: the formats are written per task group in our own words (the
 reference has one per task); the task classifier is our sentence embeddings with a logistic
-regression trained on the reference's classifier data (it used a fine-tuned 13B model); a
+regression trained on the reference's classifier data (it used a fine-tuned 13B model), or the
+teacher itself with that classifier as its fallback (``classify_messages``, ``parse_category``); a
 category without a format passes through unchanged (the reference raises KeyError); the
 single-character rule escapes the character (the reference's regex crashes on "(" and matches
 anything on "."); a reply without "Revised response:" is a parse failure, never retried forever.
