@@ -178,9 +178,9 @@ def run_texts(folder: str):
     """``texts(ids)`` read from a run's annotated/ one file at a time, so the report never holds
     every row's text (at a million rows that is gigabytes on the driver)."""
     def texts(ids) -> dict[str, str]:
-        want, out = pa.array(sorted(set(ids)), pa.string()), {}
+        out = {}
         for part in runs.parquet_parts(folder, "annotated", ["id", "prompt", "response"]):
-            out.update(table_texts(part.filter(pc.is_in(part.column("id"), want)))(ids))
+            out.update(table_texts(part)(ids))
         return out
     return texts
 

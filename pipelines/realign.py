@@ -25,7 +25,7 @@ from curate.rewrite import realign as RA
 from curate.rewrite.teacher import TeacherSettings, request_key
 from curate.settings import Job
 from pipelines.cached import CachedInference, StageHandler
-from pipelines.rewrite import FAILURES, REPLY, TeacherHandler, single_turn
+from pipelines.rewrite import FAILURES, REPLY, TeacherHandler, failure, single_turn
 from pipelines.stage import STATS, LiveStage, StageFn
 
 log = logging.getLogger("curate")
@@ -130,9 +130,7 @@ class ChooseCategoryFn(StageFn):
         elif reply["reply_status"] != "ok":
             by = "classifier_after_failed_request"
             self.count("requests_failed")
-            yield beam.pvalue.TaggedOutput(FAILURES, {"id": row["id"], "source": row["source"],
-                                                      "request": "realign_classify", "error": reply["reply_error"],
-                                                      "attempts": reply["reply_attempts"]})
+            yield failure(row, "realign_classify", reply)
         else:
             named = RA.parse_category(reply["reply"])
             by = "teacher" if named else "classifier_after_unparsed_reply"
@@ -186,9 +184,7 @@ class ApplyFn(StageFn):
         elif reply["reply_status"] != "ok":
             status = "teacher_failed"
             self.count("requests_failed")
-            yield beam.pvalue.TaggedOutput(FAILURES, {"id": row["id"], "source": row["source"], "request": "realign",
-                                                      "error": reply["reply_error"],
-                                                      "attempts": reply["reply_attempts"]})
+            yield failure(row, "realign", reply)
         else:
             revised = RA.parse(reply["reply"])
             if revised is None:

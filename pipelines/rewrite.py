@@ -62,6 +62,12 @@ def _request(row: dict, kind: str, instruction: str, answer: str, s: TeacherSett
             "key": request_key(s.model, R.TEMPLATE_VERSION, messages, s.sampling())}
 
 
+def failure(row: dict, request: str, reply: dict):
+    """The dead-letter row (``rewrite_failures/``) of a request that failed after its retries."""
+    return beam.pvalue.TaggedOutput(FAILURES, {"id": row["id"], "source": row["source"], "request": request,
+                                               "error": reply["reply_error"], "attempts": reply["reply_attempts"]})
+
+
 def single_turn(row: dict) -> bool:
     return len(row.get("messages") or []) == 2
 
@@ -99,8 +105,7 @@ class BuildVariantsFn(StageFn):
         failed = [r for r in replies.values() if r["reply_status"] != "ok"]
         for r in failed:
             self.count("requests_failed")
-            yield beam.pvalue.TaggedOutput(FAILURES, {"id": row["id"], "source": row["source"], "request": r["kind"],
-                                                      "error": r["reply_error"], "attempts": r["reply_attempts"]})
+            yield failure(row, r["kind"], r)
         yield beam.pvalue.TaggedOutput("state", (row["id"], {"row": row, "failed": bool(failed)}))
         if not single_turn(row):
             return

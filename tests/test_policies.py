@@ -312,6 +312,8 @@ def test_per_cluster_selection_keeps_each_clusters_share_and_interleaves_the_ran
     assert set(make("top_k", {"column": "ifd_loss"}).run(t, Budget(rows=5)).selected) == {f"r0{i}" for i in range(5)}
     assert sel.selected == ["r09", "r00", "r06", "r01", "r02"]  # every cluster's best first, then the rest
     assert sel.dropped["r08"] == "top_k:score_nan" and sel.dropped["r07"] == "top_k:over_budget"
+    one = run_per_cluster(make("top_k", {"column": "ifd_loss"}), t, Budget(rows=1), 0)  # clusters 1 and none: 0
+    assert one.selected == ["r00"] and one.dropped["r06"] == one.dropped["r09"] == "top_k:over_budget"
     shuffled = t.take(np.random.default_rng(0).permutation(t.num_rows))
     assert run_per_cluster(make("top_k", {"column": "ifd_loss"}), shuffled, Budget(rows=5), 0) == sel
 
