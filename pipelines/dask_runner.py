@@ -132,6 +132,15 @@ def _run_bundle(items, spec: dict, *side_values):
     return receivers.out
 
 
+def _key(item):
+    return item[0]
+
+
+def _values(group):
+    key, items = group
+    return key, [te.defenestrate(item[1]) for item in items]
+
+
 def _select(items, tag):
     """The part of a multi-output ParDo's bag that belongs to ``tag`` (None: the main output)."""
     out = []
@@ -159,10 +168,12 @@ class DaskRunner(beam_dask.DaskRunner):
     inputs computed once (see the module docstring)."""
 
     @staticmethod
-    def to_dask_bag_visitor(bag_kwargs=None):
+    def to_dask_bag_visitor(bag_kwargs=None, min_partitions: int = 1):
         import dask
+        import dask.bag as db
         from apache_beam import pvalue
         from apache_beam.pipeline import PipelineVisitor
+        from apache_beam.runners.dask.overrides import _Flatten, _GroupByKeyOnly
         from apache_beam.transforms.core import ParDo
 
         bag_kwargs = bag_kwargs or {}
@@ -173,6 +184,16 @@ class DaskRunner(beam_dask.DaskRunner):
                 self.run = run
                 self.bags, self.consumed = {}, set()
                 self._tagged: dict = {}
+                self.widest = min_partitions  # the most partitions a bag keeps (see _bounded)
+
+            def _bounded(self, bag):
+                """At most ``widest`` partitions: the widest Create (the read units), at least
+                ``min_partitions``. Beam's translation lets a Flatten add its inputs' partitions
+                up and shuffles each GroupByKey at its input's width, so a job's partitions grow
+                stage by stage, and a task-based shuffle costs about partitions x sqrt(partitions)
+                tasks: 19,000 tasks for a 434-row job. Merging neighbours is cheap (no shuffle)
+                and keeps a partition about one read unit's rows."""
+                return bag.repartition(self.widest) if bag.npartitions > self.widest else bag
 
             def bag_of(self, pcoll):
                 producer = pcoll.producer
@@ -191,6 +212,12 @@ class DaskRunner(beam_dask.DaskRunner):
                 if type(transform) is ParDo:  # as Beam: _GroupAlsoByWindow (a subclass) is a no-op here
                     self.bags[node] = self.par_do(node, inputs[0])
                     return
+                if isinstance(transform, _GroupByKeyOnly):
+                    self.bags[node] = self._bounded(inputs[0]).groupby(_key, npartitions=self.widest).map(_values)
+                    return
+                if isinstance(transform, _Flatten):
+                    self.bags[node] = self._bounded(db.concat(inputs))
+                    return
                 op = te.TRANSLATIONS.get(transform.__class__, te.NoOp)(node, bag_kwargs=bag_kwargs)
                 if not inputs:
                     bag_in = None
@@ -198,7 +225,9 @@ class DaskRunner(beam_dask.DaskRunner):
                     bag_in = inputs[0]
                 else:
                     bag_in = inputs
-                self.bags[node] = op.apply(input_bag=bag_in, side_inputs=None)
+                self.bags[node] = bag = op.apply(input_bag=bag_in, side_inputs=None)
+                if not inputs and isinstance(bag, db.Bag):
+                    self.widest = max(self.widest, bag.npartitions)
 
             def par_do(self, node, bag):
                 transform = node.transform
@@ -246,8 +275,10 @@ class DaskRunner(beam_dask.DaskRunner):
 
             where = dask_options.get("address") or dask_options.get("scheduler_file")
             raise CurateError(f"dask: no scheduler at {where} ({type(exc).__name__}: {exc})") from None
+        _share_cores(client)
         pipeline.replace_all(dask_overrides())
-        visitor = self.to_dask_bag_visitor(bag_kwargs)
+        threads = sum(int(w.get("nthreads") or 1) for w in client.scheduler_info().get("workers", {}).values())
+        visitor = self.to_dask_bag_visitor(bag_kwargs, min_partitions=max(2, threads))
         pipeline.visit(visitor)
         sinks = [bag.map_partitions(_discard) for bag in visitor.leaves()]
         futures = client.compute(list(dask.optimize(*sinks)))
@@ -272,6 +303,29 @@ def _local_cluster(n: int, memory_limit: str | None = None):
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
+
+
+def _share_cores(client) -> None:
+    """Give each worker its share of its host's cores for torch and BLAS: a worker process left at
+    their default takes every core, so two workers on a 2-core host run four threads and the model
+    stages slow down about 4x. A worker whose environment sets OMP_NUM_THREADS is left alone."""
+    workers = client.scheduler_info().get("workers", {})
+    per_host: dict = {}
+    for info in workers.values():
+        per_host[info.get("host")] = per_host.get(info.get("host"), 0) + int(info.get("nthreads") or 1)
+    client.run(_set_threads, {addr: per_host[info.get("host")] for addr, info in workers.items()})
+
+
+def _set_threads(threads_on_host: dict, dask_worker=None) -> None:
+    import sys
+
+    if os.environ.get("OMP_NUM_THREADS") or dask_worker is None:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = max(1, cores // max(1, threads_on_host.get(dask_worker.address, 1)))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)  # read by torch when it loads
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
 
 
 class Result(beam_dask.DaskRunnerResult):

@@ -126,7 +126,7 @@ def test_the_models_run_on_a_given_scheduler_and_select_the_same_rows(job_dir, t
     """Embeddings, clusters and IFD computed on two Dask worker processes (empty caches), against
     FnApiRunner: the same selection and counts; scores agree to 1e-5 (batches hold other rows
     on each runner, and fp32 sums in another order differ in the last bits)."""
-    from distributed import LocalCluster
+    from distributed import Client, LocalCluster
 
     fn_cache, dask_cache = tmp_path_factory.mktemp("fn"), tmp_path_factory.mktemp("dask")
 
@@ -138,6 +138,9 @@ def test_the_models_run_on_a_given_scheduler_and_select_the_same_rows(job_dir, t
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         assert run_cli("run", _job(job_dir, "dask", True, caches(dask_cache)), "--runner=DaskRunner",
                        f"--dask_client_address={cluster.scheduler_address}") == 0
+        with Client(cluster.scheduler_address) as client:  # the two workers shared the cores, not 2x all
+            threads = client.run(lambda: __import__("torch").get_num_threads())
+        assert sorted(threads.values()) == [max(1, len(os.sched_getaffinity(0)) // 2)] * 2
     fn, dk = _outcome("fn"), _outcome("dask")
     assert dk[2] == fn[2] and dk[1] == fn[1] and len(fn[2]) > 0
     stages = load_manifest("dask")["stages"]  # computed by the workers, not read from a cache
