@@ -166,7 +166,7 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())[:300]
 
 
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 8 << 20  # on Dask a partition holds one piece's rows: the piece size bounds a worker's memory
 
 
 def jsonl_chunks(path: str, target: int = CHUNK_BYTES) -> list[tuple[int, int, int]]:

@@ -254,7 +254,7 @@ class DaskRunner(beam_dask.DaskRunner):
 
         dask_options = options.view_as(beam_dask.DaskOptions).get_all_options(drop_default=True, current_only=True)
         # one element of a Create per partition unless told otherwise: our Creates are read units
-        # (a file or a 32 MB piece), so a partition's memory is bounded by one unit's rows
+        # (a file or an 8 MB piece), so a partition's memory is bounded by one unit's rows
         bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options) or {"partition_size": 1}
         ours = options.view_as(CurateDaskOptions)
         workers = ours.dask_workers

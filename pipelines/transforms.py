@@ -34,7 +34,7 @@ def _batches(items, size):
 
 
 def read_units(cfg: Job) -> list[dict]:
-    """What the Read stage reads in parallel: a piece of about 32 MB of a large local JSON lines
+    """What the Read stage reads in parallel: a piece of about 8 MB of a large local JSON lines
     file, one other file, or a whole source when sampling (a sample is taken over a source's
     rows, so its files are read in one place). Pieces keep a worker's memory bounded whatever
     the file size."""
