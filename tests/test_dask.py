@@ -70,7 +70,7 @@ def test_the_runner_keeps_tagged_and_finish_bundle_outputs_every_sink_and_side_i
 
 
 def _job(job_dir, name, models: bool, extra=None):
-    cfg = {"output": name, "seed": 0, "sample": {"mode": "random", "n": 8},
+    cfg = {"output": name, "seed": 0, "sample": {"mode": "random", "n": 5},
            "inputs": [{"source": "alpaca", "path": f"{EXAMPLES}/alpaca_cherry_sample.json"},
                       {"source": "gsm8k", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"},
                       {"source": "nq", "path": f"{EXAMPLES}/nq_sharegpt_sample.json", "form": "sharegpt",

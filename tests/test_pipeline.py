@@ -44,7 +44,7 @@ TWO_SOURCES = [{"source": "alpaca_cherry", "path": shared("alpaca_cherry_5pct.js
 
 def test_two_source_sample_runs_every_stage(job_dir):
     job = write_job(job_dir, {"output": "out", "inputs": TWO_SOURCES, "sample": {"mode": "random", "n": 12},
-                              "score": {"ifd": {"cache": False}}})
+                              "score": {"ifd": {"cache": False, "max_length": 192}}})
     assert run_cli("run", job) == 0
     man = load_manifest("out")
     assert man["accounting"]["holds"] and man["counts"]["rows_in"] == 24

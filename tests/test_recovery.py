@@ -238,7 +238,7 @@ def test_smoke_the_whole_loop_with_the_packaged_model(job_dir):
                    "--heldout", "4", "--cutoff", "160") == 0
     card = json.load(open("smol-wanda/card.json"))
     assert card["heldout"]["nll_compressed"] > card["heldout"]["nll_dense"]
-    cfg = {"output": "run", "inputs": [{"source": "a", "path": data}], "sample": {"mode": "head", "n": 16},
+    cfg = {"output": "run", "inputs": [{"source": "a", "path": data}], "sample": {"mode": "head", "n": 10},
            "dedup": {"near": {"enabled": False}, "semantic": {"enabled": False}},
            "score": {"ifd": {"enabled": False},
                      "degradation": {"enabled": True, "compressed": "smol-wanda", "cutoff": 160}},

@@ -42,10 +42,11 @@ def test_scores_written_then_reused_from_the_cache(job_dir):
     ann2 = pd.read_parquet("again/annotated").set_index("id").sort_index()
     cols = ["ifd_nll_cond", "ifd_nll_direct", "ifd_loss", "ifd_ppl", "rifd", "rifd_loss"]
     assert ann[cols].equals(ann2[cols])
-    # another template is another cache entry: computed afresh
-    other = {**cfg, "output": "other", "score": {"ifd": {**cfg["score"]["ifd"], "template": "alpaca"}}}  # a dict: the job file
+    # another template is another cache entry: computed afresh (three rows per source are enough to show it)
+    other = {**cfg, "output": "other", "sample": {"mode": "head", "n": 3},
+             "score": {"ifd": {**cfg["score"]["ifd"], "template": "alpaca"}}}  # a dict: the job file
     assert run_cli("run", write_job(job_dir, other, "other.yaml")) == 0
-    assert load_manifest("other")["score"]["model_rows"] == 16
+    assert load_manifest("other")["score"]["model_rows"] == 6
 
 
 def _fake_scorer(monkeypatch, **kw):
