@@ -1,7 +1,10 @@
 """The demo job on a slice of the bundled sample (20 rows a source, every stage at its demo
 setting, the real models) gives the selection and the score columns recorded from the code
-before the stage kit refactor (tests/golden/extract.py wrote demo_head20.json). Floats may differ
-in the last bits on another CPU's kernels; ids, statuses and reasons must not."""
+before the stage kit refactor (tests/golden/extract.py wrote demo_head20.json; re-recorded once
+since, when facility location began to treat gains within float noise as ties: nq:1 for nq:15,
+two near-identical rows, every score unchanged). Scores may differ slightly on another CPU's
+kernels (up to 1.1e-4 relative for ifd_ppl, 1e-5 for the NLLs, between AVX-512 and oneDNN/MKL/ATen
+capped at AVX2); ids, statuses and reasons must not."""
 import json
 import math
 import os
@@ -26,6 +29,6 @@ def test_demo_slice_matches_the_golden_selection_and_scores(job_dir):
         assert have["drop_reason"] == want["drop_reason"], rid
         for c in SCORES:
             if isinstance(want[c], float):
-                assert math.isclose(have[c], want[c], rel_tol=1e-6, abs_tol=1e-9), (rid, c, have[c], want[c])
+                assert math.isclose(have[c], want[c], rel_tol=5e-4, abs_tol=1e-9), (rid, c, have[c], want[c])
             else:
                 assert have[c] == want[c], (rid, c)

@@ -189,6 +189,25 @@ def test_facility_location_lazy_greedy_equals_plain_greedy_and_knn_with_all_neig
     assert len(sparse.selected) == 10
 
 
+def test_facility_location_ties_within_float_noise_go_to_the_smaller_id_on_any_kernel():
+    """Two near-identical rows: which one's gain is larger by 1e-11 depends on the kernels that
+    computed the embeddings (seen between AVX-512 and AVX2). Within the tie tolerance the smaller
+    id wins, whichever way the noise goes; a real gap still decides."""
+    base = _unit(12, seed=3).astype(np.float64)
+    for sign in (1, -1):
+        x = np.vstack([base, base[5]])  # row 12 duplicates row 5
+        x[12] += sign * 1e-9 * _unit(1, seed=4)[0]
+        x[5] -= sign * 1e-9 * _unit(1, seed=4)[0]
+        sim = dense_kernel(x)
+        picks = greedy_dense(sim, 6)
+        assert greedy_sparse(*knn_kernel(x.astype(np.float32), 12), 6) == picks
+        assert 12 not in picks  # the copy with the larger index never wins a tie against row 5
+        assert (12 in greedy_dense(sim, 6, tie=0.0)) == (sign == 1)  # without the tolerance the noise decides
+        g5 = np.maximum(sim[:, 5], 0).sum()
+        assert abs(g5 - np.maximum(sim[:, 12], 0).sum()) < 1e-6  # a tie within the tolerance
+    assert greedy_dense(sim, 6, tie=0.0) == _naive_greedy(sim, 6)  # no tolerance: the plain argmax
+
+
 def test_facility_location_prefers_covering_distinct_groups():
     centers = _unit(3, seed=1)
     x = np.repeat(centers, [10, 10, 10], axis=0) + 0.01 * _unit(30, seed=2)

@@ -2,8 +2,10 @@
 
 Facility location (Superfiltering.D, methods.md 1.7): maximise F(S) = sum_i max_{j in S} s_ij
 with the reference kernel s_ij = exp(-||x_i - x_j|| / d) (Euclidean, not squared; d the
-embedding dimension), greedily, ties by id. Lazy greedy gives the same picks as plain greedy
-(a stale gain is an upper bound by submodularity).
+embedding dimension), greedily, ties by id: gains within 1e-7 per pool row of the best are ties
+(``TIE``), so float noise from other kernels (another CPU, a GPU) does not decide between
+near-identical rows. Lazy greedy gives the same picks as plain greedy (a stale gain is an upper
+bound by submodularity).
 
 For large pools a dense n x n kernel does not fit, so the ``knn`` kernel keeps each row's
 ``neighbors`` nearest rows (FAISS, exact inner-product search) and shifts the kernel by its
@@ -56,25 +58,53 @@ def knn_kernel(x: np.ndarray, neighbors: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, np.maximum(weights, 0.0)
 
 
-def greedy_dense(sim: np.ndarray, budget: int) -> list[int]:
-    """Lazy greedy facility location on a dense kernel; ties go to the smaller index."""
-    n = sim.shape[0]
-    cur = np.zeros(n)
-    heap = [(-float(sim[:, j].sum()), j) for j in range(n)]
+# Gains closer than TIE per pool row are ties, broken by id. The reference kernel is nearly flat,
+# so a gain is a sum of small differences of numbers near 1, and two near-identical rows can
+# differ by 1e-11 while another CPU's (or a GPU's) kernels move every gain by about 1e-9:
+# without a tolerance the pick between them follows the hardware (seen: AVX-512 vs AVX2).
+TIE = 1e-7
+
+
+def lazy_greedy(n: int, gain, take, budget: int, tie: float) -> list[int]:
+    """Greedy maximisation of a submodular function by stale upper bounds (lazy greedy):
+    ``gain(j)`` the current gain of j, ``take(j)`` adds j. Each step picks the smallest index
+    among the candidates whose gain is within ``tie`` of the best one."""
+    heap = [(-gain(j), j) for j in range(n)]
     heapq.heapify(heap)
     picked: list[int] = []
     while heap and len(picked) < budget:
-        _, j = heapq.heappop(heap)
-        gain = float(np.maximum(sim[:, j] - cur, 0.0).sum())
-        if not heap or (-gain, j) <= heap[0]:
-            picked.append(j)
-            cur = np.maximum(cur, sim[:, j])
-        else:
-            heapq.heappush(heap, (-gain, j))
+        while True:  # refresh the top until it stays on top: then it holds the best gain
+            _, j = heapq.heappop(heap)
+            best = gain(j)
+            if not heap or -heap[0][0] <= best:
+                break
+            heapq.heappush(heap, (-best, j))
+        near = [(best, j)]  # a stale bound is at least the gain, so every tie is popped here
+        while heap and -heap[0][0] >= best - tie:
+            _, k = heapq.heappop(heap)
+            near.append((gain(k), k))
+        chosen = min(k for g, k in near if g >= best - tie)
+        for g, k in near:
+            if k != chosen:
+                heapq.heappush(heap, (-g, k))
+        picked.append(chosen)
+        take(chosen)
     return picked
 
 
-def greedy_sparse(idx: np.ndarray, weights: np.ndarray, budget: int) -> list[int]:
+def greedy_dense(sim: np.ndarray, budget: int, tie: float = TIE) -> list[int]:
+    """Lazy greedy facility location on a dense kernel; gains within ``tie`` per row are ties,
+    which go to the smaller index."""
+    n = sim.shape[0]
+    cur = np.zeros(n)
+
+    def take(j: int) -> None:
+        np.maximum(cur, sim[:, j], out=cur)
+
+    return lazy_greedy(n, lambda j: float(np.maximum(sim[:, j] - cur, 0.0).sum()), take, budget, tie * n)
+
+
+def greedy_sparse(idx: np.ndarray, weights: np.ndarray, budget: int, tie: float = TIE) -> list[int]:
     """Lazy greedy facility location on a kNN kernel: row i is covered by its neighbours only."""
     n = idx.shape[0]
     rows = np.repeat(np.arange(n), idx.shape[1])
@@ -90,19 +120,11 @@ def greedy_sparse(idx: np.ndarray, weights: np.ndarray, budget: int) -> list[int
         a, b = starts[j], starts[j + 1]
         return float(np.maximum(w[a:b] - cur[rows[a:b]], 0.0).sum())
 
-    heap = [(-gain(j), j) for j in range(n)]
-    heapq.heapify(heap)
-    picked: list[int] = []
-    while heap and len(picked) < budget:
-        _, j = heapq.heappop(heap)
-        g = gain(j)
-        if not heap or (-g, j) <= heap[0]:
-            picked.append(j)
-            a, b = starts[j], starts[j + 1]
-            cur[rows[a:b]] = np.maximum(cur[rows[a:b]], w[a:b])
-        else:
-            heapq.heappush(heap, (-g, j))
-    return picked
+    def take(j: int) -> None:
+        a, b = starts[j], starts[j + 1]
+        cur[rows[a:b]] = np.maximum(cur[rows[a:b]], w[a:b])
+
+    return lazy_greedy(n, gain, take, budget, tie * n)
 
 
 class FacilityLocation(Policy):
