@@ -187,8 +187,8 @@ class DaskRunner(beam_dask.DaskRunner):
                 self.widest = min_partitions  # the most partitions a bag keeps (see _bounded)
 
             def _bounded(self, bag):
-                """At most ``widest`` partitions: the widest Create (the read units), at least
-                ``min_partitions``. Beam's translation lets a Flatten add its inputs' partitions
+                """At most ``widest`` partitions: the widest Create visited so far (the read units
+                come first), at least ``min_partitions``. Beam's translation lets a Flatten add its inputs' partitions
                 up and shuffles each GroupByKey at its input's width, so a job's partitions grow
                 stage by stage, and a task-based shuffle costs about partitions x sqrt(partitions)
                 tasks: 19,000 tasks for a 434-row job. Merging neighbours is cheap (no shuffle)
@@ -307,8 +307,8 @@ def _local_cluster(n: int, memory_limit: str | None = None):
 
 def _share_cores(client) -> None:
     """Give each worker its share of its host's cores for torch and BLAS: a worker process left at
-    their default takes every core, so two workers on a 2-core host run four threads and the model
-    stages slow down about 4x. A worker whose environment sets OMP_NUM_THREADS is left alone."""
+    their default takes every core, so two workers on a 2-core host run four threads on two cores.
+    A worker whose environment sets OMP_NUM_THREADS is left alone."""
     workers = client.scheduler_info().get("workers", {})
     per_host: dict = {}
     for info in workers.values():
