@@ -275,9 +275,8 @@ class DaskRunner(beam_dask.DaskRunner):
 
             where = dask_options.get("address") or dask_options.get("scheduler_file")
             raise CurateError(f"dask: no scheduler at {where} ({type(exc).__name__}: {exc})") from None
-        _share_cores(client)
+        threads = _share_cores(client)
         pipeline.replace_all(dask_overrides())
-        threads = sum(int(w.get("nthreads") or 1) for w in client.scheduler_info().get("workers", {}).values())
         visitor = self.to_dask_bag_visitor(bag_kwargs, min_partitions=max(2, threads))
         pipeline.visit(visitor)
         sinks = [bag.map_partitions(_discard) for bag in visitor.leaves()]
@@ -305,15 +304,16 @@ def _local_cluster(n: int, memory_limit: str | None = None):
                 os.environ.pop(k, None)
 
 
-def _share_cores(client) -> None:
+def _share_cores(client) -> int:
     """Give each worker its share of its host's cores for torch and BLAS: a worker process left at
     their default takes every core, so two workers on a 2-core host run four threads on two cores.
-    A worker whose environment sets OMP_NUM_THREADS is left alone."""
+    A worker whose environment sets OMP_NUM_THREADS is left alone. Returns the cluster's threads."""
     workers = client.scheduler_info().get("workers", {})
     per_host: dict = {}
     for info in workers.values():
         per_host[info.get("host")] = per_host.get(info.get("host"), 0) + int(info.get("nthreads") or 1)
     client.run(_set_threads, {addr: per_host[info.get("host")] for addr, info in workers.items()})
+    return sum(per_host.values())
 
 
 def _set_threads(threads_on_host: dict, dask_worker=None) -> None:

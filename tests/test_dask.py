@@ -160,3 +160,28 @@ def test_runners_and_schedulers_that_cannot_work_are_one_line(job_dir, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no scheduler at 127.0.0.1:9" in err[0]
     assert not any(n.startswith("x") for n in os.listdir(job_dir) if n != "x.yaml")
+
+
+def test_a_worker_gets_its_share_of_the_cores_unless_its_environment_says(monkeypatch):
+    """``_set_threads`` in a worker where torch is already loaded (it sets torch's pool at once),
+    and in one whose environment sets OMP_NUM_THREADS (left alone)."""
+    import types
+
+    import torch
+
+    from pipelines.dask_runner import _set_threads
+
+    before = torch.get_num_threads()
+    worker = types.SimpleNamespace(address="tcp://10.0.0.1:1")
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+        _set_threads({worker.address: cores}, dask_worker=worker)  # as many worker threads as cores: 1 each
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        monkeypatch.setenv("OMP_NUM_THREADS", "7")
+        torch.set_num_threads(before)
+        _set_threads({worker.address: cores}, dask_worker=worker)
+        assert torch.get_num_threads() == before and os.environ["OMP_NUM_THREADS"] == "7"
+    finally:
+        torch.set_num_threads(before)
