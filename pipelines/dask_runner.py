@@ -43,7 +43,6 @@ from apache_beam.runners.dask import transform_evaluator as te
 from apache_beam.runners.dask.overrides import dask_overrides
 
 log = logging.getLogger("curate")
-NAMES = ("DaskRunner", "dask", "apache_beam.runners.dask.dask_runner.DaskRunner", "pipelines.dask_runner.DaskRunner")
 
 
 class CurateDaskOptions(PipelineOptions):

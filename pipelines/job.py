@@ -89,6 +89,11 @@ class RunnerError(CurateError):
     """A ``--runner`` Beam cannot make, or runner options that do not work."""
 
 
+# The names --runner accepts for pipelines.dask_runner.DaskRunner.
+DASK_RUNNER_NAMES = ("DaskRunner", "dask", "apache_beam.runners.dask.dask_runner.DaskRunner",
+                     "pipelines.dask_runner.DaskRunner")
+
+
 def make_runner(options: PipelineOptions):
     """The runner ``--runner`` names; None leaves the choice to Beam. ``DaskRunner`` (any of its
     names) is ours (``pipelines.dask_runner``); a name Beam cannot make is one line."""
@@ -98,13 +103,13 @@ def make_runner(options: PipelineOptions):
     name = options.view_as(StandardOptions).runner
     if not name or not isinstance(name, str):
         return name
-    from pipelines import dask_runner
-
-    if name in dask_runner.NAMES:
+    if name in DASK_RUNNER_NAMES:
         try:
             import dask.distributed  # noqa: F401
         except ImportError:
             raise RunnerError("--runner=DaskRunner needs dask.distributed: pip install 'dask[distributed]'") from None
+        from pipelines import dask_runner  # imports Beam's Dask runner, which needs dask
+
         return dask_runner.DaskRunner()
     try:
         return create_runner(name)

@@ -171,6 +171,28 @@ def test_other_runners_select_the_same_ids(job_dir, flags):
         assert str(runner[key]) == value
 
 
+def test_a_job_runs_without_dask_installed(job_dir, tmp_path):
+    """`make demo` installs curate without its dev extras: dask is absent there, and only
+    --runner=DaskRunner may need it (a job once failed on the import of our Dask runner)."""
+    import subprocess
+    import sys
+
+    cfg = {"output": "nodask", "inputs": DEMO_INPUTS, "sample": {"mode": "head", "n": 5}}
+    job = write_job(job_dir, without_models(cfg))
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text("import sys\nsys.modules['dask'] = None  # `import dask` fails\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(block), REPO])}
+    run = [sys.executable, "-m", "curate.cli", "run", job]
+    done = subprocess.run(run, cwd=job_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(ids(os.path.join(job_dir, "nodask"))) > 0
+    done = subprocess.run(run + ["--runner=DaskRunner", "--overwrite"], cwd=job_dir, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "curate: error: --runner=DaskRunner needs dask.distributed: pip install 'dask[distributed]'"], done.stderr
+
+
 def test_batch_size_does_not_change_the_selection(job_dir):
     assert run_cli("run", write_job(job_dir, without_models({"output": "a", "inputs": DEMO_INPUTS, "batch_size": 7}))) == 0
     assert run_cli("run", write_job(job_dir, without_models({"output": "b", "inputs": DEMO_INPUTS, "batch_size": 1000}))) == 0
