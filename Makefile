@@ -11,6 +11,12 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 	touch $(STAMP)
 
+# The test and benchmark tools (dev extras; chromium for the report rendering test): not the demo's.
+DEV_STAMP := $(VENV)/.curate-dev-installed
+$(DEV_STAMP): $(STAMP)
+	bash scripts/setup.sh --dev
+	touch $(DEV_STAMP)
+
 setup: $(STAMP)
 
 demo: $(STAMP)
@@ -19,15 +25,15 @@ demo: $(STAMP)
 # The real teacher-server tests need llama.cpp's OpenAI-compatible server. pip compiles llama.cpp
 # on the first install (about 8 minutes on 2 cores) and caches the wheel; not part of the demo's setup.
 LLAMA_STAMP := $(VENV)/.llama-server-installed
-$(LLAMA_STAMP): $(STAMP)
+$(LLAMA_STAMP): $(DEV_STAMP)
 	@echo "test setup: installing llama-cpp-python[server] (compiles llama.cpp once, about 8 min on 2 cores)"
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check 'llama-cpp-python[server]'
 	touch $(LLAMA_STAMP)
 
-test: $(STAMP) $(LLAMA_STAMP)
+test: $(DEV_STAMP) $(LLAMA_STAMP)
 	$(VENV)/bin/python -m pytest -q --durations=20
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(VENV)/bin/python -m benchmarks all --quick
 
 clean:
