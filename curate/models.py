@@ -155,19 +155,29 @@ def _load_gguf(name: str):
         load_model(model, weights)
         tok = AutoTokenizer.from_pretrained(cached)
     else:
+        import shutil
+
         from safetensors.torch import save_model
 
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
-        os.makedirs(cached, exist_ok=True)
-        tmp = weights + ".tmp"
-        save_model(model, tmp)
+        # written in a folder of this process's own, then renamed: two first runs at once (parallel
+        # jobs or test workers) never read or write each other's half-written files
+        tmp = f"{cached}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_model(model, os.path.join(tmp, "model.safetensors"))
         config = model.config.to_dict()
         config.pop("quantization_config", None)
-        with open(os.path.join(cached, "config.json"), "w", encoding="utf-8") as fh:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
             json.dump(config, fh)
-        tok.save_pretrained(cached)
-        os.replace(tmp, weights)  # the weights file last: its presence marks a complete cache
+        tok.save_pretrained(tmp)
+        if os.path.isdir(cached) and not os.path.isfile(weights):
+            shutil.rmtree(cached, ignore_errors=True)  # an incomplete cache of an older version
+        try:
+            os.rename(tmp, cached)
+        except OSError:  # another process got there first: its folder is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
     return model, tok
 
 
