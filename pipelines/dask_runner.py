@@ -212,7 +212,10 @@ class DaskRunner(beam_dask.DaskRunner):
                     self.bags[node] = self.par_do(node, inputs[0])
                     return
                 if isinstance(transform, _GroupByKeyOnly):
-                    self.bags[node] = self._bounded(inputs[0]).groupby(_key, npartitions=self.widest).map(_values)
+                    # the task shuffle named, not Dask's default: that is a partd folder on local disk
+                    # when no default client is set, which workers on other machines cannot share
+                    grouped = self._bounded(inputs[0]).groupby(_key, shuffle="tasks")
+                    self.bags[node] = grouped.map(_values)
                     return
                 if isinstance(transform, _Flatten):
                     self.bags[node] = self._bounded(db.concat(inputs))
