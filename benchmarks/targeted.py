@@ -5,7 +5,7 @@ GSM8K rows. For each score, the share of GSM8K rows among the top 5% and top 10%
 its wall time (model load included): ``less_score`` (LESS with the job defaults: a LoRA warm-up
 on 5% of the pool, then projected gradients; ``curate.scoring.less``), ``rds_score`` (RDS+, the weak LM's mean-pooled hidden states,
 ``curate.scoring.rds``), the MiniLM embedding cosine (the embed stage's model) with the same
-aggregation, and a seeded random order. ``--quick``: 150 + 25 rows, 10 targets.
+aggregation, and a seeded random order. ``--quick``: 60 + 12 rows, 6 targets, LESS at max_length 160.
 """
 from __future__ import annotations
 
@@ -41,8 +41,10 @@ def rds(pool, targets) -> np.ndarray:
     return _scores_from_vectors(pool_vecs, target_vecs)
 
 
-def less(pool, targets) -> np.ndarray:
-    """The LESS stage's steps without Beam, with the job defaults (``curate.settings.LESS``)."""
+def less(pool, targets, max_length: int | None = None) -> np.ndarray:
+    """The LESS stage's steps without Beam, with the job defaults (``curate.settings.LESS``) but for
+    ``max_length`` when given (``--quick``: shorter rows, for a run of minutes on 2 cores)."""
+    import dataclasses
     import tempfile
 
     from curate import lm_data
@@ -53,7 +55,7 @@ def less(pool, targets) -> np.ndarray:
     from pipelines.degradation import text_key
     from pipelines.less import default_proj_dim
 
-    s = LESS()
+    s = LESS() if max_length is None else dataclasses.replace(LESS(), max_length=max_length)
     model, tok = load_causal_lm()
     rows = W.sample(((text_key(r), r) for r in pool), s.warmup_fraction, s.warmup_min_rows, 0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,12 +100,15 @@ def share_in_top(scores: np.ndarray, is_math: np.ndarray, fraction: float) -> fl
 
 
 def run(quick: bool):
-    n_alpaca, n_gsm, n_targets = (150, 25, 10) if quick else (600, 100, 20)
+    n_alpaca, n_gsm, n_targets = (60, 12, 6) if quick else (600, 100, 20)
     alpaca, gsm = _rows("alpaca_cherry_5pct.json"), _rows("gsm8k_train.json")
     pool = alpaca[:n_alpaca] + gsm[:n_gsm]
     targets = gsm[-n_targets:]  # other GSM8K rows than the pool's
     is_math = np.array([0] * n_alpaca + [1] * n_gsm, dtype=float)
-    for name, fn in (("less_score", less), ("rds_score", rds), ("minilm_cosine", minilm), ("random", random_order)):
+    quick_less = lambda p, t: less(p, t, max_length=160)  # noqa: E731
+    scores_by = (("less_score", quick_less if quick else less), ("rds_score", rds), ("minilm_cosine", minilm),
+                 ("random", random_order))
+    for name, fn in scores_by:
         t = time.perf_counter()
         scores = fn(pool, targets)
         wall = time.perf_counter() - t
