@@ -29,20 +29,22 @@ right-padded (causal attention keeps padding out of every real token's context),
 hidden states that predict a target token go through the vocabulary projection, one
 vocabulary slice at a time (:func:`target_nlls`).
 
-CPU paths measured and the choice (``python -m benchmarks ifd``; 2 cores of an AMD EPYC with
-AVX-512 and AVX512-BF16): float32 with the faster of torch's and oneDNN's kernel
-(``curate.kernel_choice`` picks it per CPU) scores IFD + r-IFD at 1.3-1.5x the one-row reference loop.
-That is near float32's ceiling: the reference is GEMM-bound too, the stage skips only ~8% of its
-FLOPs, and the stage's GEMMs run at ~86% of the kernel's rate. bf16 runs 1.5x the float32 stage
+CPU paths measured and the choice (``python -m benchmarks ifd``; 2 cores of an AMD EPYC with AVX-512
+and AVX512-BF16): float32 with the faster of torch's and oneDNN's kernel (``curate.kernel_choice``
+picks it per CPU) scores IFD + r-IFD at 1.3-1.5x the one-row reference loop; on a newer AVX-512 EPYC
+(oneDNN 417 GFLOP/s, torch 186) 2.2x, and 1.36x there with oneDNN, MKL and torch capped at AVX2 (217
+vs 187). Where the kernels are close that is near float32's ceiling: the reference is GEMM-bound
+too, the stage skips only ~8% of its FLOPs, and the stage's GEMMs run at 57-86% of the kernel's rate
+(attention, norms and the vocabulary slices take the rest). bf16 runs 1.4-1.5x the float32 stage
 where the CPU has native bf16 (Spearman 1.0 of ``ifd_loss``, 0.99 of ``rifd``) and ~0.25x where it
 has not, so it is a setting (``dtype: bfloat16``), not the default. Int8 matmuls (per-token
-activation and per-channel weight scales through ``torch._int_mm``, exact int32 sums) ran only
-1.2x the float32 stage end to end, the quantization and the float32 vocabulary projection eating
-the GEMM gain, at a Spearman of 0.96-0.99: not kept. llama.cpp on the packaged Q4_1 GGUF
+activation and per-channel weight scales through ``torch._int_mm``, exact int32 sums) ran only 1.2x
+the float32 stage end to end, the quantization and the float32 vocabulary projection eating the GEMM
+gain, at a Spearman of 0.96-0.99: not kept. llama.cpp on the packaged Q4_1 GGUF
 (``llama-cpp-python``, the same token ids, one sequence at a time with every position's logits)
-agreed well (24 real rows: Spearman 0.998 of ``ifd_loss``, 0.999 of ``rifd``; NLLs within 0.07)
-but ran at 0.47x the float32 stage (0.49 vs 1.05 rows/s): not kept. Not tried: ONNX Runtime (the
-same float32 GEMMs).
+agreed well (24 real rows: Spearman 0.998 of ``ifd_loss``, 0.999 of ``rifd``; NLLs within 0.07) but
+ran at 0.47x the float32 stage (0.49 vs 1.05 rows/s): not kept. Not tried: ONNX Runtime (the same
+float32 GEMMs).
 """
 from __future__ import annotations
 
