@@ -172,13 +172,25 @@ def _load_gguf(name: str):
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
             json.dump(config, fh)
         tok.save_pretrained(tmp)
-        if os.path.isdir(cached) and not os.path.isfile(weights):
-            shutil.rmtree(cached, ignore_errors=True)  # an incomplete cache of an older version
-        try:
-            os.rename(tmp, cached)
-        except OSError:  # another process got there first: its folder is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
+        _publish(tmp, cached, "model.safetensors")
     return model, tok
+
+
+def _publish(tmp: str, dest: str, marker: str) -> bool:
+    """Move the finished folder ``tmp`` to ``dest`` in one rename, so a reader sees all of it or
+    nothing. A ``dest`` without its ``marker`` file (an incomplete cache of an older version) is
+    replaced; a complete one (another process got there first, with the same content) is kept and
+    ``tmp`` removed: returns False then."""
+    import shutil
+
+    if os.path.isdir(dest) and not os.path.isfile(os.path.join(dest, marker)):
+        shutil.rmtree(dest, ignore_errors=True)
+    try:
+        os.rename(tmp, dest)
+        return True
+    except OSError:  # dest exists and is not empty: published by another process
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
 
 
 def weak_lm_gguf(name: str | None = None) -> str:
