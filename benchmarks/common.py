@@ -120,10 +120,11 @@ def emit(name: str, case: str, metric: str, value: float, baseline: str | None =
 
 def _cpu() -> str:
     """The CPU every figure was measured on (model, SIMD flags, cores used, ISA caps if set)."""
+    from curate.device import usable_cores
     from curate.kernel_choice import ENV_CAPS, cpu_name
 
     caps = " ".join(f"{k}={os.environ[k]}" for k in ENV_CAPS if os.environ.get(k))
-    return f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores" + (f", {caps}" if caps else "")
+    return f"{cpu_name()}, {usable_cores()} cores" + (f", {caps}" if caps else "")
 
 
 def _round(x):

@@ -1,14 +1,16 @@
 """Targeted selection quality on real data: can a score find the rows like a handful of targets?
 
-Pool: 600 rows of Alpaca (Cherry 5%) and 100 rows of GSM8K train (14% math); targets: 20 other
-GSM8K rows. For each score, the share of GSM8K rows among the top 5% and top 10% of the pool, and
-its wall time (model load included): ``less_score`` (LESS with the job defaults: a LoRA warm-up
-on 5% of the pool, then projected gradients; ``curate.scoring.less``), ``rds_score`` (RDS+, the weak LM's mean-pooled hidden states,
-``curate.scoring.rds``), the MiniLM embedding cosine (the embed stage's model) with the same
-aggregation, and a seeded random order. ``--quick``: 60 + 12 rows, 6 targets, LESS at max_length 160.
+Pool: 600 rows of Alpaca (Cherry 5%) and 100 rows of GSM8K train (14% math); targets: 20 other GSM8K
+rows. For each score, the share of GSM8K rows among the top 5% and top 10% of the pool, and its wall
+time (model load included): ``less_score`` (LESS with the job defaults: a LoRA warm-up on 5% of the
+pool, then projected gradients; ``curate.scoring.less``), ``rds_score`` (RDS+, the weak LM's
+mean-pooled hidden states, ``curate.scoring.rds``), the MiniLM embedding cosine (the embed stage's
+model) with the same aggregation, and a seeded random order. ``--quick``: 60 + 12 rows, 6 targets,
+LESS at max_length 160.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -105,9 +107,8 @@ def run(quick: bool):
     pool = alpaca[:n_alpaca] + gsm[:n_gsm]
     targets = gsm[-n_targets:]  # other GSM8K rows than the pool's
     is_math = np.array([0] * n_alpaca + [1] * n_gsm, dtype=float)
-    quick_less = lambda p, t: less(p, t, max_length=160)  # noqa: E731
-    scores_by = (("less_score", quick_less if quick else less), ("rds_score", rds), ("minilm_cosine", minilm),
-                 ("random", random_order))
+    scores_by = (("less_score", functools.partial(less, max_length=160 if quick else None)), ("rds_score", rds),
+                 ("minilm_cosine", minilm), ("random", random_order))
     for name, fn in scores_by:
         t = time.perf_counter()
         scores = fn(pool, targets)

@@ -17,6 +17,14 @@ class DeviceUnavailable(CurateError):
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or ``taskset``'s share),
+    not the machine's count."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def torch_device(prefer: str = "auto", cuda_available: bool | None = None) -> str:
     """'cuda' or 'cpu'. ``cuda_available`` is for tests; by default torch is asked."""
     if prefer not in DEVICES:

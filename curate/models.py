@@ -180,7 +180,8 @@ def _publish(tmp: str, dest: str, marker: str) -> bool:
     """Move the finished folder ``tmp`` to ``dest`` in one rename, so a reader sees all of it or
     nothing. A ``dest`` without its ``marker`` file (an incomplete cache of an older version) is
     replaced; a complete one (another process got there first, with the same content) is kept and
-    ``tmp`` removed: returns False then."""
+    ``tmp`` removed: returns False then. Not ``curate.storage.publish``: that replaces a finished
+    output (moving the old one aside), which two processes publishing at once cannot both do."""
     import shutil
 
     if os.path.isdir(dest) and not os.path.isfile(os.path.join(dest, marker)):

@@ -323,8 +323,9 @@ def _set_threads(threads_on_host: dict, dask_worker=None) -> None:
 
     if os.environ.get("OMP_NUM_THREADS") or dask_worker is None:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = max(1, cores // max(1, threads_on_host.get(dask_worker.address, 1)))
+    from curate.device import usable_cores
+
+    n = max(1, usable_cores() // max(1, threads_on_host.get(dask_worker.address, 1)))
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)  # read by torch when it loads
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)

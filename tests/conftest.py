@@ -11,8 +11,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # torch and BLAS, itself and the processes it starts: two workers at every core each would run
 # four threads on two cores. Set before torch loads (it reads these once).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and not os.environ.get("OMP_NUM_THREADS"):
-    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    _share = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    from curate.device import usable_cores  # imports no torch
+
+    _share = str(max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _share
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
