@@ -31,7 +31,10 @@ from benchmarks.common import REPO, emit, pinned_job, real_rows, run_measured
 RUNNERS = {"fnapi_multi_2": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
            "dask_2": ["--runner=DaskRunner", "--dask_workers=2"],
            # workers that spill to disk above 60% of 3 GB, as a cluster with bounded memory runs
-           "dask_2_3gb": ["--runner=DaskRunner", "--dask_workers=2", "--dask_memory_limit=3GB"]}
+           "dask_2_3gb": ["--runner=DaskRunner", "--dask_workers=2", "--dask_memory_limit=3GB"],
+           # the same at 2 GB: the cap under which the largest worker's peak is compared from 100k to 1M
+           "dask_2_2gb": ["--runner=DaskRunner", "--dask_workers=2", "--dask_memory_limit=2GB"]}
+QUICK_RUNNERS = ("fnapi_multi_2", "dask_2", "dask_2_3gb")
 SOURCES = ("s0", "s1", "s2", "s3")
 POLICIES = {"random": {"policy": "random", "budget": {"fraction": 0.25}},
             "mixture": {"policy": "mixture", "params": {"shares": {s: 1.0 for s in SOURCES}},
@@ -93,10 +96,10 @@ def _pick(env: str, everything, default=None):
 def run(quick: bool):
     """``CURATE_SCALE_SIZES``, ``CURATE_SCALE_RUNNERS`` and ``CURATE_SCALE_POLICIES`` (comma-separated)
     pick a subset of the cases: the whole grid at 1M rows takes hours on 2 cores. ``--quick``: 10,000
-    rows, every runner, the global and the per-cluster ``random`` (a few minutes)."""
+    rows, the runners in ``QUICK_RUNNERS``, the global and the per-cluster ``random`` (a few minutes)."""
     everything = (10_000, 100_000, 1_000_000)
     sizes = _pick("CURATE_SCALE_SIZES", everything, (10_000,) if quick else everything)
-    runners = _pick("CURATE_SCALE_RUNNERS", list(RUNNERS))
+    runners = _pick("CURATE_SCALE_RUNNERS", list(RUNNERS), QUICK_RUNNERS if quick else None)
     policies = _pick("CURATE_SCALE_POLICIES", list(POLICIES), ("random", "random_per_cluster") if quick else None)
     with tempfile.TemporaryDirectory(prefix="curate-scale-") as tmp:
         for n in sizes:
