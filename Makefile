@@ -23,11 +23,21 @@ demo: $(STAMP)
 	$(VENV)/bin/curate run pipelines/jobs/demo.yaml --overwrite
 
 # The real teacher-server tests need llama.cpp's OpenAI-compatible server. pip compiles llama.cpp
-# on the first install (about 8 minutes on 2 cores) and caches the wheel; not part of the demo's setup.
+# (about 5 to 11 minutes on 2 cores); not part of the demo's setup. Built portable (GGML_NATIVE=OFF):
+# the wheel pip builds by default is tuned to the build machine, and on an Intel Xeon with AMX that
+# build died (SIGSEGV) on its first request. The wheel is kept in LLAMA_WHEELS so fresh clones reuse
+# it: pip's own wheel cache would hand back a native wheel built earlier, whatever CMAKE_ARGS say.
 LLAMA_STAMP := $(VENV)/.llama-server-installed
+LLAMA_VERSION := 0.3.36
+LLAMA_WHEELS ?= $(HOME)/.cache/curate/llama-cpp-portable
 $(LLAMA_STAMP): $(DEV_STAMP)
-	@echo "test setup: installing llama-cpp-python[server] (compiles llama.cpp once, about 8 min on 2 cores)"
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check 'llama-cpp-python[server]'
+	@if ! ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo "test setup: compiling llama.cpp for llama-cpp-python[server] (once; about 5 to 11 min on 2 cores)"; \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(VENV)/bin/python -m pip wheel --quiet --disable-pip-version-check \
+	    --no-cache-dir --no-deps -w $(LLAMA_WHEELS) 'llama-cpp-python==$(LLAMA_VERSION)'; \
+	fi
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --find-links $(LLAMA_WHEELS) \
+	  --only-binary llama-cpp-python 'llama-cpp-python[server]==$(LLAMA_VERSION)'
 	touch $(LLAMA_STAMP)
 
 test: $(DEV_STAMP) $(LLAMA_STAMP)
