@@ -41,6 +41,7 @@ from apache_beam.runners.common import Receiver
 from apache_beam.runners.dask import dask_runner as beam_dask
 from apache_beam.runners.dask import transform_evaluator as te
 from apache_beam.runners.dask.overrides import dask_overrides
+from distributed.diagnostics.plugin import WorkerPlugin
 
 log = logging.getLogger("curate")
 
@@ -278,6 +279,7 @@ class DaskRunner(beam_dask.DaskRunner):
             where = dask_options.get("address") or dask_options.get("scheduler_file")
             raise CurateError(f"dask: no scheduler at {where} ({type(exc).__name__}: {exc})") from None
         threads = _share_cores(client)
+        client.register_plugin(TrimMemory())
         pipeline.replace_all(dask_overrides())
         visitor = self.to_dask_bag_visitor(bag_kwargs, min_partitions=max(2, threads))
         pipeline.visit(visitor)
@@ -331,6 +333,53 @@ def _set_threads(threads_on_host: dict, dask_worker=None) -> None:
         sys.modules["torch"].set_num_threads(n)
 
 
+def _libc_trim():
+    """glibc's ``malloc_trim``, or None where there is none (musl, macOS, Windows)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_if_over(rss: int, limit: int | None, trim, share: float = 0.5) -> bool:
+    """Hand freed heap back to the system once a worker's resident memory passes ``share`` of its
+    limit. Why: the heap Python frees between tasks (shuffles, bundles) stays in glibc's arenas, and
+    Dask counts it as the worker's "unmanaged" memory; at 1M rows with workers capped at 2 GB one
+    worker sat paused at its 80% mark holding 1.6 GB, none of it data (``malloc_trim(0)`` gave back
+    0.7 GB), and the run went on with one worker. Dask sets ``MALLOC_TRIM_THRESHOLD_``, which trims
+    only the top of the main arena."""
+    if trim is None or not limit or rss <= share * limit:
+        return False
+    trim(0)
+    return True
+
+
+class TrimMemory(WorkerPlugin):
+    """A Dask worker plugin: every second, ``trim_if_over`` on the worker's own memory limit."""
+
+    name = "curate-trim-memory"
+
+    def setup(self, worker):
+        import psutil
+        from tornado.ioloop import PeriodicCallback
+
+        proc, trim, limit = psutil.Process(), _libc_trim(), worker.memory_manager.memory_limit
+        self.trims = 0
+
+        def check():
+            self.trims += trim_if_over(proc.memory_info().rss, limit, trim)
+
+        self._callback = PeriodicCallback(check, 1000)
+        self._callback.start()
+
+    def teardown(self, worker):
+        self._callback.stop()
+
+
 class Result(beam_dask.DaskRunnerResult):
     def __init__(self, client, futures, cluster=None, run: str = ""):
         self.cluster, self.run = cluster, run
@@ -343,6 +392,7 @@ class Result(beam_dask.DaskRunnerResult):
             if self.cluster is None:  # a cluster that outlives the run: free what the run set up
                 try:
                     self.client.run(_forget, self.run)
+                    self.client.unregister_worker_plugin(TrimMemory.name)
                 except Exception as exc:  # noqa: BLE001
                     log.warning("dask: the workers' DoFns were not torn down: %s", exc)
             self.client.close()

@@ -4,6 +4,7 @@ Beam's own DaskRunner loses (tagged outputs, finish_bundle outputs, several sink
 and one-line errors for runners and schedulers that cannot work."""
 import json
 import os
+import time
 
 import apache_beam as beam
 import numpy as np
@@ -185,3 +186,28 @@ def test_a_worker_gets_its_share_of_the_cores_unless_its_environment_says(monkey
         assert torch.get_num_threads() == before and os.environ["OMP_NUM_THREADS"] == "7"
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_worker_hands_freed_heap_back_once_past_half_its_limit():
+    """``trim_if_over`` trims only past the share of a set limit; the plugin does it every second
+    on a real worker (in-process, so its memory is this process's, far over a 200 MB limit) and
+    stops when unregistered, as a run on a cluster that outlives it does."""
+    from distributed import Client, LocalCluster
+
+    from pipelines.dask_runner import TrimMemory, _libc_trim, trim_if_over
+
+    calls = []
+    assert not trim_if_over(900, 2000, calls.append) and not trim_if_over(5000, None, calls.append)
+    assert not trim_if_over(5000, 2000, None) and calls == []
+    assert trim_if_over(1001, 2000, calls.append) and calls == [0]
+    assert _libc_trim() is not None  # glibc here; elsewhere the plugin does nothing
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0",
+                      memory_limit="200MB") as cluster, Client(cluster) as client:
+        client.register_plugin(TrimMemory())
+        plugin = next(iter(cluster.workers.values())).plugins[TrimMemory.name]
+        deadline = time.monotonic() + 10
+        while plugin.trims < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert plugin.trims >= 2
+        client.unregister_worker_plugin(TrimMemory.name)
+        assert not plugin._callback.is_running()
