@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -74,27 +75,31 @@ def _merge(a: dict, b: dict) -> dict:
 def run_measured(cmd: list[str], cwd: str | None = None, env: dict | None = None, every: float = 0.05) -> dict:
     """Run a command; wall seconds and peak RSS (MB), sampled every ``every`` seconds: of it and its
     children together (``peak_rss_mb``), of the command's own process (``driver_peak_mb``) and of
-    its largest child (``worker_peak_mb``, a Beam SDK worker or a Dask worker)."""
+    its largest child (``worker_peak_mb``, a Beam SDK worker or a Dask worker). Its output goes to
+    files, not pipes: a long run logs more than a pipe holds, and a child blocked on a full pipe
+    stops (seen at 1M rows on Dask: the driver, scheduler and nannies all waited on one log line)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    root = psutil.Process(proc.pid)
-    peak, peaks = 0, {}
-    while proc.poll() is None:
-        try:
-            rss = {p.pid: p.memory_info().rss for p in [root, *root.children(recursive=True)]}
-        except psutil.Error:
-            rss = {}
-        peak = max(peak, sum(rss.values()))
-        for pid, v in rss.items():
-            peaks[pid] = max(peaks.get(pid, 0), v)
-        time.sleep(every)
-    out, err = proc.communicate()
-    wall = time.perf_counter() - start
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=out_f, stderr=err_f,
+                                text=True)
+        root = psutil.Process(proc.pid)
+        peak, peaks = 0, {}
+        while proc.poll() is None:
+            try:
+                rss = {p.pid: p.memory_info().rss for p in [root, *root.children(recursive=True)]}
+            except psutil.Error:
+                rss = {}
+            peak = max(peak, sum(rss.values()))
+            for pid, v in rss.items():
+                peaks[pid] = max(peaks.get(pid, 0), v)
+            time.sleep(every)
+        wall = time.perf_counter() - start
+        out_f.seek(0), err_f.seek(0)
+        out, err = out_f.read(), err_f.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
     children = [v for pid, v in peaks.items() if pid != proc.pid]
-    return {"wall_s": wall, "peak_rss_mb": round(peak / 2**20, 1), "stdout": out,
+    return {"wall_s": wall, "peak_rss_mb": round(peak / 2**20, 1), "stdout": out, "stderr": err,
             "driver_peak_mb": round(peaks.get(proc.pid, 0) / 2**20, 1),
             "worker_peak_mb": round(max(children, default=0) / 2**20, 1), "processes": len(peaks)}
 
