@@ -285,7 +285,7 @@ class DaskRunner(beam_dask.DaskRunner):
         pipeline.visit(visitor)
         sinks = [bag.map_partitions(_discard) for bag in visitor.leaves()]
         futures = client.compute(list(dask.optimize(*sinks)))
-        return Result(client, futures, cluster, visitor.run)
+        return Result(client, futures, cluster, visitor.run, ours.dask_memory_limit if cluster is not None else None)
 
 
 def _local_cluster(n: int, memory_limit: str | None = None):
@@ -380,14 +380,30 @@ class TrimMemory(WorkerPlugin):
         self._callback.stop()
 
 
+def killed_worker_message(exc, memory_limit: str | None) -> str:
+    """One line for a task that every worker running it died on: on a cluster that is nearly
+    always memory (a worker is restarted past 95% of its limit), so say that and what to change."""
+    task = exc.task[0] if isinstance(exc.task, tuple) else exc.task
+    limit = f"--dask_memory_limit={memory_limit}" if memory_limit else "their memory limit"
+    return (f"dask: {exc.allowed_failures + 1} workers died running one task ({task}); a worker is "
+            f"restarted when it passes 95% of {limit}: give the workers more memory, or the job "
+            f"smaller inputs per task")
+
+
 class Result(beam_dask.DaskRunnerResult):
-    def __init__(self, client, futures, cluster=None, run: str = ""):
-        self.cluster, self.run = cluster, run
+    def __init__(self, client, futures, cluster=None, run: str = "", memory_limit: str | None = None):
+        self.cluster, self.run, self.memory_limit = cluster, run, memory_limit
         super().__init__(client, futures)
 
     def wait_until_finish(self, duration=None):
+        from distributed import KilledWorker
+
         try:
             return super().wait_until_finish(duration)
+        except KilledWorker as exc:
+            from curate.errors import CurateError
+
+            raise CurateError(killed_worker_message(exc, self.memory_limit)) from None
         finally:
             if self.cluster is None:  # a cluster that outlives the run: free what the run set up
                 try:

@@ -211,3 +211,17 @@ def test_a_worker_hands_freed_heap_back_once_past_half_its_limit():
         assert plugin.trims >= 2
         client.unregister_worker_plugin(TrimMemory.name)
         assert not plugin._callback.is_running()
+
+
+def test_a_task_that_kills_every_worker_is_one_line_on_memory():
+    """Dask's KilledWorker (seen at 1M rows, workers capped at 2 GB: one bundle killed 4 workers)
+    becomes one line naming the task and the limit, not an "unexpected error"."""
+    from distributed import KilledWorker
+
+    from pipelines.dask_runner import killed_worker_message
+
+    exc = KilledWorker(("run_bundle-select-shuffle-984c", 29), "tcp://127.0.0.1:1", 3)
+    msg = killed_worker_message(exc, "2GB")
+    assert "\n" not in msg and "4 workers died" in msg and "run_bundle-select-shuffle-984c" in msg
+    assert "--dask_memory_limit=2GB" in msg
+    assert "their memory limit" in killed_worker_message(KilledWorker("x", None, 0), None)
