@@ -124,6 +124,6 @@ def run(quick: bool):
                     emit("scale", case, "rows_per_s", n / res["wall_s"], n=n, wall_s=round(res["wall_s"], 1),
                          driver_peak_mb=res["driver_peak_mb"], worker_peak_mb=res["worker_peak_mb"],
                          processes=res["processes"], planted=planted,
-                         worker_restarts=res["stderr"].count("memory budget. Restarting"), dropped=man["counts"]["dropped"],
-                         selected=man["counts"]["selected"],
+                         worker_restarts=res["stderr"].count("memory budget. Restarting"),
+                         dropped=man["counts"]["dropped"], selected=man["counts"]["selected"],
                          busy_s={k: v.get("busy_s") for k, v in man["stages"].items() if v.get("busy_s")})

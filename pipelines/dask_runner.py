@@ -385,9 +385,8 @@ def killed_worker_message(exc, memory_limit: str | None) -> str:
     always memory (a worker is restarted past 95% of its limit), so say that and what to change."""
     task = exc.task[0] if isinstance(exc.task, tuple) else exc.task
     limit = f"--dask_memory_limit={memory_limit}" if memory_limit else "their memory limit"
-    return (f"dask: {exc.allowed_failures + 1} workers died running one task ({task}); a worker is "
-            f"restarted when it passes 95% of {limit}: give the workers more memory, or the job "
-            f"smaller inputs per task")
+    return (f"dask: one task ({task}) killed its worker {exc.allowed_failures + 1} times; a worker "
+            f"is restarted when it passes 95% of {limit}: give the workers more memory")
 
 
 class Result(beam_dask.DaskRunnerResult):
@@ -410,7 +409,7 @@ class Result(beam_dask.DaskRunnerResult):
                     self.client.run(_forget, self.run)
                     self.client.unregister_worker_plugin(TrimMemory.name)
                 except Exception as exc:  # noqa: BLE001
-                    log.warning("dask: the workers' DoFns were not torn down: %s", exc)
+                    log.warning("dask: the run's DoFns and memory trim were not removed from the workers: %s", exc)
             self.client.close()
             if self.cluster is not None:
                 self.cluster.close()

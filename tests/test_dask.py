@@ -222,6 +222,6 @@ def test_a_task_that_kills_every_worker_is_one_line_on_memory():
 
     exc = KilledWorker(("run_bundle-select-shuffle-984c", 29), "tcp://127.0.0.1:1", 3)
     msg = killed_worker_message(exc, "2GB")
-    assert "\n" not in msg and "4 workers died" in msg and "run_bundle-select-shuffle-984c" in msg
+    assert "\n" not in msg and "killed its worker 4 times" in msg and "run_bundle-select-shuffle-984c" in msg
     assert "--dask_memory_limit=2GB" in msg
     assert "their memory limit" in killed_worker_message(KilledWorker("x", None, 0), None)
