@@ -214,7 +214,7 @@ def test_a_worker_hands_freed_heap_back_once_past_half_its_limit():
 
 
 def test_a_task_that_kills_every_worker_is_one_line_on_memory():
-    """Dask's KilledWorker (seen at 1M rows, workers capped at 2 GB: one bundle killed 4 workers)
+    """Dask's KilledWorker (seen at 1M rows, workers capped at 2 GB: one bundle killed its worker 4 times)
     becomes one line naming the task and the limit, not an "unexpected error"."""
     from distributed import KilledWorker
 
