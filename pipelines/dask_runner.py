@@ -385,7 +385,8 @@ def killed_worker_message(exc, memory_limit: str | None) -> str:
     always memory (a worker is restarted past 95% of its limit), so say that and what to change."""
     task = exc.task[0] if isinstance(exc.task, tuple) else exc.task
     limit = f"--dask_memory_limit={memory_limit}" if memory_limit else "their memory limit"
-    return (f"dask: one task ({task}) killed its worker {exc.allowed_failures + 1} times; a worker "
+    deaths = exc.allowed_failures + 1
+    return (f"dask: one task ({task}) killed its worker {deaths} time{'s' if deaths > 1 else ''}; a worker "
             f"is restarted when it passes 95% of {limit}: give the workers more memory")
 
 

@@ -225,3 +225,23 @@ def test_a_task_that_kills_every_worker_is_one_line_on_memory():
     assert "\n" not in msg and "killed its worker 4 times" in msg and "run_bundle-select-shuffle-984c" in msg
     assert "--dask_memory_limit=2GB" in msg
     assert "their memory limit" in killed_worker_message(KilledWorker("x", None, 0), None)
+
+
+def test_a_run_whose_task_kills_its_worker_ends_with_that_line_and_closes_its_cluster():
+    """The real path: a task that ends its worker process on a LocalCluster of the runner's own
+    making (no retries allowed) ends ``Result.wait_until_finish`` with the one line, and the
+    cluster the run started is closed."""
+    import dask
+    from distributed import Client
+
+    from curate.errors import CurateError
+    from pipelines.dask_runner import Result, _local_cluster
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        cluster = _local_cluster(1, "1GB")
+        client = Client(cluster.scheduler_address)
+        result = Result(client, [client.submit(os._exit, 1, pure=False)], cluster, "r", "1GB")
+        with pytest.raises(CurateError, match=r"^dask: one task \(_exit-.*\) killed its worker 1 time; .*"
+                                              r"--dask_memory_limit=1GB"):
+            result.wait_until_finish()
+    assert client.status == "closed" and cluster.status.name == "closed"
