@@ -172,6 +172,8 @@ class DaskRunner(beam_dask.DaskRunner):
         import dask
         import dask.bag as db
         from apache_beam import pvalue
+        from dask.base import tokenize
+        from dask.highlevelgraph import HighLevelGraph
         from apache_beam.pipeline import PipelineVisitor
         from apache_beam.runners.dask.overrides import _Flatten, _GroupByKeyOnly
         from apache_beam.transforms.core import ParDo
@@ -191,9 +193,25 @@ class DaskRunner(beam_dask.DaskRunner):
                 come first), at least ``min_partitions``. Beam's translation lets a Flatten add its inputs' partitions
                 up and shuffles each GroupByKey at its input's width, so a job's partitions grow
                 stage by stage, and a task-based shuffle costs about partitions x sqrt(partitions)
-                tasks: 19,000 tasks for a 434-row job. Merging neighbours is cheap (no shuffle)
-                and keeps a partition about one read unit's rows."""
+                tasks: 19,000 tasks for a 434-row job. Merging neighbours is cheap (no shuffle);
+                the bags bounded here are a shuffle's output (up to 1.3 x its input's partitions, of
+                even size, so a merged one holds at most two) or a shuffle's balanced input."""
                 return bag.repartition(self.widest) if bag.npartitions > self.widest else bag
+
+            def _flatten(self, bags):
+                """The union of ``bags``, each bounded first. When their partitions add up past
+                ``widest``, partition j of the union is partition j of each input, not neighbours
+                merged: a Flatten's inputs mostly come from the same partitions (a stage's live
+                and dropped rows, a join's two sides), so aligned they add up to one partition's
+                rows, while merging neighbours put the live rows of two partitions into one at
+                every Flatten, and at 1M rows a GroupByKey got a partition 20 times the rest."""
+                bags = [self._bounded(b) for b in bags]
+                if sum(b.npartitions for b in bags) <= self.widest:
+                    return db.concat(bags)
+                name = f"curate-flatten-{tokenize(*bags)}"
+                n = max(b.npartitions for b in bags)
+                dsk = {(name, j): (_concat, *[(b.name, j) for b in bags if j < b.npartitions]) for j in range(n)}
+                return db.Bag(HighLevelGraph.from_collections(name, dsk, dependencies=bags), name, n)
 
             def bag_of(self, pcoll):
                 producer = pcoll.producer
@@ -219,7 +237,7 @@ class DaskRunner(beam_dask.DaskRunner):
                     self.bags[node] = grouped.map(_values)
                     return
                 if isinstance(transform, _Flatten):
-                    self.bags[node] = self._bounded(db.concat(inputs))
+                    self.bags[node] = self._flatten(inputs)
                     return
                 op = te.TRANSLATIONS.get(transform.__class__, te.NoOp)(node, bag_kwargs=bag_kwargs)
                 if not inputs:

@@ -245,3 +245,36 @@ def test_a_run_whose_task_kills_its_worker_ends_with_that_line_and_closes_its_cl
                                               r"--dask_memory_limit=1GB"):
             result.wait_until_finish()
     assert client.status == "closed" and cluster.status.name == "closed"
+
+
+class _LiveOrDropped(beam.DoFn):
+    def process(self, x, every):
+        yield beam.pvalue.TaggedOutput("dropped", x) if x % every == 0 else x
+
+
+def test_a_flatten_of_one_partitions_two_parts_keeps_partitions_even():
+    """A stage's live and dropped rows come back together in a Flatten: partition j of the union
+    holds partition j of each, so stage after stage every partition stays one read unit's rows
+    (merging neighbours had the live rows of 2, 4, 8 partitions in one)."""
+    import dask
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.dask.overrides import dask_overrides
+
+    from pipelines.dask_runner import DaskRunner
+
+    p = beam.Pipeline(runner=DaskRunner(), options=PipelineOptions([]))
+    rows = p | beam.Create(range(40)) | beam.FlatMap(lambda u: range(u * 10, u * 10 + 10))
+    for stage in range(3):
+        split = rows | f"Split{stage}" >> beam.ParDo(_LiveOrDropped(), 10 - stage).with_outputs("dropped", main="live")
+        rows = (split.dropped, split.live | f"Work{stage}" >> beam.Map(lambda x: x)) | f"Merge{stage}" >> beam.Flatten()
+    rows | beam.Map(lambda x: (x % 7, x)) | beam.GroupByKey()
+    p.replace_all(dask_overrides())
+    visitor = DaskRunner.to_dask_bag_visitor({"partition_size": 1}, min_partitions=2)
+    p.visit(visitor)
+    merged = {node.full_label: bag for node, bag in visitor.bags.items() if node.full_label.startswith("Merge")}
+    assert sorted(merged) == ["Merge0", "Merge1", "Merge2"]
+    with dask.config.set(scheduler="sync"):
+        for label, bag in merged.items():
+            sizes = dask.compute(*[dask.delayed(len)(part) for part in bag.to_delayed(optimize_graph=False)])
+            assert len(sizes) == 40 and set(sizes) == {10}, (label, sizes)
+            assert sorted(dask.compute(bag)[0]) == list(range(400))
