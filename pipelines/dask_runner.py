@@ -132,6 +132,31 @@ def _run_bundle(items, spec: dict, *side_values):
     return receivers.out
 
 
+def _register_sizes() -> None:
+    """Tell Dask the size of Beam's wrappers. Dask decides what to keep in memory and what to
+    spill by ``dask.sizeof``, which falls back to ``sys.getsizeof`` for a class it does not know:
+    a ``WindowedValue`` (every value in a GroupByKey's shuffle, after Beam's ReifyWindows) counted
+    about 100 bytes whatever record it holds, so a shuffle piece of 1,000 records counted 0.4 MB
+    for 2.8 MB, and at 1M rows the workers held 200,000 records Dask thought were 0.3 GB, spilled
+    too late and were restarted at their memory limit. Registered where the workers import this
+    module (the tasks and the memory plugin come from it)."""
+    import sys
+
+    from apache_beam.utils.windowed_value import WindowedValue
+    from dask.sizeof import sizeof
+
+    @sizeof.register(WindowedValue)
+    def _windowed(wv) -> int:
+        return sys.getsizeof(wv) + sizeof(wv.value)
+
+    @sizeof.register(TaggedOutput)
+    def _tagged(item) -> int:
+        return sys.getsizeof(item) + sizeof(item.value)
+
+
+_register_sizes()
+
+
 def _key(item):
     return item[0]
 

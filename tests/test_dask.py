@@ -278,3 +278,19 @@ def test_a_flatten_of_one_partitions_two_parts_keeps_partitions_even():
             sizes = dask.compute(*[dask.delayed(len)(part) for part in bag.to_delayed(optimize_graph=False)])
             assert len(sizes) == 40 and set(sizes) == {10}, (label, sizes)
             assert sorted(dask.compute(bag)[0]) == list(range(400))
+
+
+def test_dask_counts_the_records_inside_beams_wrappers():
+    """A shuffle piece is (hash, (key, WindowedValue(record))); Dask spills by these sizes."""
+    from apache_beam.transforms.window import GlobalWindows
+    from dask.sizeof import sizeof
+
+    import pipelines.dask_runner  # noqa: F401 - registers the sizes
+
+    record = {"id": "a" * 16, "prompt": "p" * 800, "response": "r" * 1200, "source": "s0"}
+    bare = sizeof(record)
+    assert bare > 2000
+    assert sizeof(GlobalWindows.windowed_value(record)) >= bare
+    assert sizeof(beam.pvalue.TaggedOutput("stats", record)) >= bare
+    piece = [(7, (("s0", str(i)), GlobalWindows.windowed_value(dict(record)))) for i in range(1000)]
+    assert sizeof(piece) >= 1000 * bare
