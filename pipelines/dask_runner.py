@@ -393,7 +393,7 @@ def trim_if_over(rss: int, limit: int | None, trim, share: float = 0.5) -> bool:
     """Hand freed heap back to the system once a worker's resident memory passes ``share`` of its
     limit. Why: the heap Python frees between tasks (shuffles, bundles) stays in glibc's arenas, and
     Dask counts it as the worker's "unmanaged" memory; at 1M rows with workers capped at 2 GB one
-    worker sat paused at its 80% mark holding 1.6 GB, none of it data (``malloc_trim(0)`` gave back
+    worker sat paused at its 80% mark holding 1.6 GB Dask counted as unmanaged (``malloc_trim(0)`` gave back
     0.7 GB), and the run went on with one worker. Dask sets ``MALLOC_TRIM_THRESHOLD_``, which trims
     only the top of the main arena."""
     if trim is None or not limit or rss <= share * limit:
