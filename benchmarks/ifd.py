@@ -145,7 +145,7 @@ def run(quick: bool):
     m = n if kernel_choice.native_bf16() else min(n, 4)
     bf16 = model.to(torch.bfloat16)  # torch runs bf16 matmuls on oneDNN already
     t = time.perf_counter()
-    low = [s for b in range(0, m, BUCKET) for s in score_rows(bf16, tok, rows[b:b + BUCKET], SETTINGS)]
+    low = [s for b in range(0, m, BUCKET) for s in score_rows(bf16, tok, rows[b:min(b + BUCKET, m)], SETTINGS)]
     bf16_s = time.perf_counter() - t
     same_status = all(a["ifd_status"] == b["ifd_status"] and a["rifd_status"] == b["rifd_status"]
                       for a, b in zip(low, fp32))
