@@ -137,7 +137,7 @@ def _register_sizes() -> None:
     spill by ``dask.sizeof``, which falls back to ``sys.getsizeof`` for a class it does not know:
     a ``WindowedValue`` (every value in a GroupByKey's shuffle, after Beam's ReifyWindows) counted
     about 100 bytes whatever record it holds, so a shuffle piece of 1,000 records counted 0.4 MB
-    for 2.8 MB, and at 1M rows the workers held 200,000 records Dask thought were 0.3 GB, spilled
+    for 2.8 MB, and at 1M rows a worker held 200,000 records Dask thought were 0.3 GB, spilled
     too late and were restarted at their memory limit. Registered where the workers import this
     module (the tasks and the memory plugin come from it)."""
     import sys
