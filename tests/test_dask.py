@@ -255,7 +255,8 @@ class _LiveOrDropped(beam.DoFn):
 def test_a_flatten_of_one_partitions_two_parts_keeps_partitions_even():
     """A stage's live and dropped rows come back together in a Flatten: partition j of the union
     holds partition j of each, so stage after stage every partition stays one read unit's rows
-    (merging neighbours had the live rows of 2, 4, 8 partitions in one)."""
+    (merging neighbours gave partitions of 2 and 18 rows at the first Flatten). An input with
+    fewer partitions (a one-element Create) joins the first ones."""
     import dask
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.runners.dask.overrides import dask_overrides
@@ -268,16 +269,20 @@ def test_a_flatten_of_one_partitions_two_parts_keeps_partitions_even():
         split = rows | f"Split{stage}" >> beam.ParDo(_LiveOrDropped(), 10 - stage).with_outputs("dropped", main="live")
         rows = (split.dropped, split.live | f"Work{stage}" >> beam.Map(lambda x: x)) | f"Merge{stage}" >> beam.Flatten()
     rows | beam.Map(lambda x: (x % 7, x)) | beam.GroupByKey()
+    (rows, p | "Extra" >> beam.Create([-1])) | "MergeExtra" >> beam.Flatten()
     p.replace_all(dask_overrides())
     visitor = DaskRunner.to_dask_bag_visitor({"partition_size": 1}, min_partitions=2)
     p.visit(visitor)
     merged = {node.full_label: bag for node, bag in visitor.bags.items() if node.full_label.startswith("Merge")}
+    extra = merged.pop("MergeExtra")
     assert sorted(merged) == ["Merge0", "Merge1", "Merge2"]
     with dask.config.set(scheduler="sync"):
         for label, bag in merged.items():
             sizes = dask.compute(*[dask.delayed(len)(part) for part in bag.to_delayed(optimize_graph=False)])
             assert len(sizes) == 40 and set(sizes) == {10}, (label, sizes)
             assert sorted(dask.compute(bag)[0]) == list(range(400))
+        sizes = dask.compute(*[dask.delayed(len)(part) for part in extra.to_delayed(optimize_graph=False)])
+        assert sizes == (11,) + (10,) * 39 and sorted(dask.compute(extra)[0]) == list(range(-1, 400))
 
 
 def test_dask_counts_the_records_inside_beams_wrappers():
