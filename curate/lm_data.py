@@ -112,25 +112,43 @@ def response_nll(model, examples: list[Example], pad_id: int, batch_size: int = 
     return out
 
 
-def jsd_from_logprobs(logp, logq):
-    """Jensen-Shannon divergence (nats) per row of two log-probability tensors [..., V]; in
-    [0, ln 2], 0 for equal rows, never NaN for zero probabilities (xlogy-style terms)."""
+def divergences(logp, logq):
+    """(JSD, KL(p || q)) in nats per row of two log-probability tensors [N, V]. JSD is in
+    [0, ln 2], 0 for equal rows, never NaN for zero probabilities; KL is inf where q is 0 and p
+    is not.
+
+    On a CPU one row at a time: a row's temporaries (a few hundred KB at SmolLM2's 49k vocabulary)
+    stay in cache, 8-12x faster than whole-tensor ops on 2 cores (they ran longer than the model's
+    forward pass), and a row's result does not depend on the rows batched with it (a reduction
+    over several rows may split a row's sum between threads)."""
+    import torch
+
+    n = logp.shape[0]
+    jsd = torch.empty(n, dtype=logp.dtype, device=logp.device)
+    kl = torch.empty(n, dtype=logp.dtype, device=logp.device)
+    step = 1 if logp.device.type == "cpu" else 256
+    for s in range(0, n, step):
+        jsd[s:s + step], kl[s:s + step] = _divergences(logp[s:s + step], logq[s:s + step])
+    return jsd, kl
+
+
+def _divergences(logp, logq):
     import torch
 
     p, q = logp.exp(), logq.exp()
-    m = 0.5 * (p + q)
-    logm = torch.log(m.clamp_min(torch.finfo(m.dtype).tiny))
-    kl_pm = torch.where(p > 0, p * (logp - logm), torch.zeros_like(p)).sum(-1)
-    kl_qm = torch.where(q > 0, q * (logq - logm), torch.zeros_like(q)).sum(-1)
-    return (0.5 * kl_pm + 0.5 * kl_qm).clamp(0.0, math.log(2))
+    logm = torch.add(p, q).mul_(0.5).clamp_min_(torch.finfo(p.dtype).tiny).log_()
+    # p * (log p - log m) is 0 where p is: log p = -inf would give 0 * -inf = NaN, and a floor
+    # far below any finite log-probability's (about -104 in fp32, -745 in fp64) keeps it 0
+    lp, lq = logp.clamp_min(-1e4), logq.clamp_min(-1e4)
+    jsd = ((lp - logm).mul_(p).sum(-1) + (lq - logm).mul_(q).sum(-1)).mul_(0.5).clamp_(0.0, math.log(2))
+    kl = torch.where(p > 0, (logp - logq).mul_(p), 0.0).sum(-1).clamp_min_(0.0)
+    return jsd, kl
 
 
-def kl_from_logprobs(logp, logq):
-    """KL(p || q) per row (nats)."""
-    import torch
-
-    p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1).clamp_min(0.0)
+def jsd_from_logprobs(logp, logq):
+    """Jensen-Shannon divergence (nats) per row of two log-probability tensors [..., V]."""
+    lead = logp.shape[:-1]
+    return divergences(logp.reshape(-1, logp.shape[-1]), logq.reshape(-1, logq.shape[-1]))[0].reshape(lead)
 
 
 def compare(dense, other, examples: list[Example], pad_id: int, batch_size: int = 8, progress=None) -> list[dict]:
@@ -148,8 +166,7 @@ def compare(dense, other, examples: list[Example], pad_id: int, batch_size: int 
         with torch.inference_mode():
             logp, targets, keep = _target_logprobs(dense, ids, labels, mask)
             logq, _, _ = _target_logprobs(other, ids, labels, mask)
-            jsd = jsd_from_logprobs(logp, logq).double()
-            kl = kl_from_logprobs(logp, logq).double()
+            jsd, kl = (t.double() for t in divergences(logp, logq))
             nll_p = -logp.gather(1, targets[:, None])[:, 0].double()
             nll_q = -logq.gather(1, targets[:, None])[:, 0].double()
         rows = keep.nonzero()[:, 0]
