@@ -131,9 +131,9 @@ def test_the_models_run_on_a_given_scheduler_and_select_the_same_rows(job_dir, t
 
     fn_cache, dask_cache = tmp_path_factory.mktemp("fn"), tmp_path_factory.mktemp("dask")
 
-    def caches(root):
-        return {"embed": {"cache_dir": str(root / "embed")}, "score": {"ifd": {"max_length": 96,
-                                                                                "cache_dir": str(root / "ifd")}}}
+    def caches(root):  # 3 rows a source, 64 tokens: the test is about where the models run
+        return {"sample": {"mode": "random", "n": 3}, "embed": {"cache_dir": str(root / "embed")},
+                "score": {"ifd": {"max_length": 64, "cache_dir": str(root / "ifd")}}}
 
     assert run_cli("run", _job(job_dir, "fn", True, caches(fn_cache))) == 0
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
