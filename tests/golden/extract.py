@@ -1,5 +1,5 @@
 """Write the golden summary of a finished run: selected ids, each row's drop reason and score
-columns. Used once to record tests/golden/*.json from the code before a refactor:
+columns. Used to record tests/golden/*.json (see tests/test_golden.py for which code wrote each):
 
     python tests/golden/extract.py RUN_DIR OUT.json
 """
