@@ -16,7 +16,7 @@ from curate.rewrite.local_server import LocalServer
 from tests.conftest import EXAMPLES, load_manifest, run_cli, shared, write_job
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python[server] is installed by `make test`")
-ROWS = 6  # real rows per run: about 2 requests per row before the server stops, 3 after
+ROWS = 4  # real rows per run: up to 3 requests a row; the server stops after 4 replies
 
 
 def _job(job_dir, name, url, cache, n=ROWS):
