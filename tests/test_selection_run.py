@@ -30,7 +30,7 @@ def scored_run(tmp_path_factory):
                       {"source": "gsm8k", "path": shared("gsm8k_train.json")}],
            "sample": {"mode": "random", "n": PER_SOURCE},
            "cluster": {"k": 4},
-           "score": {"ifd": {"cache_dir": str(d / "cache"), "max_length": 256}},  # short: the test is about selection
+           "score": {"ifd": {"cache_dir": str(d / "cache"), "max_length": 128}},  # short: the test is about selection
            "select": {"policy": "superfiltering", "budget": {"fraction": 0.5}}}
     assert run_cli("run", write_job(d, cfg)) == 0
     return d / "out"
