@@ -43,14 +43,14 @@ TWO_SOURCES = [{"source": "alpaca_cherry", "path": shared("alpaca_cherry_5pct.js
 
 
 def test_two_source_sample_runs_every_stage(job_dir):
-    job = write_job(job_dir, {"output": "out", "inputs": TWO_SOURCES, "sample": {"mode": "random", "n": 12},
-                              "score": {"ifd": {"cache": False, "max_length": 192}}})
+    job = write_job(job_dir, {"output": "out", "inputs": TWO_SOURCES, "sample": {"mode": "random", "n": 8},
+                              "score": {"ifd": {"cache": False, "max_length": 128}}})
     assert run_cli("run", job) == 0
     man = load_manifest("out")
-    assert man["accounting"]["holds"] and man["counts"]["rows_in"] == 24
+    assert man["accounting"]["holds"] and man["counts"]["rows_in"] == 16
     assert {"read", "validate", "ids", "exact_dedup", "near_dedup", "embed", "cluster", "semantic_dedup",
             "write"} <= set(man["stages"])
-    embedded = 24 - sum(man["counts"]["dropped"].get(r, 0) for r in ("exact_duplicate", "near_duplicate"))
+    embedded = 16 - sum(man["counts"]["dropped"].get(r, 0) for r in ("exact_duplicate", "near_duplicate"))
     assert man["stages"]["embed"]["rows"] == man["stages"]["cluster"]["rows"] == embedded
     ann = read_table("out", "annotated").to_pandas()
     assert ann[ann.selected].cluster_id.notna().all() and man["cluster"]["k"] == round(embedded ** 0.5)
