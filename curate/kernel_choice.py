@@ -12,7 +12,12 @@ agree to float32 rounding whichever wins, so the choice is not part of any cache
 The choice is kept in ``cache_root()/kernels.json`` per CPU (model name and instruction-set
 flags), torch version, thread count, ISA caps in the environment (``ONEDNN_MAX_CPU_ISA``,
 ``MKL_ENABLE_INSTRUCTIONS``, ``ATEN_CPU_CAPABILITY``) and set of shapes, so it is measured once
-per machine and model. A job forces a kernel with ``cpu_linear: torch`` or ``onednn``.
+per machine and model. A measurement taken while other processes held the cores is not kept:
+under contention the two kernels rank differently (on a 2-core AVX2 EPYC, torch 172 vs oneDNN 164
+GFLOP/s on an idle machine, 33 vs 51 with a second job on the cores), and a choice cached from a
+busy moment stayed wrong for every later run. It is used for that run and recorded with
+``cpu_share`` (the share of its threads' time the measurement got); the next run measures again.
+A job forces a kernel with ``cpu_linear: torch`` or ``onednn``.
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ KERNELS = ("torch", "onednn")
 CHOICES = ("auto",) + KERNELS
 ENV_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 TOKENS = 512  # rows of the measured GEMMs: about one forward batch's tokens
-VERSION = 1  # of the measurement; a new one re-measures
+VERSION = 2  # of the measurement; a new one re-measures (2: busy measurements are no longer kept)
+BUSY = 0.8  # below this share of its threads' CPU time, a measurement is not kept
 
 
 @dataclass
@@ -42,9 +48,10 @@ class Choice:
     gflops: dict = field(default_factory=dict)  # kernel -> GFLOP/s on the model's shapes
     why: str = ""  # why a kernel was left out or forced
     cpu: str = ""
+    cpu_share: float | None = None  # set when the measurement ran on a busy machine (not kept)
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v not in ("", {})}
+        return {k: v for k, v in asdict(self).items() if v not in ("", {}, None)}
 
 
 def cpu_name() -> str:
@@ -195,6 +202,17 @@ def measure(shapes: dict[tuple[int, int], int], kernels=KERNELS, seconds: float 
     return rates, failed
 
 
+def cpu_share(fn):
+    """(``fn()``, the share of this process's torch threads' time it got): CPU time over wall time
+    x threads, about 1 on an idle machine, lower when other processes compete for the cores."""
+    import torch
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return out, cpu / max(wall * torch.get_num_threads(), 1e-9)
+
+
 def choose(shapes_fn, want: str = "auto", device: str = "cpu", dtype: str = "float32") -> Choice:
     """The linear kernel for a model. ``shapes_fn()`` gives its linear shapes (called only when a
     measurement is needed). ``want`` is the job's ``cpu_linear``: ``auto`` measures (or reads the
@@ -228,12 +246,17 @@ def choose(shapes_fn, want: str = "auto", device: str = "cpu", dtype: str = "flo
     if cached and cached.get("kernel") in KERNELS:
         return Choice(cached["kernel"], "cached", cached.get("gflops", {}), cached.get("why", ""), cpu)
     t = time.perf_counter()
-    rates, failed = measure(shapes)
+    (rates, failed), share = cpu_share(lambda: measure(shapes))
     kernel = max(rates, key=rates.get) if rates else "torch"
     why = "; ".join(f"{k}: {v}" for k, v in failed.items())
-    choice = Choice(kernel, "measured", rates, why, cpu)
+    busy = share < BUSY
+    choice = Choice(kernel, "measured", rates, why, cpu, round(share, 2) if busy else None)
     log.info("linear kernel: %s (GFLOP/s on the model's shapes: %s; measured in %.1f s on %s)", kernel,
              ", ".join(f"{k} {v}" for k, v in rates.items()), time.perf_counter() - t, cpu)
+    if busy:
+        log.warning("linear kernel: the CPU was busy while measuring (this process got %.0f%% of its threads' "
+                    "time); %s is used for this run and measured again next time", 100 * share, kernel)
+        return choice
     try:
         _write_cache(key, choice)
     except OSError as err:

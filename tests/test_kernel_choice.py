@@ -2,6 +2,9 @@
 forced by the job, and never offered where it cannot run."""
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -28,6 +31,7 @@ def test_shapes_come_from_the_model_and_from_a_folder_without_weights(tmp_path):
 @needs_onednn
 def test_auto_measures_takes_the_faster_and_keeps_the_choice(monkeypatch, tmp_path):
     monkeypatch.setenv("CURATE_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "cpu_share", lambda fn: (fn(), 1.0))  # an idle machine (see the next test)
     calls = []
 
     def shapes():
@@ -47,6 +51,23 @@ def test_auto_measures_takes_the_faster_and_keeps_the_choice(monkeypatch, tmp_pa
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", other)  # read by oneDNN at start-up only: changes the key here
     assert kernel_choice.choose(shapes, "auto").how == "measured"
     assert len(json.loads((tmp_path / "kernels.json").read_text())) == 2
+
+
+@needs_onednn
+def test_a_measurement_on_busy_cores_is_used_once_and_not_kept(monkeypatch, tmp_path, caplog):
+    """Real contention: twice as many spinning processes as cores while the kernels are timed."""
+    monkeypatch.setenv("CURATE_CACHE", str(tmp_path))
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 1))]
+    try:
+        time.sleep(0.3)
+        busy = kernel_choice.choose(lambda: TINY, "auto")
+    finally:
+        for p in spin:
+            p.kill()
+            p.wait()
+    assert busy.how == "measured" and busy.cpu_share < kernel_choice.BUSY
+    assert busy.kernel == max(busy.gflops, key=busy.gflops.get) and "cpu_share" in busy.as_dict()
+    assert not (tmp_path / "kernels.json").exists() and "busy while measuring" in caplog.text
 
 
 def test_a_wrong_kernel_is_left_out_and_the_other_taken(monkeypatch):
