@@ -10,13 +10,15 @@ accuracy check against float64 is used. Both are true float32 (no bf16 or tf32 i
 agree to float32 rounding whichever wins, so the choice is not part of any cache key.
 
 The choice is kept in ``cache_root()/kernels.json`` per CPU (model name and instruction-set
-flags), torch version, thread count, ISA caps in the environment (``ONEDNN_MAX_CPU_ISA``,
+flags), boot, torch version, thread count, ISA caps in the environment (``ONEDNN_MAX_CPU_ISA``,
 ``MKL_ENABLE_INSTRUCTIONS``, ``ATEN_CPU_CAPABILITY``) and set of shapes, so it is measured once
-per machine and model. A measurement taken while other processes held the cores is not kept:
-under contention the two kernels rank differently (on a 2-core AVX2 EPYC, torch 172 vs oneDNN 164
-GFLOP/s on an idle machine, 33 vs 51 with a second job on the cores), and a choice cached from a
-busy moment stayed wrong for every later run. It is used for that run and recorded with
-``cpu_share`` (the share of its threads' time the measurement got); the next run measures again.
+per machine, boot and model. The boot is in the key because a cloud VM names its CPU vaguely
+("AMD EPYC") and a home folder outlives the host: a choice measured on an earlier day (oneDNN,
+136 vs 123 GFLOP/s) was read back on a machine with the same name where torch's kernel was the
+faster (172 vs 164, its IFD stage 1.09x oneDNN's). A measurement taken while other processes
+held the cores is not kept either: under contention the kernels rank differently (there, 33 vs
+51 with a second job on the cores). It is used for that run and recorded with ``cpu_share`` (the
+share of its threads' time the measurement got); the next run measures again.
 A job forces a kernel with ``cpu_linear: torch`` or ``onednn``.
 """
 from __future__ import annotations
@@ -111,10 +113,19 @@ def _cache_key(shapes: dict) -> str:
     import torch
 
     env = {k: os.environ.get(k, "") for k in ENV_CAPS}
-    blob = json.dumps({"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    blob = json.dumps({"cpu": cpu_name(), "boot": _boot_id(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                        "env": env, "shapes": sorted([list(k) + [v] for k, v in shapes.items()]),
                        "version": VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _boot_id() -> str:
+    """This boot of this machine (Linux), "" where the system does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="utf-8") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
 
 
 def _cache_file() -> str:
