@@ -299,3 +299,23 @@ def test_dask_counts_the_records_inside_beams_wrappers():
     assert sizeof(beam.pvalue.TaggedOutput("stats", record)) >= bare
     piece = [(7, (("s0", str(i)), GlobalWindows.windowed_value(dict(record)))) for i in range(1000)]
     assert sizeof(piece) >= 1000 * bare
+
+
+def test_a_shuffle_moves_each_record_pickled_once_and_gives_it_back_whole():
+    """What a GroupByKey hands Dask is (key, bytes): cheap to move or spill again and sized
+    exactly (at a 1.2 GB worker cap, 100k rows ran 158 s packed, 200 s as record dicts)."""
+    import pickle
+
+    from apache_beam.transforms.window import GlobalWindows
+    from dask.sizeof import sizeof
+
+    from pipelines.dask_runner import _pack, _values
+
+    records = [{"id": str(i), "prompt": "p" * 500, "vector": [0.5] * 8, "score": float("nan")} for i in range(50)]
+    packed = _pack([(("s0", r["id"]), GlobalWindows.windowed_value(r)) for r in records])
+    assert all(type(value) is bytes for _, value in packed)
+    assert sizeof(packed) >= sum(len(value) for _, value in packed) >= 50 * 500
+    assert len(pickle.dumps(packed)) < 1.1 * sum(len(value) for _, value in packed) + 50 * 64
+    key, back = _values(("k", packed))
+    assert key == "k" and [b["id"] for b in back] == [r["id"] for r in records]
+    assert back[3]["vector"] == records[3]["vector"] and back[3]["score"] != back[3]["score"]  # NaN kept
