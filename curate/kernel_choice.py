@@ -113,9 +113,10 @@ def _cache_key(shapes: dict) -> str:
     import torch
 
     env = {k: os.environ.get(k, "") for k in ENV_CAPS}
-    blob = json.dumps({"cpu": cpu_name(), "boot": _boot_id(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "env": env, "shapes": sorted([list(k) + [v] for k, v in shapes.items()]),
-                       "version": VERSION}, sort_keys=True)
+    blob = json.dumps({"cpu": cpu_name(), "boot": _boot_id(), "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "env": env,
+                       "shapes": sorted([list(k) + [v] for k, v in shapes.items()]), "version": VERSION},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
