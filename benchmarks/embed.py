@@ -57,7 +57,7 @@ def run(quick: bool):
     from curate.settings import Embed as EmbedSettings
     from pipelines.embed_cluster import Cluster, Embed
 
-    n = 640 if quick else 5_000  # quick: ten batches, about 2 minutes on 2 AVX2 cores
+    n = 640 if quick else 5_000  # quick: ten batches, 114 s on 2 cores of an AMD EPYC with AVX2 only
     recs = _records(n)
     texts = [embed_text(r) for r in recs]
 

@@ -15,6 +15,7 @@ import os
 import time
 
 import numpy as np
+import torch
 
 from benchmarks.common import emit, real_rows, spread
 from benchmarks.ifd import SETTINGS, _spearman
@@ -33,10 +34,8 @@ def _llama_nll(llm, pair, spent: list) -> float:
     t = time.perf_counter()
     llm.eval(ids)
     spent[0] += time.perf_counter() - t
-    logits = np.asarray(llm.scores[start - 1:len(ids) - 1], dtype=np.float64)  # row j predicts ids[j + 1]
-    top = logits.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
-    return float(np.mean(lse - logits[np.arange(len(logits)), ids[start:]]))
+    logits = torch.from_numpy(np.asarray(llm.scores[start - 1:len(ids) - 1], dtype=np.float64))  # j predicts j + 1
+    return float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[start:])))
 
 
 def run(quick: bool):
@@ -57,7 +56,7 @@ def run(quick: bool):
     stage_s = time.perf_counter() - t
 
     folder, name = gguf_location(*_GGUF[DEFAULT_WEAK_LM])
-    threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    threads = torch.get_num_threads()  # the stage's
     llm = Llama(os.path.join(folder, name), n_ctx=2 * SETTINGS.max_length, n_batch=512, n_ubatch=512,
                 n_threads=threads, logits_all=True, verbose=False)
     spent = [0.0]

@@ -13,7 +13,7 @@ The choice is kept in ``cache_root()/kernels.json`` per CPU (model name and inst
 flags), boot, torch version, thread count, ISA caps in the environment (``ONEDNN_MAX_CPU_ISA``,
 ``MKL_ENABLE_INSTRUCTIONS``, ``ATEN_CPU_CAPABILITY``) and set of shapes, so it is measured once
 per machine, boot and model. The boot is in the key because a cloud VM names its CPU vaguely
-("AMD EPYC") and a home folder outlives the host: a choice measured on an earlier day (oneDNN,
+("AMD EPYC [avx2]") and a home folder outlives the host: a choice measured on an earlier day (oneDNN,
 136 vs 123 GFLOP/s) was read back on a machine with the same name where torch's kernel was the
 faster (172 vs 164, its IFD stage 1.09x oneDNN's). A measurement taken while other processes
 held the cores is not kept either: under contention the kernels rank differently (there, 33 vs
