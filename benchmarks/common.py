@@ -77,9 +77,14 @@ def run_measured(cmd: list[str], cwd: str | None = None, env: dict | None = None
     children together (``peak_rss_mb``), of the command's own process (``driver_peak_mb``) and of
     its largest child (``worker_peak_mb``, a Beam SDK worker or a Dask worker). Its output goes to
     files, not pipes: a long run logs more than a pipe holds, and a child blocked on a full pipe
-    stops (seen at 1M rows on Dask: the driver, scheduler and nannies all waited on one log line)."""
+    stops (seen at 1M rows on Dask: the driver, scheduler and nannies all waited on one log line).
+    With ``CURATE_BENCH_LOG`` set to a file path the command's stderr goes there too (appended), so
+    a run of an hour can be watched with ``tail -f``."""
     start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+    watch = os.environ.get("CURATE_BENCH_LOG")
+    with tempfile.TemporaryFile("w+") as out_f, \
+            (open(watch, "a+", encoding="utf-8") if watch else tempfile.TemporaryFile("w+")) as err_f:
+        start_at = err_f.seek(0, os.SEEK_END)
         proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=out_f, stderr=err_f,
                                 text=True)
         root = psutil.Process(proc.pid)
@@ -94,7 +99,7 @@ def run_measured(cmd: list[str], cwd: str | None = None, env: dict | None = None
                 peaks[pid] = max(peaks.get(pid, 0), v)
             time.sleep(every)
         wall = time.perf_counter() - start
-        out_f.seek(0), err_f.seek(0)
+        out_f.seek(0), err_f.seek(start_at)
         out, err = out_f.read(), err_f.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
