@@ -13,6 +13,7 @@ BENCHMARKS = {
     "embed": "benchmarks.embed",
     "ifd": "benchmarks.ifd",
     "ifd_llama": "benchmarks.ifd_llama",
+    "ifd_onnx": "benchmarks.ifd_onnx",
     "select": "benchmarks.select",
     "recovery": "benchmarks.recovery",
     "targeted": "benchmarks.targeted",
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="small sizes: 1 to 4 minutes each on 2 cores (an AMD EPYC with AVX-512: ifd 65 s, "
                          "scale 152 s, targeted 219 s; an AMD EPYC with AVX2 only: ifd 105 s, embed 114 s, "
-                         "ifd_llama 79 s)")
+                         "ifd_llama 79 s, ifd_onnx 142 s)")
     args = ap.parse_args(argv)
     names = list(BENCHMARKS) if args.names == ["all"] else args.names
     unknown = [n for n in names if n not in BENCHMARKS]

@@ -43,8 +43,10 @@ the float32 stage end to end, the quantization and the float32 vocabulary projec
 gain, at a Spearman of 0.96-0.99: not kept. llama.cpp on the packaged Q4_1 GGUF
 (``llama-cpp-python``, the same token ids, one sequence at a time with every position's logits)
 agreed well (24 real rows: Spearman 0.998 of ``ifd_loss``, 0.999 of ``rifd``; NLLs within 0.07) but
-ran at 0.47x the float32 stage (0.49 vs 1.05 rows/s): not kept. Not tried: ONNX Runtime (the same
-float32 GEMMs).
+ran at 0.47x the float32 stage (0.49 vs 1.05 rows/s): not kept. ONNX Runtime running the body
+(``benchmarks ifd_onnx``, 2 AVX2 EPYC cores): float32 1.01-1.18x the stage with the same NLLs, not
+worth a second copy of the weights and an export per model; its dynamic int8 1.58x at a Spearman of
+0.956: not kept.
 """
 from __future__ import annotations
 
