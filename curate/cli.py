@@ -447,12 +447,13 @@ def one_line(exc: BaseException) -> str:
 
 def crash_log(command: str, output: str | None, exc: BaseException) -> str:
     """Write the traceback to a log file and return its path: beside the run's output folder
-    when there is one, else under curate's cache folder."""
+    when there is one on this machine's disk, else under curate's cache folder."""
     from curate.models import cache_root
+    from curate.storage import is_remote
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     candidates = []
-    if output:
+    if output and not is_remote(output):
         out = os.path.abspath(output)
         candidates.append(f"{out}.error-{stamp}.log")
     candidates.append(os.path.join(cache_root(), "logs", f"curate-{command}-{stamp}-{os.getpid()}.log"))

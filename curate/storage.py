@@ -20,11 +20,17 @@ def is_remote(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
+# No listing cache: Beam's sinks write through their own clients, and a listing fsspec cached
+# before (gcsfs answers "not found" for any name missing from a cached parent listing) would hide
+# what they wrote. Every remote call asks the store.
+NO_LISTING_CACHE = {"use_listings_cache": False}
+
+
 def _fs(path: str):
     import fsspec.core
 
     try:
-        return fsspec.core.url_to_fs(path)
+        return fsspec.core.url_to_fs(path, **NO_LISTING_CACHE)
     except ImportError as exc:  # s3fs / gcsfs not installed
         from curate.errors import CurateError
 
@@ -91,7 +97,7 @@ def open_file(path: str, mode: str = "rb", **kwargs):
         return open(path, mode, **kwargs)
     import fsspec
 
-    return fsspec.open(path, mode, **kwargs).open()
+    return fsspec.open(path, mode, **NO_LISTING_CACHE, **kwargs).open()
 
 
 def makedirs(path: str) -> None:

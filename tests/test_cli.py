@@ -46,3 +46,19 @@ def test_run_prints_outputs_and_inspect_reads_them(tmp_path):
     assert bad.returncode == 2 and "not a finished curate run" in bad.stderr
     val = _run("validate", job, cwd=tmp_path)
     assert val.returncode == 0 and "valid; 1 source(s), 1 file(s)" in val.stdout
+
+
+def test_the_crash_log_of_a_run_with_an_output_on_a_store_is_written_on_this_disk(tmp_path, monkeypatch):
+    """Never a local folder named ``s3:`` or ``gs:`` (the URL taken for a path): under the cache."""
+    from curate.cli import crash_log
+
+    monkeypatch.setenv("CURATE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    try:
+        raise RuntimeError("broken on purpose")
+    except RuntimeError as exc:
+        remote = crash_log("run", "gs://bucket/runs/a", exc)
+        local = crash_log("run", str(tmp_path / "out"), exc)
+    assert remote.startswith(str(tmp_path / "cache" / "logs")) and "broken on purpose" in open(remote).read()
+    assert local.startswith(str(tmp_path / "out.error-"))
+    assert sorted(os.listdir(tmp_path)) == ["cache", os.path.basename(local)]

@@ -1,6 +1,7 @@
-"""A job whose input, output and cache live on S3: a real S3-compatible server (moto's server
-mode, started here on a free port), s3fs for curate's own reads and writes, Beam's S3
-filesystem for its sinks; never a mocked client."""
+"""A job whose input, output and cache live on S3 or on Google Cloud Storage: real servers that
+speak each store's API (moto's server mode for S3, gcp-storage-emulator for GCS's JSON API),
+started here on a free port; s3fs / gcsfs for curate's own reads and writes, Beam's S3 / GCS
+filesystems for its sinks; never a mocked client."""
 import gzip
 import json
 import os
@@ -14,8 +15,6 @@ import pytest
 
 from tests.conftest import EXAMPLES, ids, load_manifest, run_cli, write_job
 
-pytest.importorskip("moto", reason="moto[server] is installed with the dev extras")
-pytest.importorskip("s3fs", reason="s3fs is installed with the dev extras")
 BUCKET = "curate-test"
 
 
@@ -27,6 +26,8 @@ def _free_port() -> int:
 
 @pytest.fixture
 def s3(monkeypatch, tmp_path):
+    pytest.importorskip("moto", reason="moto[server] is installed with the dev extras")
+    pytest.importorskip("s3fs", reason="s3fs is installed with the dev extras")
     port = _free_port()
     log = open(tmp_path / "moto.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -48,8 +49,38 @@ def s3(monkeypatch, tmp_path):
                 raise
             time.sleep(0.2)
     s3fs.S3FileSystem.clear_instance_cache()
-    yield s3fs.S3FileSystem()
+    yield s3fs.S3FileSystem(use_listings_cache=False)  # as curate's own: runs rewrite what it reads
     s3fs.S3FileSystem.clear_instance_cache()
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture
+def gcs(monkeypatch, tmp_path):
+    """A GCS JSON API server in memory; clients find it through ``STORAGE_EMULATOR_HOST`` (gcsfs and
+    google-cloud-storage, which Beam's GCS filesystem uses, both read it) and connect anonymously."""
+    pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is installed with the dev extras")
+    gcsfs = pytest.importorskip("gcsfs", reason="gcsfs is installed with the dev extras")
+    port = _free_port()
+    log = open(tmp_path / "gcs.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--in-memory"], stdout=log, stderr=subprocess.STDOUT)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    from google.cloud import storage
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            storage.Client().create_bucket(BUCKET)
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(0.2)
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    yield gcsfs.GCSFileSystem(use_listings_cache=False)
+    gcsfs.GCSFileSystem.clear_instance_cache()
     proc.terminate()
     proc.wait(timeout=10)
     log.close()
@@ -132,3 +163,43 @@ def test_input_output_and_cache_on_s3_round_trip(job_dir, s3, capsys):
                     "targets": [{"source": "math", "path": f"s3://{BUCKET}/targets/*.jsonl.gz"}]})
     got = read_targets(job)
     assert len(got) == 27 and {r["source"] for r in got} == {"math"} and got[0]["prompt"] == rows[0]["instruction"]
+
+
+def test_input_output_and_cache_on_gcs_round_trip(job_dir, gcs, capsys):
+    """The same storage layer on gs:// URLs: a globbed, partly gzipped input, the output committed
+    without a rename (manifest last), the embeddings cache reused, a half-written folder refused."""
+    rows = [json.loads(x) for x in open(f"{EXAMPLES}/gsm8k_sample.jsonl", encoding="utf-8")][:12]
+    rows += rows[:2]  # exact duplicates
+    lines = [json.dumps(r) + "\n" for r in rows]
+    with gcs.open(f"{BUCKET}/in/part-0.jsonl.gz", "wb") as fh:
+        fh.write(gzip.compress("".join(lines[:7]).encode()))
+    with gcs.open(f"{BUCKET}/in/part-1.jsonl", "wb") as fh:
+        fh.write("".join(lines[7:]).encode())
+    (job_dir / "local.jsonl").write_text("".join(lines))
+    remote_in = [{"source": "gsm8k", "path": f"gs://{BUCKET}/in/part-*"}]
+    out, cache = f"gs://{BUCKET}/runs/a", f"gs://{BUCKET}/cache/embed"
+
+    assert run_cli("run", _job(job_dir, "gcs", remote_in, out, cache)) == 0
+    assert run_cli("run", _job(job_dir, "local", [{"source": "gsm8k", "path": "local.jsonl"}], "local",
+                               str(job_dir / "cache"))) == 0
+    listing = gcs.find(f"{BUCKET}/runs")
+    assert f"{BUCKET}/runs/a/manifest.json" in listing and not any(".tmp-" in k for k in listing)
+    man = json.loads(gcs.cat(f"{BUCKET}/runs/a/manifest.json"))
+    assert man["accounting"]["holds"] and man["counts"]["rows_in"] == 14
+    assert man["counts"]["dropped"]["exact_duplicate"] == 2
+    assert {i["path"] for i in man["inputs"]} == {f"gs://{BUCKET}/in/part-0.jsonl.gz", f"gs://{BUCKET}/in/part-1.jsonl"}
+    assert man["stages"]["embed"]["model_rows"] == 12 and gcs.glob(f"{BUCKET}/cache/embed/*/*.parquet")
+    remote_ids = sorted(pd.read_parquet(f"{BUCKET}/runs/a/selected", filesystem=gcs).id)
+    assert remote_ids == ids("local") and len(remote_ids) == 6
+    capsys.readouterr()
+    assert run_cli("inspect", out) == 0 and "accounting holds" in capsys.readouterr().out
+
+    assert run_cli("run", _job(job_dir, "gcs", remote_in, out, cache), "--overwrite") == 0
+    again = json.loads(gcs.cat(f"{BUCKET}/runs/a/manifest.json"))
+    assert again["stages"]["embed"]["cached"] == 12 and "model_rows" not in again["stages"]["embed"]
+    assert sorted(pd.read_parquet(f"{BUCKET}/runs/a/selected", filesystem=gcs).id) == remote_ids
+
+    gcs.copy(f"{BUCKET}/runs/a/selected", f"{BUCKET}/runs/half/selected", recursive=True)
+    capsys.readouterr()
+    assert run_cli("inspect", f"gs://{BUCKET}/runs/half") == 2
+    assert "no manifest.json (not a finished curate run)" in capsys.readouterr().err
