@@ -63,12 +63,22 @@ def plot_funnel(man: dict):
     return fig
 
 
+def _candidates(table):
+    """Rows that reached the selection (not dropped as a duplicate), as a boolean array."""
+    dedup = pc.is_in(table.column("drop_reason"), value_set=pa.array(DEDUP_REASONS, pa.string()))
+    return pc.invert(pc.fill_null(dedup, False))
+
+
+def _selected(table):
+    return pc.fill_null(table.column("selected"), False)
+
+
 def score_table(table, column: str):
-    """(selected values, dropped-by-policy values) of a score column among the candidates, finite only."""
-    reason = table.column("drop_reason").to_pylist()
+    """(selected values, dropped-by-policy values) of a score column among the candidates, finite only.
+    Arrow and numpy throughout: a Python object per row costs gigabytes at a million rows."""
     vals = np.asarray(pc.fill_null(table.column(column).cast("double"), np.nan).to_numpy(zero_copy_only=False))
-    sel = np.asarray(table.column("selected").to_pylist(), dtype=bool)
-    cand = np.array([r is None or r not in DEDUP_REASONS for r in reason])
+    sel = np.asarray(_selected(table).to_numpy(zero_copy_only=False), dtype=bool)
+    cand = np.asarray(_candidates(table).to_numpy(zero_copy_only=False), dtype=bool)
     ok = np.isfinite(vals)
     return vals[sel & ok], vals[cand & ~sel & ok]
 
@@ -101,16 +111,11 @@ def plot_scores(table, columns=None):
 
 def cluster_counts(table) -> list[tuple[int, int, int]]:
     """(cluster, candidate rows, selected rows), largest cluster first."""
-    cid = table.column("cluster_id").to_pylist()
-    sel = table.column("selected").to_pylist()
-    reason = table.column("drop_reason").to_pylist()
-    pool, chosen = {}, {}
-    for c, s, r in zip(cid, sel, reason):
-        if c is None or (r is not None and r in DEDUP_REASONS):
-            continue
-        pool[c] = pool.get(c, 0) + 1
-        chosen[c] = chosen.get(c, 0) + int(bool(s))
-    return sorted(((c, n, chosen[c]) for c, n in pool.items()), key=lambda t: (-t[1], t[0]))
+    keep = pc.and_(_candidates(table), pc.is_valid(table.column("cluster_id")))
+    rows = pa.table({"c": table.column("cluster_id"), "s": _selected(table).cast(pa.int64())}).filter(keep)
+    counts = rows.group_by("c").aggregate([("s", "count"), ("s", "sum")])
+    got = zip(counts.column("c").to_pylist(), counts.column("s_count").to_pylist(), counts.column("s_sum").to_pylist())
+    return sorted(((c, n, s) for c, n, s in got), key=lambda t: (-t[1], t[0]))
 
 
 def plot_clusters(table):
@@ -211,6 +216,10 @@ def top_targeted(table, column: str = "rds_score", limit: int = 10) -> list[dict
 
 TEXT_COLUMNS = ("prompt", "response", "messages", "original", "original_prompt", "original_response")
 TARGETED = (("less", "LESS"), ("rds", "RDS+"))  # (column prefix, name) of the targeted scores
+# what the report reads of every row (text only for the rows it shows, via run_texts)
+REPORT_COLUMNS = ("id", "source", "selected", "drop_reason", "cluster_id", "exact_dup_of", "near_dup_of",
+                  "semantic_dup_of", *SCORE_COLUMNS,
+                  *(f"{prefix}_{part}" for prefix, _ in TARGETED for part in ("score", "subtask")))
 
 
 def targeted_section(table, texts=None) -> str:
@@ -221,10 +230,8 @@ def targeted_section(table, texts=None) -> str:
         if not top:
             continue
         text = (texts or table_texts(table))([r["id"] for r in top])
-        counts: dict[str, int] = {}
-        for s in table.column(subtask).to_pylist():
-            if s is not None:
-                counts[s] = counts.get(s, 0) + 1
+        counts = {v["values"]: v["counts"] for v in pc.value_counts(table.column(subtask)).to_pylist()
+                  if v["values"] is not None}
         parts.append(f"<h3>{name}</h3><p>Rows most like the targets by {score}, best first; the subtask each "
                      "row matched best.</p>"
                      + _rows([(r["id"], r["source"], r.get(subtask), f"{r[score]:.4f}",
@@ -290,7 +297,7 @@ def _short(text: str, n: int = 240) -> str:
 def render(folder: str) -> str:
     man = runs.manifest(folder)
     names = runs.parquet_columns(folder, "annotated")
-    table = runs.annotated(folder, [c for c in names if c not in TEXT_COLUMNS])  # text: only where shown
+    table = runs.annotated(folder, [c for c in names if c in REPORT_COLUMNS])  # text: only where shown
     texts = run_texts(folder)
     acc, c = man["accounting"], man["counts"]
     sec = {}
