@@ -43,9 +43,9 @@ def _open(path: str):
 
     import fsspec
 
-    compression = _suffix(path)[1]
     from curate.storage import NO_LISTING_CACHE
 
+    compression = _suffix(path)[1]
     handle = fsspec.open(path, "rb", compression=compression, **NO_LISTING_CACHE).open()
     return io.BufferedReader(handle) if compression == "zstd" else handle
 
