@@ -139,18 +139,18 @@ def embedding_map(folder: str, table, limit: int = MAP_POINTS, seed: int = 0):
     """(2-D PCA coordinates, selected flags) for up to ``limit`` candidate rows with embeddings."""
     if not runs.has_embeddings(folder):
         return None
-    where, matrix = runs.embedding_matrix(folder)
-    ids = table.column("id").to_pylist()
-    sel = table.column("selected").to_pylist()
-    keep = [i for i, rid in enumerate(ids) if rid in where]
+    has = pc.fill_null(pc.is_in(table.column("id"), value_set=runs.embedding_ids(folder)), False)
+    keep = np.flatnonzero(np.asarray(has.to_numpy(zero_copy_only=False), dtype=bool)).tolist()
     if len(keep) < 3:
         return None
     if len(keep) > limit:
         keep = sorted(np.random.default_rng(seed).choice(keep, limit, replace=False).tolist())
-    x = matrix[[where[ids[i]] for i in keep]].astype(np.float64)
+    ids = table.column("id").take(pa.array(keep, pa.int64())).to_pylist()
+    sel = _selected(table).take(pa.array(keep, pa.int64())).to_pylist()
+    x = runs.embeddings(folder, ids).astype(np.float64)
     x -= x.mean(axis=0)
     _, _, vt = np.linalg.svd(x, full_matrices=False)
-    return x @ vt[:2].T, np.array([bool(sel[i]) for i in keep])
+    return x @ vt[:2].T, np.array(sel, dtype=bool)
 
 
 def plot_map(folder: str, table):

@@ -72,20 +72,32 @@ def has_embeddings(folder: str) -> bool:
     return bool(storage.glob(storage.join(folder, "embeddings", "*.parquet")))
 
 
-def embedding_matrix(folder: str) -> tuple[dict[str, int], np.ndarray]:
-    """All of the run's embeddings: (id -> row, float32 matrix)."""
+def embedding_ids(folder: str) -> pa.Array:
+    """The ids that have an embedding (the id column only)."""
     if not has_embeddings(folder):
         raise RunError(f"{folder}: no embeddings/ (the run had the embed stage off)")
-    t = _parquet(folder, "embeddings", ["id", "embedding"])
-    col = t.column("embedding").combine_chunks()
-    matrix = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
-    return {rid: i for i, rid in enumerate(t.column("id").to_pylist())}, matrix.astype(np.float32)
+    return _parquet(folder, "embeddings", ["id"]).column("id").combine_chunks()
 
 
 def embeddings(folder: str, ids: list[str]) -> np.ndarray:
-    """The run's embeddings for ``ids``, in that order (RunError when a run has none or misses ids)."""
-    where, matrix = embedding_matrix(folder)
+    """The run's embeddings for ``ids``, in that order (RunError when a run has none or misses ids).
+    Read one file at a time, keeping only the rows asked for: a report's map wants 5,000 of a
+    million rows, not a 1.5 GB matrix."""
+    import pyarrow.compute as pc
+
+    if not has_embeddings(folder):
+        raise RunError(f"{folder}: no embeddings/ (the run had the embed stage off)")
+    want = pa.array(sorted(set(ids)), pa.string())
+    where: dict[str, np.ndarray] = {}
+    for part in parquet_parts(folder, "embeddings", ["id", "embedding"]):
+        hit = part.filter(pc.is_in(part.column("id"), value_set=want))
+        if hit.num_rows:
+            col = hit.column("embedding").combine_chunks()
+            rows = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+            where.update(zip(hit.column("id").to_pylist(), rows.astype(np.float32)))
     missing = [rid for rid in ids if rid not in where]
     if missing:
         raise RunError(f"{folder}: embeddings/ lacks {len(missing)} of the ids (first: {missing[0]})")
-    return matrix[[where[rid] for rid in ids]]
+    if not ids:
+        return np.zeros((0, 0), np.float32)
+    return np.stack([where[rid] for rid in ids])
