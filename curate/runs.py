@@ -89,7 +89,9 @@ def embeddings(folder: str, ids: list[str]) -> np.ndarray:
         raise RunError(f"{folder}: no embeddings/ (the run had the embed stage off)")
     want = pa.array(sorted(set(ids)), pa.string())
     where: dict[str, np.ndarray] = {}
+    dim = 0
     for part in parquet_parts(folder, "embeddings", ["id", "embedding"]):
+        dim = part.schema.field("embedding").type.list_size
         hit = part.filter(pc.is_in(part.column("id"), value_set=want))
         if hit.num_rows:
             col = hit.column("embedding").combine_chunks()
@@ -99,5 +101,5 @@ def embeddings(folder: str, ids: list[str]) -> np.ndarray:
     if missing:
         raise RunError(f"{folder}: embeddings/ lacks {len(missing)} of the ids (first: {missing[0]})")
     if not ids:
-        return np.zeros((0, 0), np.float32)
+        return np.zeros((0, dim), np.float32)
     return np.stack([where[rid] for rid in ids])

@@ -72,5 +72,6 @@ def test_the_map_reads_only_the_sampled_embeddings_and_draws_the_same_points(tmp
     assert np.allclose(xy, x @ vt[:2].T) and sel.tolist() == [rows[i]["selected"] for i in keep]
     got = runs.embeddings(str(tmp_path), ["r0398", "r0000", "r0398"])  # in the order asked, across files
     assert np.array_equal(got, np.stack([vectors["r0398"], vectors["r0000"], vectors["r0398"]]))
+    assert runs.embeddings(str(tmp_path), []).shape == (0, 8)
     with pytest.raises(runs.RunError, match="lacks 1 of the ids"):
         runs.embeddings(str(tmp_path), ["r0000", "r0001"])
