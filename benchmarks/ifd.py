@@ -43,6 +43,12 @@ SETTINGS = IFDSettings(max_length=IFDStage().max_length, batch_size=IFDStage().b
 NLL_KEYS = ("ifd_nll_cond", "ifd_nll_direct", "rifd_nll_cond", "rifd_nll_direct")
 
 
+def ifd_rows(n: int) -> list[dict]:
+    """``n`` real rows (instruction, input, output), the same ones every run."""
+    return [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]}
+            for r in spread(real_rows(), n)]
+
+
 def reference_nll(model, pair) -> float:
     if not pair.target or pair.status not in ("ok", "response_truncated"):
         return math.nan
@@ -98,8 +104,7 @@ def _nlls(scores: list[dict]) -> np.ndarray:
 def run(quick: bool):
     n = 16 if quick else 400
     model, tok = load_causal_lm()
-    rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]}
-            for r in spread(real_rows(), n)]
+    rows = ifd_rows(n)
     shapes = kernel_choice.linear_shapes(model)
     choice = kernel_choice.choose(lambda: shapes, "auto")
     rates, failed = kernel_choice.measure(shapes)  # measured again here, to print both beside the stage

@@ -17,8 +17,8 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import emit, real_rows, spread
-from benchmarks.ifd import SETTINGS, _spearman
+from benchmarks.common import emit
+from benchmarks.ifd import SETTINGS, _spearman, ifd_rows
 from curate import kernel_choice
 from curate.models import _GGUF, DEFAULT_WEAK_LM, gguf_location, load_causal_lm
 from curate.scoring.ifd import pairs_for, ratios, score_rows
@@ -45,8 +45,7 @@ def run(quick: bool):
         print("ifd_llama: llama-cpp-python is not installed (make test installs it); nothing measured")
         return
     n = 16 if quick else 100
-    rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]}
-            for r in spread(real_rows(), n)]
+    rows = ifd_rows(n)
     model, tok = load_causal_lm()
     choice = kernel_choice.choose(lambda: kernel_choice.linear_shapes(model), "auto")
     kernel_choice.apply(model, choice.kernel)

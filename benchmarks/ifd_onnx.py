@@ -23,8 +23,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from benchmarks.common import emit, real_rows, spread
-from benchmarks.ifd import BUCKET, NLL_KEYS, SETTINGS, _nlls, _spearman, reference, side_by_side
+from benchmarks.common import emit
+from benchmarks.ifd import BUCKET, NLL_KEYS, SETTINGS, _nlls, _spearman, ifd_rows, reference, side_by_side
 from curate import kernel_choice
 from curate.models import load_causal_lm
 from curate.scoring.ifd import score_rows
@@ -90,8 +90,7 @@ def run(quick: bool):
         print("ifd_onnx: onnxruntime and onnx are not installed (pip install onnxruntime onnx); nothing measured")
         return
     n = 16 if quick else 200
-    rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]}
-            for r in spread(real_rows(), n)]
+    rows = ifd_rows(n)
     model, tok = load_causal_lm()
     with tempfile.TemporaryDirectory(prefix="curate-onnx-") as tmp:
         fp32_path, int8_path = os.path.join(tmp, "body.onnx"), os.path.join(tmp, "body_int8.onnx")

@@ -2,6 +2,7 @@
 speak each store's API (moto's server mode for S3, gcp-storage-emulator for GCS's JSON API),
 started here on a free port; s3fs / gcsfs for curate's own reads and writes, Beam's S3 / GCS
 filesystems for its sinks; never a mocked client."""
+import contextlib
 import gzip
 import json
 import os
@@ -24,14 +25,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _server(argv: list[str], log_path, make_bucket):
+    """A store's server as a subprocess, up once ``make_bucket()`` succeeds (30 s at most)."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    make_bucket()
+                    break
+                except Exception:  # noqa: BLE001 - not up yet
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise
+                    time.sleep(0.2)
+            yield
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
 @pytest.fixture
 def s3(monkeypatch, tmp_path):
     pytest.importorskip("moto", reason="moto[server] is installed with the dev extras")
     pytest.importorskip("s3fs", reason="s3fs is installed with the dev extras")
     port = _free_port()
-    log = open(tmp_path / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for name, value in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                         "AWS_DEFAULT_REGION": "us-east-1"}.items():
@@ -39,21 +58,11 @@ def s3(monkeypatch, tmp_path):
     import boto3
     import s3fs
 
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            boto3.client("s3").create_bucket(Bucket=BUCKET)
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise
-            time.sleep(0.2)
-    s3fs.S3FileSystem.clear_instance_cache()
-    yield s3fs.S3FileSystem(use_listings_cache=False)  # as curate's own: runs rewrite what it reads
-    s3fs.S3FileSystem.clear_instance_cache()
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
+    with _server(["moto.server", "-H", "127.0.0.1", "-p", str(port)], tmp_path / "moto.log",
+                 lambda: boto3.client("s3").create_bucket(Bucket=BUCKET)):
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield s3fs.S3FileSystem(use_listings_cache=False)  # as curate's own: runs rewrite what it reads
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture
@@ -63,27 +72,14 @@ def gcs(monkeypatch, tmp_path):
     pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is installed with the dev extras")
     gcsfs = pytest.importorskip("gcsfs", reason="gcsfs is installed with the dev extras")
     port = _free_port()
-    log = open(tmp_path / "gcs.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-                             "--port", str(port), "--in-memory"], stdout=log, stderr=subprocess.STDOUT)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
     from google.cloud import storage
 
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            storage.Client().create_bucket(BUCKET)
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise
-            time.sleep(0.2)
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    yield gcsfs.GCSFileSystem(use_listings_cache=False)
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
+    with _server(["gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+                 tmp_path / "gcs.log", lambda: storage.Client().create_bucket(BUCKET)):
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        yield gcsfs.GCSFileSystem(use_listings_cache=False)
+        gcsfs.GCSFileSystem.clear_instance_cache()
 
 
 def _job(folder, name, inputs, output, cache):
