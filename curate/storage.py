@@ -168,3 +168,32 @@ def publish(tmp: str, out: str, marker: str = "manifest.json") -> None:
     for f in [f for f in files if f not in last] + last:
         fs.copy(f, out_path + f[len(tmp_path):])
     fs.rm(tmp_path, recursive=True)
+
+
+def download_folder(url: str, local: str) -> None:
+    """Copy every object under ``url`` into the local folder ``local``, whole or not at all
+    (written beside it, then renamed into place; a folder already there is kept)."""
+    import uuid
+
+    if os.path.isdir(local):
+        return
+    fs, root = _fs(url)
+    tmp = f"{local}.part-{uuid.uuid4().hex[:8]}"
+    for f in fs.find(root):
+        dest = os.path.join(tmp, *f[len(root):].strip("/").split("/"))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        fs.get_file(f, dest)
+    os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+    try:
+        os.rename(tmp, local)
+    except OSError:  # another process put it there first: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def upload_folder(local: str, url: str, last: str) -> None:
+    """Copy the local folder ``local`` under ``url``, the file named ``last`` (relative to
+    ``local``) after every other, so a reader that waits for ``last`` never sees half a folder."""
+    fs, root = _fs(url)
+    files = sorted(os.path.relpath(os.path.join(d, n), local) for d, _, names in os.walk(local) for n in names)
+    for rel in [f for f in files if f != last] + [f for f in files if f == last]:
+        fs.put_file(os.path.join(local, rel), f"{root}/{rel.replace(os.sep, '/')}")

@@ -10,6 +10,11 @@ Files under ``cache_root()/less/`` (``score.less.cache_dir`` moves them):
     features/<feature key>-adam/         pool rows' features, Parquet shards keyed by content hash
     features/<feature key>-sgd/          target rows' features
 
+With ``cache_dir`` on an object store, the warm-up is trained into a local folder
+(``cache_root()/less/store-copies/<warm-up key>``), then copied to the store with ``warmup.json``
+last; a machine without that local copy (the driver of a later run, a Dask worker) downloads it
+whole before reading it. The feature shards are written to the store directly.
+
 The driver reads the inputs once (the job's ``sample`` applied) to draw the warm-up rows. On a
 GPU the projection's ±1 blocks are made on the CPU and copied over: the price of one matrix on
 every device. The warm-up key covers the model, the LoRA and training settings and the sampled
@@ -25,7 +30,7 @@ import os
 
 import pyarrow as pa
 
-from curate import cache_store
+from curate import cache_store, storage
 from curate.errors import CurateError
 from curate.scoring.less import (COLUMNS, Projection, checkpoint_weights, features, identity_metadata,
                                  subtask_matrix)
@@ -36,6 +41,7 @@ from pipelines.targeted import TargetedStage
 
 log = logging.getLogger("curate")
 KINDS = {"pool": "adam", "targets": "sgd"}
+DONE = "warmup.json"  # written last: a warm-up folder on a store without it is not finished
 
 
 def default_proj_dim(device: str) -> int:
@@ -70,6 +76,29 @@ def warmup_key(x: LESS, dtype: str, sample_keys: list[str]) -> str:
         "format": 1})
 
 
+def warmup_store(root: str, wkey: str) -> str | None:
+    """The warm-up's folder when the cache is on an object store, else None."""
+    return storage.join(root, "warmup", wkey) if storage.is_remote(root) else None
+
+
+def store_copy(wkey: str) -> str:
+    """This machine's copy of a warm-up kept on a store (safetensors and torch read local files)."""
+    from curate import models
+
+    return os.path.join(models.cache_root(), "less", "store-copies", wkey)
+
+
+def worker_checkpoints(rt: dict) -> list[str]:
+    """The checkpoint folders on this machine: the driver's on a shared disk; on a store, this
+    machine's copy (made now if it has none)."""
+    store = rt.get("warmup_store")
+    if not store:
+        return list(rt["checkpoints"])
+    folder = store_copy(rt["warmup_key"])
+    storage.download_folder(store, folder)
+    return [os.path.join(folder, os.path.basename(c.rstrip("/"))) for c in rt["checkpoints"]]
+
+
 def prepare(cfg: Job, x: LESS, dev: str, dtype: str) -> dict:
     """The warm-up (trained now unless its folder is cached) and the feature stores' folders."""
     from curate import models
@@ -80,9 +109,13 @@ def prepare(cfg: Job, x: LESS, dev: str, dtype: str) -> dict:
     if not rows:
         raise CurateError("score.less: the pool has no valid rows to warm up on")
     wkey = warmup_key(x, dtype, [text_key(r) for r in rows])
-    folder = os.path.join(root, "warmup", wkey)
+    store = warmup_store(root, wkey)
+    folder = store_copy(wkey) if store else os.path.join(root, "warmup", wkey)
+    if store and not os.path.isdir(folder) and storage.isfile(storage.join(store, DONE)):
+        log.info("less: copying the warm-up from %s", store)
+        storage.download_folder(store, folder)
     if os.path.isdir(folder):
-        log.info("less: reusing the warm-up in %s", folder)
+        log.info("less: reusing the warm-up in %s", store or folder)
         how = "cached"
     else:
         from curate.models import load_causal_lm
@@ -96,18 +129,21 @@ def prepare(cfg: Job, x: LESS, dev: str, dtype: str) -> dict:
                             max_length=x.max_length, seed=x.seed,
                             progress=lambda step, total, loss: progress.add(1))
         how = "trained"
+    if store and not storage.isfile(storage.join(store, DONE)):
+        log.info("less: copying the warm-up to %s", store)
+        storage.upload_folder(folder, store, last=DONE)
     ckpts = less_warmup.checkpoints(folder)
     proj = Projection(x.proj_dim or default_proj_dim(dev), x.seed)
     fkey = cache_store.fingerprint({"warmup": wkey, "projection": proj.identity(), "max_length": x.max_length,
                                     "dtype": dtype, "loss": "mean_response_tokens", "format": 1})
-    out = {"model": x.model, "device": dev, "dtype": dtype, "linear": "torch", "warmup": folder,
-           "warmup_how": how, "warmup_rows": len(rows), "checkpoints": [c.folder for c in ckpts],
+    out = {"model": x.model, "device": dev, "dtype": dtype, "linear": "torch", "warmup": store or folder,
+           "warmup_store": store, "warmup_key": wkey, "warmup_how": how, "warmup_rows": len(rows), "checkpoints": [c.folder for c in ckpts],
            "checkpoint_lr": [c.lr for c in ckpts], "checkpoint_weights": checkpoint_weights([c.lr for c in ckpts]),
            "projection": proj.identity(), "targets": {t.source: len(t.files) for t in cfg.targets}}
     for kind, grad in KINDS.items():
-        store = os.path.join(root, "features", f"{fkey}-{grad}") if x.cache else None
-        out[f"cache_{kind}"] = store
-        out[f"cache_files_{kind}"] = cache_store.files(store)
+        features_dir = storage.join(root, "features", f"{fkey}-{grad}") if x.cache else None
+        out[f"cache_{kind}"] = features_dir
+        out[f"cache_files_{kind}"] = cache_store.files(features_dir)
     return out
 
 
@@ -137,7 +173,7 @@ class LESSHandler(StageHandler):
                  self.rt["dtype"], len(self.rt["checkpoints"]))
         model, tok = load_causal_lm(x.model, self.rt["device"], self.rt["dtype"])
         peft = less_warmup.peft_model(model, x.lora_r, x.lora_alpha, x.lora_dropout, x.seed).eval()
-        ckpts = [less_warmup.Checkpoint.read(f) for f in self.rt["checkpoints"]]
+        ckpts = [less_warmup.Checkpoint.read(f) for f in worker_checkpoints(self.rt)]
         return Loaded(peft, tok, ckpts)
 
     def infer(self, batch, model, progress):

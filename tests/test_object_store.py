@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -199,3 +200,64 @@ def test_input_output_and_cache_on_gcs_round_trip(job_dir, gcs, capsys):
     capsys.readouterr()
     assert run_cli("inspect", f"gs://{BUCKET}/runs/half") == 2
     assert "no manifest.json (not a finished curate run)" in capsys.readouterr().err
+
+
+def test_folders_copy_to_and_from_a_store_with_the_marker_last(tmp_path, s3, monkeypatch):
+    from curate import storage
+
+    url = f"s3://{BUCKET}/f/w"
+    fs = storage._fs(url)[0]  # fsspec hands every caller with these options this one instance
+    order, put_file = [], fs.put_file
+
+    def recording(lpath, rpath, *args, **kwargs):
+        order.append(rpath.rsplit("/w/", 1)[1])
+        return put_file(lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", recording)
+
+    local = tmp_path / "w"
+    (local / "ckpt-1").mkdir(parents=True)
+    (local / "ckpt-1" / "adapter.safetensors").write_bytes(b"\x00weights")
+    (local / "warmup.json").write_text("{}")
+    (local / "a.json").write_text("[1]")
+    storage.upload_folder(str(local), url, last="warmup.json")
+    assert sorted(s3.find(f"{BUCKET}/f/w")) == [f"{BUCKET}/f/w/{n}" for n in ("a.json", "ckpt-1/adapter.safetensors",
+                                                                           "warmup.json")]
+    assert order[-1] == "warmup.json" and len(order) == 3  # a reader that waits for it sees the rest
+    copy = tmp_path / "copy"
+    storage.download_folder(url, str(copy))
+    assert (copy / "ckpt-1" / "adapter.safetensors").read_bytes() == b"\x00weights"
+    assert sorted(os.listdir(copy)) == ["a.json", "ckpt-1", "warmup.json"]
+    assert not [p for p in os.listdir(tmp_path) if ".part-" in p]
+    (copy / "a.json").write_text("mine")
+    storage.download_folder(url, str(copy))  # a copy already there is kept, never half-replaced
+    assert (copy / "a.json").read_text() == "mine"
+
+
+def test_less_warm_up_and_feature_stores_on_s3(job_dir, s3, fresh_caches):
+    """``score.less.cache_dir`` on a store: the warm-up is trained once and copied there (its
+    ``warmup.json`` last), the features go there as shards; a machine without the warm-up copies
+    it from the store and takes every feature from it, with the same scores."""
+    from tests.test_less import _job as less_job
+
+    cache = f"s3://{BUCKET}/cache/less"
+    assert run_cli("run", less_job(job_dir, "first", cache)) == 0
+    first = load_manifest("first")["less"]
+    warmup = f"{cache}/warmup/{first['warmup_key']}"
+    assert first["warmup_how"] == "trained" and first["warmup"] == first["warmup_store"] == warmup
+    stored = s3.find(warmup[len("s3://"):])
+    assert any(k.endswith("/warmup.json") for k in stored) and len(first["checkpoints"]) == 2
+    assert all(any(k.endswith(f"/{os.path.basename(c)}/adapter.safetensors") for k in stored)
+               for c in first["checkpoints"])
+    assert first["model_rows"] == 9 and first["cache_pool"].startswith(f"{cache}/features/")
+    assert s3.glob(f"{first['cache_pool'][len('s3://'):]}/*.parquet")
+
+    shutil.rmtree(os.path.join(fresh_caches, "less", "store-copies"))  # another machine: no local copy
+    assert run_cli("run", less_job(job_dir, "second", cache)) == 0
+    second = load_manifest("second")["less"]
+    assert second["warmup_how"] == "cached" and second["warmup_key"] == first["warmup_key"]
+    assert second["cached_rows"] == 9 and not second.get("model_rows")
+    a = pd.read_parquet("first/annotated").set_index("id").sort_index()
+    b = pd.read_parquet("second/annotated").set_index("id").sort_index()
+    assert a.less_score.equals(b.less_score) and a.less_score.notna().sum() >= 6
+    assert ids("first") == ids("second")
