@@ -32,7 +32,13 @@ from curate.stats import stat_key
 from pipelines.stage import STATS, LiveStage, StageFn
 
 log = logging.getLogger("curate")
-N_SHARDS = 16
+# Bucket entries are grouped by shard (a bucket key's residue), so one shard's group holds
+# rows x bands / N_SHARDS entries of the whole pool: 512 keeps it near 20k entries (2 MB) at a
+# million rows and 2M at a hundred million (16 shards held 600k at a million and took the Dask
+# workers past their cap). A batch spreads its rows x bands entries over the shards, so the
+# signatures run on batches of at least SIGNATURE_BATCH rows: about 70 entries per element.
+N_SHARDS = 512
+SIGNATURE_BATCH = 4096
 BUCKETS, CLUSTERED = "buckets", "clustered"
 STAGE = "near_dedup"
 
@@ -59,14 +65,20 @@ class SignatureFn(StageFn):
         salts = (np.array([source_salt(r["source"]) for r in batch], dtype=np.uint64)
                  if p.scope == "source" else None)
         keys = band_keys(sigs, p.bands, p.rows, salts)
-        ids = [r["id"] for r in batch]
-        flat = keys.ravel()
-        owner = np.repeat(np.arange(len(batch)), p.bands)
-        shard = (flat % np.uint64(N_SHARDS)).astype(np.int64)
-        for s in np.unique(shard):
-            mask = shard == s
-            yield beam.pvalue.TaggedOutput(BUCKETS, (int(s), (flat[mask], [ids[i] for i in owner[mask]])))
+        yield from (beam.pvalue.TaggedOutput(BUCKETS, entry) for entry in shard_entries(keys, [r["id"] for r in batch]))
         self.count("rows", len(batch), progress=True)
+
+
+def shard_entries(keys: np.ndarray, ids: list[str], shards: int = N_SHARDS):
+    """(shard, (bucket keys, their documents' ids)) for each shard a batch's (docs x bands) keys
+    reach; a bucket's keys all land in one shard (the key decides it)."""
+    flat = keys.ravel()
+    owner = np.repeat(np.arange(len(ids)), keys.shape[1])
+    shard = (flat % np.uint64(shards)).astype(np.int64)
+    order = np.argsort(shard, kind="stable")
+    present, starts = np.unique(shard[order], return_index=True)
+    for s, part in zip(present, np.split(order, starts[1:])):
+        yield int(s), (flat[part], [ids[i] for i in owner[part]])
 
 
 class CandidateSignatureFn(StageFn):
@@ -209,8 +221,8 @@ class NearDedup(LiveStage):
 
     def expand_live(self, live):
         p = self.p
-        batches = live | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size,
-                                                       max_batch_size=self.batch_size)
+        size = max(self.batch_size, SIGNATURE_BATCH)
+        batches = live | "Batch" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
         sig = batches | "Signatures" >> beam.ParDo(SignatureFn(p)).with_outputs(BUCKETS, STATS)
         bucket = (sig[BUCKETS]
                   | "GroupShards" >> beam.GroupByKey()

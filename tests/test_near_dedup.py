@@ -103,6 +103,27 @@ def test_bucket_edges_are_a_star_to_the_smallest_id():
     assert big == [4]
 
 
+@pytest.mark.parametrize("shards", [1, 16, 512, 5000])
+def test_sharded_bucket_entries_give_the_edges_of_the_whole(shards):
+    """A shard holds whole buckets: the edges found shard by shard are the edges of all entries
+    together, whatever the shard count (more shards than entries included)."""
+    from pipelines.near_dedup import shard_entries
+
+    rng = np.random.default_rng(shards)
+    keys = rng.integers(0, 2**63, size=(600, 9), dtype=np.uint64)
+    keys[1::7] = keys[0::7][: len(keys[1::7])]  # pairs sharing every bucket
+    keys[2::11, 3] = keys[0, 3]  # one bucket shared by many
+    ids = [f"d{i:04d}" for i in rng.permutation(600)]
+    parts = list(shard_entries(keys, ids, shards))
+    assert sorted(s for s, _ in parts) == sorted({s for s, _ in parts})  # one element per shard reached
+    assert sum(len(k) for _, (k, _) in parts) == keys.size
+    for s, (k, owners) in parts:
+        assert (k % np.uint64(shards) == s).all() and len(k) == len(owners)
+    found = set().union(*(bucket_edges(k, owners)[0] for _, (k, owners) in parts))
+    whole = bucket_edges(keys.ravel(), [i for i in ids for _ in range(9)])[0]
+    assert found == whole and len(whole) > 80
+
+
 def test_union_find_is_order_independent():
     rng = random.Random(1)
     edges = [(f"n{rng.randrange(60):02d}", f"n{rng.randrange(60):02d}") for _ in range(45)]
