@@ -178,8 +178,11 @@ def download_folder(url: str, local: str) -> None:
     if os.path.isdir(local):
         return
     fs, root = _fs(url)
+    found = fs.find(root)
+    if not found:
+        raise FileNotFoundError(f"{url}: nothing there to copy")
     tmp = f"{local}.part-{uuid.uuid4().hex[:8]}"
-    for f in fs.find(root):
+    for f in found:
         dest = os.path.join(tmp, *f[len(root):].strip("/").split("/"))
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         fs.get_file(f, dest)

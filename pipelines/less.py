@@ -137,7 +137,8 @@ def prepare(cfg: Job, x: LESS, dev: str, dtype: str) -> dict:
     fkey = cache_store.fingerprint({"warmup": wkey, "projection": proj.identity(), "max_length": x.max_length,
                                     "dtype": dtype, "loss": "mean_response_tokens", "format": 1})
     out = {"model": x.model, "device": dev, "dtype": dtype, "linear": "torch", "warmup": store or folder,
-           "warmup_store": store, "warmup_key": wkey, "warmup_how": how, "warmup_rows": len(rows), "checkpoints": [c.folder for c in ckpts],
+           "warmup_store": store, "warmup_key": wkey, "warmup_how": how, "warmup_rows": len(rows),
+           "checkpoints": [c.folder for c in ckpts],
            "checkpoint_lr": [c.lr for c in ckpts], "checkpoint_weights": checkpoint_weights([c.lr for c in ckpts]),
            "projection": proj.identity(), "targets": {t.source: len(t.files) for t in cfg.targets}}
     for kind, grad in KINDS.items():

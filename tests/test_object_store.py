@@ -232,6 +232,9 @@ def test_folders_copy_to_and_from_a_store_with_the_marker_last(tmp_path, s3, mon
     (copy / "a.json").write_text("mine")
     storage.download_folder(url, str(copy))  # a copy already there is kept, never half-replaced
     assert (copy / "a.json").read_text() == "mine"
+    with pytest.raises(FileNotFoundError, match="nothing there"):
+        storage.download_folder(f"s3://{BUCKET}/f/none", str(tmp_path / "none"))
+    assert not (tmp_path / "none").exists()
 
 
 def test_less_warm_up_and_feature_stores_on_s3(job_dir, s3, fresh_caches):
