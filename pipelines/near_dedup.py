@@ -9,8 +9,8 @@ Graph (rows already dropped upstream go around the stage untouched):
     verified edges -> CombineGlobally(union-find) -> (id, cluster) pairs
     records --CoGroupByKey(id)--> in a cluster -> GroupByKey(cluster) -> keep rule; others pass.
 
-Bucket entries travel in a few shards per batch (numpy arrays), not one element
-per (document, band), since Beam costs tens of microseconds per element. Only
+Bucket entries travel as one element per (batch, shard) (numpy arrays, ~70 entries),
+not one per (document, band), since Beam costs tens of microseconds per element. Only
 documents that share a bucket with another are verified, so their signatures are
 recomputed (about 50k documents/s) rather than every signature being shuffled:
 the stage's memory then grows with the candidates, not with the input.
