@@ -72,10 +72,14 @@ def has_embeddings(folder: str) -> bool:
     return bool(storage.glob(storage.join(folder, "embeddings", "*.parquet")))
 
 
-def embedding_ids(folder: str) -> pa.Array:
-    """The ids that have an embedding (the id column only)."""
+def _require_embeddings(folder: str) -> None:
     if not has_embeddings(folder):
         raise RunError(f"{folder}: no embeddings/ (the run had the embed stage off)")
+
+
+def embedding_ids(folder: str) -> pa.Array:
+    """The ids that have an embedding (the id column only)."""
+    _require_embeddings(folder)
     return _parquet(folder, "embeddings", ["id"]).column("id").combine_chunks()
 
 
@@ -85,8 +89,7 @@ def embeddings(folder: str, ids: list[str]) -> np.ndarray:
     million rows, not a 1.5 GB matrix."""
     import pyarrow.compute as pc
 
-    if not has_embeddings(folder):
-        raise RunError(f"{folder}: no embeddings/ (the run had the embed stage off)")
+    _require_embeddings(folder)
     want = pa.array(sorted(set(ids)), pa.string())
     where: dict[str, np.ndarray] = {}
     dim = 0

@@ -111,7 +111,8 @@ def prepare(cfg: Job, x: LESS, dev: str, dtype: str) -> dict:
     wkey = warmup_key(x, dtype, [text_key(r) for r in rows])
     store = warmup_store(root, wkey)
     folder = store_copy(wkey) if store else os.path.join(root, "warmup", wkey)
-    if store and not os.path.isdir(folder) and storage.isfile(storage.join(store, DONE)):
+    stored = bool(store) and storage.isfile(storage.join(store, DONE))
+    if stored and not os.path.isdir(folder):
         log.info("less: copying the warm-up from %s", store)
         storage.download_folder(store, folder)
     if os.path.isdir(folder):
@@ -129,7 +130,7 @@ def prepare(cfg: Job, x: LESS, dev: str, dtype: str) -> dict:
                             max_length=x.max_length, seed=x.seed,
                             progress=lambda step, total, loss: progress.add(1))
         how = "trained"
-    if store and not storage.isfile(storage.join(store, DONE)):
+    if store and not stored:
         log.info("less: copying the warm-up to %s", store)
         storage.upload_folder(folder, store, last=DONE)
     ckpts = less_warmup.checkpoints(folder)

@@ -232,6 +232,19 @@ def test_folders_copy_to_and_from_a_store_with_the_marker_last(tmp_path, s3, mon
     (copy / "a.json").write_text("mine")
     storage.download_folder(url, str(copy))  # a copy already there is kept, never half-replaced
     assert (copy / "a.json").read_text() == "mine"
+    # another process finishes the same copy while this one downloads: its copy stays, no .part- left
+    late = tmp_path / "late"
+    get_file = fs.get_file
+
+    def racing(rpath, lpath, *args, **kwargs):
+        late.mkdir(exist_ok=True)
+        (late / "theirs").write_text("x")
+        return get_file(rpath, lpath, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "get_file", racing)
+    storage.download_folder(url, str(late))
+    assert os.listdir(late) == ["theirs"] and not [p for p in os.listdir(tmp_path) if ".part-" in p]
+    monkeypatch.setattr(fs, "get_file", get_file)
     with pytest.raises(FileNotFoundError, match="nothing there"):
         storage.download_folder(f"s3://{BUCKET}/f/none", str(tmp_path / "none"))
     assert not (tmp_path / "none").exists()
@@ -264,3 +277,10 @@ def test_less_warm_up_and_feature_stores_on_s3(job_dir, s3, fresh_caches):
     b = pd.read_parquet("second/annotated").set_index("id").sort_index()
     assert a.less_score.equals(b.less_score) and a.less_score.notna().sum() >= 6
     assert ids("first") == ids("second")
+
+    # the store lost the warm-up (an upload cut short): the local copy is reused and uploaded again
+    s3.rm(warmup[len("s3://"):], recursive=True)
+    assert run_cli("run", less_job(job_dir, "third", cache)) == 0
+    third = load_manifest("third")["less"]
+    assert third["warmup_how"] == "cached" and not third.get("model_rows")
+    assert s3.find(warmup[len("s3://"):]) == stored
