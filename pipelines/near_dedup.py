@@ -33,9 +33,9 @@ from pipelines.stage import STATS, LiveStage, StageFn
 
 log = logging.getLogger("curate")
 # Bucket entries are grouped by shard (a bucket key's residue), so one shard's group holds
-# rows x bands / N_SHARDS entries of the whole pool: 512 keeps it near 20k entries (2 MB) at a
-# million rows and 2M at a hundred million (16 shards held 600k at a million and took the Dask
-# workers past their cap). A batch spreads its rows x bands entries over the shards, so the
+# rows x bands / N_SHARDS entries of the whole pool: 512 keeps it near 20k entries (2 MB of work)
+# at a million rows and 2M at a hundred million (16 shards held 563k entries, 61 MB of work, at a
+# million). A batch spreads its rows x bands entries over the shards, so the
 # signatures run on batches of at least SIGNATURE_BATCH rows: about 70 entries per element.
 N_SHARDS = 512
 SIGNATURE_BATCH = 4096
