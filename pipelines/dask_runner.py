@@ -47,6 +47,9 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 log = logging.getLogger("curate")
 
+DEFAULT_MEMORY_TARGET = 0.4
+PAUSE_AT = 0.8  # Dask's default pause mark, kept
+
 
 class CurateDaskOptions(PipelineOptions):
     @classmethod
@@ -56,7 +59,12 @@ class CurateDaskOptions(PipelineOptions):
                                  "--dask_client_address is given (default: CPU count, at least 2)")
         parser.add_argument("--dask_memory_limit", default=None,
                             help="memory per worker of that LocalCluster, e.g. 2GB (default: the machine's "
-                                 "memory shared by the workers); a worker spills to disk above 60%% of it")
+                                 "memory shared by the workers); a worker spills to disk above "
+                                 "--dask_memory_target of it")
+        parser.add_argument("--dask_memory_target", type=float, default=DEFAULT_MEMORY_TARGET,
+                            help="share of a worker's memory limit above which that LocalCluster's workers "
+                                 "spill results to disk (default %(default)s; Dask's own is 0.6): the room "
+                                 "above it, up to the pause mark (0.8), is for the running task")
 
 
 class _Collect(Receiver):
@@ -320,7 +328,7 @@ class DaskRunner(beam_dask.DaskRunner):
         logging.getLogger("distributed").setLevel(logging.WARNING)
         if not dask_options.get("address") and not dask_options.get("scheduler_file"):
             n = workers or max(2, os.cpu_count() or 2)
-            cluster = _local_cluster(n, ours.dask_memory_limit)
+            cluster = _local_cluster(n, ours.dask_memory_limit, ours.dask_memory_target)
             dask_options["address"] = cluster.scheduler_address
             log.info("dask: started a LocalCluster of %d worker processes at %s (dashboard %s)", n,
                      cluster.scheduler_address, cluster.dashboard_link)
@@ -339,15 +347,35 @@ class DaskRunner(beam_dask.DaskRunner):
         visitor = self.to_dask_bag_visitor(bag_kwargs, min_partitions=max(2, threads))
         pipeline.visit(visitor)
         sinks = [bag.map_partitions(_discard) for bag in visitor.leaves()]
-        futures = client.compute(list(dask.optimize(*sinks)))
+        sinks = dask.optimize(*sinks)
+        # at 1M rows the graph is ~68,000 tasks and takes about a minute to build and send: say so
+        log.info("dask: sending the job's graph (%d tasks) to the scheduler", len(set().union(*(s.__dask_graph__().keys() for s in sinks))))
+        futures = client.compute(list(sinks))
         return Result(client, futures, cluster, visitor.run, ours.dask_memory_limit if cluster is not None else None)
 
 
-def _local_cluster(n: int, memory_limit: str | None = None):
+def memory_marks(target: float) -> dict:
+    """Dask config for workers that spill their results above ``target`` of their limit (by Dask's
+    count of them) or ``target`` + 0.1 (by the process's memory), and pause at 0.8 as by default.
+    Dask's default target, 0.6, leaves a worker that always has results to keep (a 1M-row job)
+    only the room between 0.8 and the restart mark, 0.95, for the task it runs; a shuffle step
+    needed more (README, "Scale")."""
+    from curate.errors import CurateError
+
+    if not 0.0 < target < PAUSE_AT - 0.1:
+        raise CurateError(f"--dask_memory_target={target}: give a share of the worker's memory "
+                          f"between 0 and {PAUSE_AT - 0.1:.1f} (Dask pauses a worker at {PAUSE_AT})")
+    return {"distributed.worker.memory.target": target,
+            "distributed.worker.memory.spill": round(target + 0.1, 6),
+            "distributed.worker.memory.pause": PAUSE_AT}
+
+
+def _local_cluster(n: int, memory_limit: str | None = None, memory_target: float = DEFAULT_MEMORY_TARGET):
     """``n`` worker processes of one thread, each with an equal share of the cores for torch and
     BLAS (unless the caller set the thread variables), and the workers' logs at warning level.
     ``memory_limit`` per worker (Dask's default: the machine's memory / n) sets where a worker
-    spills to disk (60%), pauses (80%) and is restarted (95%)."""
+    spills to disk (``memory_marks``), pauses (80%) and is restarted (95%)."""
+    import dask
     import dask.distributed as ddist
 
     threads = str(max(1, (os.cpu_count() or 1) // n))
@@ -355,8 +383,10 @@ def _local_cluster(n: int, memory_limit: str | None = None):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update({k: v for k, v in env.items() if saved[k] is None})
     try:
-        return ddist.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                  memory_limit=memory_limit or "auto")
+        # a Nanny hands the config it was made under to its worker process
+        with dask.config.set(memory_marks(memory_target)):
+            return ddist.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                      memory_limit=memory_limit or "auto")
     finally:
         for k, v in saved.items():
             if v is None:

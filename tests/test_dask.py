@@ -40,12 +40,16 @@ def _write(pcoll, path, label):
 
 
 @pytest.mark.parametrize("threads", [1, 2], ids=["two_workers", "one_worker_two_threads"])
-def test_the_runner_keeps_tagged_and_finish_bundle_outputs_every_sink_and_side_inputs(tmp_path, threads):
+def test_the_runner_keeps_tagged_and_finish_bundle_outputs_every_sink_and_side_inputs(tmp_path, threads, caplog):
+    import logging
+    import re
+
     from apache_beam.options.pipeline_options import PipelineOptions
     from distributed import LocalCluster
 
     from pipelines.dask_runner import DaskRunner
 
+    caplog.set_level(logging.INFO, logger="curate")
     values = list(range(40))  # 40 partitions: the runner puts one element of a Create in each
     cluster = None
     if threads == 1:
@@ -68,6 +72,8 @@ def test_the_runner_keeps_tagged_and_finish_bundle_outputs_every_sink_and_side_i
     assert read["main"] == [x + 1000 for x in values]
     assert read["odd"] == [x for x in values if x % 2]
     assert read["even"] == [40] * 20  # every bundle's count arrived, through a side input
+    sent = re.search(r"dask: sending the job's graph \((\d+) tasks\) to the scheduler", caplog.text)
+    assert sent and int(sent.group(1)) > len(values)  # said before the (at 1M rows, minute-long) send
 
 
 def _job(job_dir, name, models: bool, extra=None):
@@ -160,6 +166,9 @@ def test_runners_and_schedulers_that_cannot_work_are_one_line(job_dir, capsys):
                    "--dask_connection_timeout=2") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no scheduler at 127.0.0.1:9" in err[0]
+    assert run_cli("run", job, "--runner=DaskRunner", "--dask_memory_target=0.75") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--dask_memory_target=0.75: give a share" in err[0]
     assert not any(n.startswith("x") for n in os.listdir(job_dir) if n != "x.yaml")
 
 
@@ -245,6 +254,32 @@ def test_a_run_whose_task_kills_its_worker_ends_with_that_line_and_closes_its_cl
                                               r"--dask_memory_limit=1GB"):
             result.wait_until_finish()
     assert client.status == "closed" and cluster.status.name == "closed"
+
+
+def test_the_cluster_the_job_starts_spills_at_its_memory_target():
+    """``--dask_memory_target`` reaches the worker processes (a Nanny passes its config on): they spill
+    above it, by process memory 0.1 higher, and pause at 0.8; a share that leaves no room below the
+    pause mark is one line."""
+    import dask
+    from distributed import Client
+
+    from curate.errors import CurateError
+    from pipelines.dask_runner import _local_cluster, memory_marks
+
+    with pytest.raises(CurateError, match=r"^--dask_memory_target=0.75: give a share .* between 0 and 0.7"):
+        memory_marks(0.75)
+    with pytest.raises(CurateError):
+        memory_marks(0.0)
+    cluster = _local_cluster(1, "1GB", 0.3)
+    try:
+        with Client(cluster.scheduler_address) as client:
+            marks = client.run(lambda dask_worker: (dask_worker.memory_manager.memory_target_fraction,
+                                                    dask_worker.memory_manager.memory_spill_fraction,
+                                                    dask_worker.memory_manager.memory_pause_fraction))
+    finally:
+        cluster.close()
+    assert list(marks.values()) == [(0.3, 0.4, 0.8)]
+    assert dask.config.get("distributed.worker.memory.target") == 0.6  # the driver's own config untouched
 
 
 class _LiveOrDropped(beam.DoFn):
