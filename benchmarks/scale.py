@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 
@@ -30,13 +31,19 @@ from benchmarks.common import REPO, emit, pinned_job, real_rows, run_measured
 
 RUNNERS = {"fnapi_multi_2": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
            "dask_2": ["--runner=DaskRunner", "--dask_workers=2"],
-           # workers that spill to disk above 60% of 3 GB, as a cluster with bounded memory runs
+           # workers that spill to disk above 40% of 3 GB (--dask_memory_target), as a cluster with bounded memory runs
            "dask_2_3gb": ["--runner=DaskRunner", "--dask_workers=2", "--dask_memory_limit=3GB"],
            # the same at 2 GB: the cap under which the largest worker's peak is compared from 100k to 1M
            "dask_2_2gb": ["--runner=DaskRunner", "--dask_workers=2", "--dask_memory_limit=2GB"],
            # a cap the 100k run reaches too (at 2 GB it peaked below the spill mark), so the two
            # sizes' peaks compare what each needs, not how far each filled its cap
-           "dask_2_1500mb": ["--runner=DaskRunner", "--dask_workers=2", "--dask_memory_limit=1500MB"]}
+           "dask_2_1500mb": ["--runner=DaskRunner", "--dask_workers=2", "--dask_memory_limit=1500MB"],
+           # the same with Dask's own spill target (0.6), which left a 1M job's shuffle too little room
+           "dask_2_1500mb_t60": ["--runner=DaskRunner", "--dask_workers=2", "--dask_memory_limit=1500MB",
+                                 "--dask_memory_target=0.6"],
+           # the same with GroupByKeys through Dask's P2P shuffle
+           "dask_2_1500mb_p2p": ["--runner=DaskRunner", "--dask_workers=2", "--dask_memory_limit=1500MB",
+                                 "--dask_shuffle=p2p"]}
 QUICK_RUNNERS = ("fnapi_multi_2", "dask_2", "dask_2_3gb")
 SOURCES = ("s0", "s1", "s2", "s3")
 POLICIES = {"random": {"policy": "random", "budget": {"fraction": 0.25}},
@@ -96,6 +103,12 @@ def _pick(env: str, everything, default=None):
     return [e for e in everything if str(e) in names]
 
 
+def _graph_tasks(log: str) -> int | None:
+    """The task count a Dask run logs before it sends its graph (None on FnApiRunner)."""
+    found = re.search(r"dask: sending the job's graph \((\d+) tasks\)", log)
+    return int(found.group(1)) if found else None
+
+
 def run(quick: bool):
     """``CURATE_SCALE_SIZES``, ``CURATE_SCALE_RUNNERS`` and ``CURATE_SCALE_POLICIES`` (comma-separated)
     pick a subset of the cases: the whole grid at 1M rows takes hours on 2 cores. ``--quick``: 10,000
@@ -128,5 +141,6 @@ def run(quick: bool):
                          driver_peak_mb=res["driver_peak_mb"], worker_peak_mb=res["worker_peak_mb"],
                          processes=res["processes"], planted=planted,
                          worker_restarts=res["stderr"].count("memory budget. Restarting"),
+                         graph_tasks=_graph_tasks(res["stderr"]),
                          dropped=man["counts"]["dropped"], selected=man["counts"]["selected"],
                          busy_s={k: v.get("busy_s") for k, v in man["stages"].items() if v.get("busy_s")})

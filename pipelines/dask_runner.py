@@ -29,6 +29,7 @@ closes it when the run ends.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import logging
 import os
@@ -49,6 +50,7 @@ log = logging.getLogger("curate")
 
 DEFAULT_MEMORY_TARGET = 0.4
 PAUSE_AT = 0.8  # Dask's default pause mark, kept
+GRAPH_LINE = "dask: sending the job's graph (%d tasks) to the scheduler"  # benchmarks.scale reads it
 
 
 class CurateDaskOptions(PipelineOptions):
@@ -61,6 +63,9 @@ class CurateDaskOptions(PipelineOptions):
                             help="memory per worker of that LocalCluster, e.g. 2GB (default: the machine's "
                                  "memory shared by the workers); a worker spills to disk above "
                                  "--dask_memory_target of it")
+        parser.add_argument("--dask_shuffle", choices=("tasks", "p2p"), default="tasks",
+                            help="how a GroupByKey crosses between workers: Dask's task shuffle or its "
+                                 "peer-to-peer one, which keeps the pieces on disk (default %(default)s)")
         parser.add_argument("--dask_memory_target", type=float, default=DEFAULT_MEMORY_TARGET,
                             help="share of a worker's memory limit above which that LocalCluster's workers "
                                  "spill results to disk (default %(default)s; Dask's own is 0.6): the room "
@@ -185,6 +190,33 @@ def _values(group):
     return key, [pickle.loads(item[1]) for item in items]
 
 
+def _stable_hash(key) -> int:
+    """The same 63-bit number for equal keys in every process (Python's ``hash`` of a str differs
+    between processes unless PYTHONHASHSEED is set alike)."""
+    digest = hashlib.blake2b(pickle.dumps(key, pickle.HIGHEST_PROTOCOL), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _frame(items):
+    """A shuffle's input partition as a DataFrame for Dask's P2P shuffle: the key's hash, and the
+    (key, value) pair pickled once (a column of bytes crosses as Arrow binary, no per-row objects)."""
+    import pandas as pd
+
+    rows = [(_stable_hash(key), pickle.dumps((key, te.defenestrate(value)), pickle.HIGHEST_PROTOCOL))
+            for key, value in items]
+    return pd.DataFrame({"h": pd.array([h for h, _ in rows], dtype="int64"),
+                         "kv": pd.array([kv for _, kv in rows], dtype=object)})
+
+
+def _groups(frame):
+    """A P2P shuffle's output partition back as Beam's (key, [values]) groups, in first-seen order."""
+    groups: dict = {}
+    for kv in frame["kv"]:
+        key, value = pickle.loads(kv)
+        groups.setdefault(key, []).append(value)
+    return list(groups.items())
+
+
 def _select(items, tag):
     """The part of a multi-output ParDo's bag that belongs to ``tag`` (None: the main output)."""
     out = []
@@ -212,7 +244,7 @@ class DaskRunner(beam_dask.DaskRunner):
     inputs computed once (see the module docstring)."""
 
     @staticmethod
-    def to_dask_bag_visitor(bag_kwargs=None, min_partitions: int = 1):
+    def to_dask_bag_visitor(bag_kwargs=None, min_partitions: int = 1, shuffle: str = "tasks"):
         import dask
         import dask.bag as db
         from apache_beam import pvalue
@@ -276,10 +308,7 @@ class DaskRunner(beam_dask.DaskRunner):
                     self.bags[node] = self.par_do(node, inputs[0])
                     return
                 if isinstance(transform, _GroupByKeyOnly):
-                    # the task shuffle named, not Dask's default: that is a partd folder on local disk
-                    # when no default client is set, which workers on other machines cannot share
-                    grouped = self._bounded(inputs[0]).map_partitions(_pack).groupby(_key, shuffle="tasks")
-                    self.bags[node] = grouped.map(_values)
+                    self.bags[node] = self.group_by_key(self._bounded(inputs[0]))
                     return
                 if isinstance(transform, _Flatten):
                     self.bags[node] = self._flatten(inputs)
@@ -294,6 +323,25 @@ class DaskRunner(beam_dask.DaskRunner):
                 self.bags[node] = bag = op.apply(input_bag=bag_in, side_inputs=None)
                 if not inputs and isinstance(bag, db.Bag):
                     self.widest = max(self.widest, bag.npartitions)
+
+            def group_by_key(self, bag):
+                """Beam's GroupByKey as a Dask shuffle. ``tasks``: the bag's task shuffle (named, not
+                Dask's default, a partd folder on local disk that workers on other machines cannot
+                share), about partitions x stages x (branching + 2) tasks. ``p2p``: the bag crosses
+                as DataFrames through Dask's peer-to-peer shuffle, 6 tasks a partition, whose
+                pieces wait on the workers' disks, not in their memory."""
+                if shuffle != "p2p":
+                    return bag.map_partitions(_pack).groupby(_key, shuffle="tasks").map(_values)
+                import dask.dataframe as dd
+                import pandas as pd
+
+                meta = pd.DataFrame({"h": pd.array([], dtype="int64"), "kv": pd.array([], dtype=object)})
+                with dask.config.set({"dataframe.convert-string": False}):  # bytes stay bytes
+                    frames = dd.from_delayed([dask.delayed(_frame)(p) for p in bag.to_delayed(optimize_graph=False)],
+                                             meta=meta, verify_meta=False)
+                    shuffled = frames.shuffle(on="h", npartitions=bag.npartitions, shuffle_method="p2p")
+                    parts = shuffled.to_delayed()
+                return db.from_delayed([dask.delayed(_groups)(part) for part in parts])
 
             def par_do(self, node, bag):
                 transform = node.transform
@@ -344,13 +392,17 @@ class DaskRunner(beam_dask.DaskRunner):
         threads = _share_cores(client)
         client.register_plugin(TrimMemory())
         pipeline.replace_all(dask_overrides())
-        visitor = self.to_dask_bag_visitor(bag_kwargs, min_partitions=max(2, threads))
+        visitor = self.to_dask_bag_visitor(bag_kwargs, min_partitions=max(2, threads), shuffle=ours.dask_shuffle)
         pipeline.visit(visitor)
         sinks = [bag.map_partitions(_discard) for bag in visitor.leaves()]
-        sinks = dask.optimize(*sinks)
+        # a bag's optimization fuses chains of tasks under new keys; a P2P shuffle's tasks must keep
+        # theirs (fused, its output was "lost dependencies"), so that graph goes as built
+        fuse = ours.dask_shuffle != "p2p"
+        sinks = list(dask.optimize(*sinks)) if fuse else sinks
         # at 1M rows the graph is ~68,000 tasks and takes about a minute to build and send: say so
-        log.info("dask: sending the job's graph (%d tasks) to the scheduler", len(set().union(*(s.__dask_graph__().keys() for s in sinks))))
-        futures = client.compute(list(sinks))
+        tasks = len(set().union(*(s.__dask_graph__().keys() for s in sinks)))
+        log.info(GRAPH_LINE, tasks)
+        futures = client.compute(sinks, optimize_graph=False)
         return Result(client, futures, cluster, visitor.run, ours.dask_memory_limit if cluster is not None else None)
 
 

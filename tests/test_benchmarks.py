@@ -38,3 +38,12 @@ def test_an_unknown_switch_is_refused():
 
 def test_switches_follow_the_settings():
     assert set(switches()) == set(_enabled_flags(Job()))
+
+
+def test_the_scale_benchmark_reads_the_task_count_the_dask_runner_logs():
+    pytest.importorskip("distributed")
+    from benchmarks.scale import _graph_tasks
+    from pipelines.dask_runner import GRAPH_LINE
+
+    assert _graph_tasks("x\n2026 INFO " + GRAPH_LINE % 67643 + "\ny") == 67643
+    assert _graph_tasks("no dask here") is None

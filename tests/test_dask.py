@@ -109,7 +109,8 @@ def _outcome(out):
 
 def test_a_job_without_models_on_a_cluster_the_job_starts_matches_both_fnapi_modes(job_dir):
     runs = {"fnapi": [], "multi": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
-            "dask": ["--runner=DaskRunner", "--dask_workers=2"]}
+            "dask": ["--runner=DaskRunner", "--dask_workers=2"],
+            "p2p": ["--runner=DaskRunner", "--dask_workers=2", "--dask_shuffle=p2p"]}
     for name, flags in runs.items():
         assert run_cli("run", _job(job_dir, name, models=False), *flags) == 0
     base_ann, base_counts, base_sel = _outcome("fnapi")
@@ -121,7 +122,7 @@ def test_a_job_without_models_on_a_cluster_the_job_starts_matches_both_fnapi_mod
     by_cluster = load_manifest("fnapi")["select"]["by_cluster"]
     assert set(by_cluster) == {"none", "0", "1", "2", "3"} and all(  # half of each cluster, give or take one
         abs(v["selected"] - v["pool"] / 2) <= 1 for v in by_cluster.values())
-    for name in ("multi", "dask"):
+    for name in ("multi", "dask", "p2p"):
         ann, counts, sel = _outcome(name)
         assert sel == base_sel and counts == base_counts
         cols = ["id", "selected", "rank", "drop_reason", "exact_dup_of", "near_dup_of", "cluster_id"]
