@@ -333,12 +333,10 @@ class DaskRunner(beam_dask.DaskRunner):
                 if shuffle != "p2p":
                     return bag.map_partitions(_pack).groupby(_key, shuffle="tasks").map(_values)
                 import dask.dataframe as dd
-                import pandas as pd
 
-                meta = pd.DataFrame({"h": pd.array([], dtype="int64"), "kv": pd.array([], dtype=object)})
                 with dask.config.set({"dataframe.convert-string": False}):  # bytes stay bytes
                     frames = dd.from_delayed([dask.delayed(_frame)(p) for p in bag.to_delayed(optimize_graph=False)],
-                                             meta=meta, verify_meta=False)
+                                             meta=_frame([]), verify_meta=False)
                     shuffled = frames.shuffle(on="h", npartitions=bag.npartitions, shuffle_method="p2p")
                     parts = shuffled.to_delayed()
                 return db.from_delayed([dask.delayed(_groups)(part) for part in parts])

@@ -47,7 +47,7 @@ def test_the_runner_keeps_tagged_and_finish_bundle_outputs_every_sink_and_side_i
     from apache_beam.options.pipeline_options import PipelineOptions
     from distributed import LocalCluster
 
-    from pipelines.dask_runner import DaskRunner
+    from pipelines.dask_runner import GRAPH_LINE, DaskRunner
 
     caplog.set_level(logging.INFO, logger="curate")
     values = list(range(40))  # 40 partitions: the runner puts one element of a Create in each
@@ -72,7 +72,7 @@ def test_the_runner_keeps_tagged_and_finish_bundle_outputs_every_sink_and_side_i
     assert read["main"] == [x + 1000 for x in values]
     assert read["odd"] == [x for x in values if x % 2]
     assert read["even"] == [40] * 20  # every bundle's count arrived, through a side input
-    sent = re.search(r"dask: sending the job's graph \((\d+) tasks\) to the scheduler", caplog.text)
+    sent = re.search(re.escape(GRAPH_LINE).replace("%d", r"(\d+)"), caplog.text)
     assert sent and int(sent.group(1)) > len(values)  # said before the (at 1M rows, minute-long) send
 
 
@@ -319,6 +319,30 @@ def test_a_flatten_of_one_partitions_two_parts_keeps_partitions_even():
             assert sorted(dask.compute(bag)[0]) == list(range(400))
         sizes = dask.compute(*[dask.delayed(len)(part) for part in extra.to_delayed(optimize_graph=False)])
         assert sizes == (11,) + (10,) * 39 and sorted(dask.compute(extra)[0]) == list(range(-1, 400))
+
+
+def test_a_p2p_partition_crosses_as_hashed_pickled_pairs_and_groups_back():
+    """The P2P shuffle's two ends without Dask: an empty partition and keys of several kinds survive
+    the frame, equal keys get one hash in every process (a child with another PYTHONHASHSEED
+    computes the same), and groups come back in first-seen order with every value."""
+    import subprocess
+    import sys
+
+    from apache_beam.transforms.window import GlobalWindows
+
+    from pipelines.dask_runner import _frame, _groups, _stable_hash
+
+    empty = _frame([])
+    assert list(empty.columns) == ["h", "kv"] and len(empty) == 0 and _groups(empty) == []
+    keys = ["id-1", ("c", 3), 7, "id-1", ("c", 3)]
+    frame = _frame([(k, GlobalWindows.windowed_value({"n": i})) for i, k in enumerate(keys)])
+    assert str(frame.h.dtype) == "int64" and (frame.h >= 0).all()
+    assert frame.h[0] == frame.h[3] and frame.h[1] == frame.h[4] and frame.h.nunique() == 3
+    assert _groups(frame) == [("id-1", [{"n": 0}, {"n": 3}]), (("c", 3), [{"n": 1}, {"n": 4}]), (7, [{"n": 2}])]
+    code = "from pipelines.dask_runner import _stable_hash; print(_stable_hash(('c', 3)), _stable_hash('id-1'))"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "123"}, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert child.stdout.split() == [str(_stable_hash(("c", 3))), str(_stable_hash("id-1"))]
 
 
 def test_dask_counts_the_records_inside_beams_wrappers():
