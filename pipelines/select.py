@@ -4,8 +4,9 @@ Candidates are the rows no earlier stage dropped. With ``select.scope: global`` 
 (a few numbers per row, plus the embedding when the policy asks for it) are combined into one
 list and the policy (``curate.select``) runs once on it. With ``scope: cluster`` the features
 are grouped by cluster and the policy runs on each group with its share of the budget
-(``curate.select.scope``): only per-cluster counts (to split the budget), one order key per
-selected row (for the global rank) and the per-cluster reports are combined globally. Either
+(``curate.select.scope``): only per-cluster counts (to split the budget), each cluster's budget
+step and count of selected rows (to cut the global order into ranges of about 50,000 rows, each
+ranked on its own), the ranges' sizes and the per-cluster reports are combined globally. Either
 way the decisions (id -> rank or drop reason) are joined back to the rows by id
 (CoGroupByKey). The report (counts per source, per cluster, per reason) goes to the manifest.
 """
@@ -51,6 +52,7 @@ def decide_cluster(element, cfg: Job, budgets: dict) -> dict:
     result = S.run_cluster(policy, features_table(rows), budget, seed, emb, texts)
     ranks = result.ranks()
     return {"selected": [(S.order_key(key, rank, budget, len(rows)), rid) for rid, rank in ranks.items()],
+            "shape": (S.spacing(budget, len(rows)), len(ranks)),
             "dropped": result.dropped,
             "report": selection_report(policy, budget, seed, rows, ranks, result.dropped)}
 
@@ -135,10 +137,18 @@ class Select(beam.PTransform):
                    | "Split" >> beam.Map(lambda pairs: S.split_budget(budget, _sizes(pairs))))
         decided = (by_cluster | "GroupCluster" >> beam.GroupByKey()
                    | "DecideCluster" >> beam.Map(decide_cluster, cfg, beam.pvalue.AsSingleton(budgets)))
-        ranks = (decided | "Selected" >> beam.FlatMap(lambda d: d["selected"])
-                 | "AllSelected" >> beam.combiners.ToList()  # one (order key, id) per selected row
-                 | "Ranks" >> beam.FlatMap(lambda keyed: [(rid, [rank, None])
-                                                          for rid, rank in S.global_ranks(keyed).items()]))
+        bounds = (decided | "Shapes" >> beam.Map(lambda d: d["shape"])
+                  | "AllShapes" >> beam.combiners.ToList()  # one small pair per cluster
+                  | "Boundaries" >> beam.Map(S.rank_boundaries, S.RANK_BUCKET_ROWS))
+        keyed = (decided | "Selected" >> beam.FlatMap(lambda d: d["selected"])
+                 | "ToRange" >> beam.Map(lambda kv, b: (S.bucket_of(kv[0], b), kv), beam.pvalue.AsSingleton(bounds)))
+        offsets = (keyed | "RangeSizes" >> beam.combiners.Count.PerKey()
+                   | "AllSizes" >> beam.combiners.ToList()  # one pair per range
+                   | "Offsets" >> beam.Map(S.bucket_offsets))
+        ranks = (keyed | "GroupRanges" >> beam.GroupByKey()
+                 | "Ranks" >> beam.FlatMap(lambda kv, off: [(rid, [rank, None]) for rid, rank
+                                                            in S.ranks_in_bucket(kv[1], off[kv[0]])],
+                                           beam.pvalue.AsSingleton(offsets)))
         dropped = decided | "Dropped" >> beam.FlatMap(lambda d: [(rid, [None, r]) for rid, r in d["dropped"].items()])
         report = (decided | "Reports" >> beam.Map(lambda d: d["report"]) | "AllReports" >> beam.combiners.ToList()
                   | "Merge" >> beam.Map(lambda reps: ("select", S.merge_reports(reps, policy, budget, seed))))

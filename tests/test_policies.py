@@ -336,6 +336,40 @@ def test_per_cluster_selection_keeps_each_clusters_share_and_interleaves_the_ran
     assert run_per_cluster(make("top_k", {"column": "ifd_loss"}), shuffled, Budget(rows=5), 0) == sel
 
 
+def test_ranks_numbered_range_by_range_equal_the_one_list_order():
+    """The global order cut into ranges (from each cluster's spacing and count alone), each range
+    sorted on its own and numbered after the ranges before it: the ranks of one sorted list."""
+    from curate.select.scope import (bucket_of, bucket_offsets, global_ranks, rank_boundaries, ranks_in_bucket,
+                                     order_key, spacing)
+
+    rng = np.random.default_rng(3)
+    for case in range(30):
+        clusters, keyed = {}, []
+        for k in range(-1, int(rng.integers(1, 40))):
+            rows = int(rng.integers(1, 60))
+            budget = Budget(rows=int(rng.integers(0, rows + 1))) if case % 3 else Budget(tokens=100)
+            chosen = min(rows, budget.rows) if budget.rows is not None else int(rng.integers(0, rows + 1))
+            if case % 5 == 0 and k % 2:
+                chosen = max(chosen - 3, 0)  # a policy that took less than its share
+            clusters[k] = (spacing(budget, rows), chosen)
+            keyed += [(order_key(k, r, budget, rows), f"c{k}r{r}") for r in range(1, chosen + 1)]
+        per_range = int(rng.integers(1, 30))
+        bounds = rank_boundaries(list(clusters.values()), per_range)
+        assert bounds == sorted(set(bounds))
+        ranges = {}
+        for kv in keyed:
+            ranges.setdefault(bucket_of(kv[0], bounds), []).append(kv)
+        offsets = bucket_offsets([(b, len(v)) for b, v in ranges.items()])
+        got = dict(pair for b, v in ranges.items() for pair in ranks_in_bucket(v[::-1], offsets[b]))
+        assert got == global_ranks(keyed), case
+        if len(keyed) > 4 * per_range:  # more than one range, none far above its size
+            assert len(ranges) > 1 and max(map(len, ranges.values())) <= 3 * per_range + len(clusters)
+    assert rank_boundaries([(10, 10), (5, 0)], 50) == [] and bucket_offsets([]) == {}
+    ties = [(order_key(k, r, Budget(rows=4), 8), f"{k}-{r}") for k in (2, 0, 1) for r in (1, 2, 3, 4)]
+    bounds = rank_boundaries([(4, 4)] * 3, 2)  # equal keys' first parts: a tie never spans two ranges
+    assert len({bucket_of(key, bounds) for key, _ in ties if key[0] == 0.25}) == 1
+
+
 def test_policies_global_by_nature_refuse_the_cluster_scope():
     from curate.select.scope import check_scope, run_per_cluster
 

@@ -58,11 +58,15 @@ def test_the_jobs_policy_ranks_selected_rows_and_gives_every_dropped_row_a_reaso
     assert os.path.isfile(os.path.join(scored_run, "report.html"))
 
 
-def test_cluster_scope_in_the_job_equals_curate_select_and_keeps_each_clusters_share(tmp_path, capsys):
-    """select.scope: cluster in the Beam job (grouped by cluster, budget split, ranks interleaved)
-    decides exactly what ``curate select --scope cluster`` decides in one process."""
+def test_cluster_scope_in_the_job_equals_curate_select_and_keeps_each_clusters_share(tmp_path, capsys, monkeypatch):
+    """select.scope: cluster in the Beam job (grouped by cluster, budget split, ranks interleaved,
+    numbered range by range: 2 rows a range here) decides exactly what ``curate select --scope
+    cluster`` decides in one process (one sorted list)."""
     from curate.select import Budget
+    from curate.select import scope
     from curate.select.scope import split_budget
+
+    monkeypatch.setattr(scope, "RANK_BUCKET_ROWS", 2)
 
     cfg = {"name": "scoped", "output": str(tmp_path / "scoped"), "seed": 0,
            "inputs": [{"source": "alpaca", "path": shared("alpaca_cherry_5pct.json")},

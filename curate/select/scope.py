@@ -3,8 +3,8 @@ no worker ever holds more than one cluster's features (``select.scope: cluster``
 
 Why: a global policy needs every candidate's features in one list on one worker (with
 embeddings, 15 GB at 10M rows x 384 floats). Per cluster, only small global state is combined:
-each cluster's row and token counts (to split the budget) and, for the final order, one
-(key, id) pair per *selected* row. The split is proportional to the cluster's candidates (rows
+each cluster's row and token counts (to split the budget) and, for the final order, each
+cluster's budget step and count of selected rows. The split is proportional to the cluster's candidates (rows
 or fraction budget) or to its approximate tokens (token budget), rounded by largest remainder
 with ties to the lower cluster id, so the shares add up to the global budget exactly.
 
@@ -22,6 +22,7 @@ by the Beam step (``pipelines.select``) and by ``curate select`` alike.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 
@@ -79,15 +80,60 @@ def split_budget(budget: Budget, sizes: dict[int, tuple[int, int]]) -> dict[int,
     return {k: Budget(rows=v) for k, v in _largest_remainder(total, rows, caps=rows).items()}
 
 
+def spacing(budget: Budget, cluster_rows: int) -> int:
+    """A cluster's step in the global order: its row budget, or its rows when it has none."""
+    share = budget.rows if budget.rows is not None else cluster_rows
+    return max(share or 1, 1)
+
+
 def order_key(cluster: int, rank: int, budget: Budget, cluster_rows: int) -> tuple:
     """Where a row selected at ``rank`` in ``cluster`` goes in the global order."""
-    share = budget.rows if budget.rows is not None else cluster_rows
-    return ((rank - 1) / max(share or 1, 1), cluster, rank)
+    return ((rank - 1) / spacing(budget, cluster_rows), cluster, rank)
 
 
 def global_ranks(keyed: list[tuple[tuple, str]]) -> dict[str, int]:
-    """{id: global rank} from (order_key, id) pairs of the selected rows."""
+    """{id: global rank} from (order_key, id) pairs of the selected rows, all in one list."""
     return {rid: i for i, (_, rid) in enumerate(sorted(keyed), start=1)}
+
+
+# The global order without one list: the selected rows' keys are cut into ranges of their first
+# part, (rank - 1) / spacing, about RANK_BUCKET_ROWS rows each; a range's rows are sorted alone and
+# numbered from the count of rows in the ranges before it. The cut points come from each
+# cluster's (spacing, selected rows), one small pair per cluster, which give every key in closed
+# form, so no row is gathered to find them.
+RANK_BUCKET_ROWS = 50_000
+_SAMPLES_PER_BUCKET = 16
+
+
+def rank_boundaries(shapes: list[tuple[int, int]], rows_per_bucket: int = RANK_BUCKET_ROWS) -> list[float]:
+    """Sorted cut points (values of the key's first part) that split the selected rows into
+    ranges of about ``rows_per_bucket``, from each cluster's (spacing, selected rows)."""
+    total = sum(n for _, n in shapes)
+    buckets = math.ceil(total / max(rows_per_bucket, 1))
+    if buckets <= 1:
+        return []
+    stride = max(1, total // (buckets * _SAMPLES_PER_BUCKET))
+    sample = sorted(m / step for step, n in shapes for m in range(0, n, stride))
+    return sorted({sample[i * len(sample) // buckets] for i in range(1, buckets)})
+
+
+def bucket_of(key: tuple, boundaries: list[float]) -> int:
+    """The range a key falls in: keys that sort earlier never fall in a later range."""
+    return bisect.bisect_right(boundaries, key[0])
+
+
+def bucket_offsets(sizes: list[tuple[int, int]]) -> dict[int, int]:
+    """{range: rows in the ranges before it} from (range, rows) pairs."""
+    offsets, seen = {}, 0
+    for bucket, n in sorted(sizes):
+        offsets[bucket] = seen
+        seen += n
+    return offsets
+
+
+def ranks_in_bucket(keyed, offset: int) -> list[tuple[str, int]]:
+    """(id, global rank) for one range's (order_key, id) pairs, numbered after ``offset`` rows."""
+    return [(rid, offset + i) for i, (_, rid) in enumerate(sorted(keyed), start=1)]
 
 
 def merge_reports(reports: list[dict], policy: Policy, budget: Budget, seed: int) -> dict:
