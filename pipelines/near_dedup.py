@@ -4,7 +4,8 @@ Graph (rows already dropped upstream go around the stage untouched):
 
     records -> batches -> signatures -> (shard, bucket keys, ids) -> GroupByKey(shard)
                                      -> star edges -> Distinct
-    verify: ids on an edge (side input) -> signatures again, for those ids only
+    verify: ids on an edge -> GroupByKey(filter shard) -> Bloom filter parts (side input)
+            -> signatures again, for those ids only (and the filter's rare false positives)
             -> CoGroupByKey x2 with the edges -> estimated Jaccard >= threshold
     verified edges -> CombineGlobally(union-find) -> (id, cluster) pairs
     records --CoGroupByKey(id)--> in a cluster -> GroupByKey(cluster) -> keep rule; others pass.
@@ -12,8 +13,10 @@ Graph (rows already dropped upstream go around the stage untouched):
 Bucket entries travel as one element per (batch, shard) (numpy arrays, ~70 entries),
 not one per (document, band), since Beam costs tens of microseconds per element. Only
 documents that share a bucket with another are verified, so their signatures are
-recomputed (about 50k documents/s) rather than every signature being shuffled:
-the stage's memory then grows with the candidates, not with the input.
+recomputed (about 50k documents/s) rather than every signature being shuffled. Which
+documents those are reaches every worker as a Bloom filter (``curate.dedup.bloom``, 10 bits a
+candidate, built shard by shard), not as a set of ids. The union-find is the one step that
+holds every verified edge on one worker: it grows with the near duplicates, not with the pool.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import logging
 import apache_beam as beam
 import numpy as np
 
-from curate.dedup import minhash
+from curate.dedup import bloom, minhash
 from curate.dedup.near import COLUMNS as NEAR_COLUMNS
 from curate.dedup.near import (UnionFind, band_keys, bucket_edges, resolve_cluster, size_histogram,
                                source_salt)
@@ -82,20 +85,21 @@ def shard_entries(keys: np.ndarray, ids: list[str], shards: int = N_SHARDS):
 
 
 class CandidateSignatureFn(StageFn):
-    """(id, signature bytes) for the records that are on a candidate edge."""
+    """(id, signature bytes) for the records on a candidate edge, as far as the candidates' Bloom
+    filter tells: its rare false positives get a signature that then meets no edge."""
 
     stage = STAGE
-    metrics = ("candidates",)
+    metrics = ("signatures_recomputed",)
 
     def __init__(self, p: NearDedupSettings):
         self.p = p
 
     def handle(self, batch, candidates):
-        batch = [r for r in batch if r["id"] in candidates]
+        batch = [r for r in batch if bloom.might_contain(candidates, r["id"])]
         if batch:
             for rec, sig in zip(batch, _signatures(batch, self.p)):
                 yield rec["id"], sig.tobytes()
-            self.count("candidates", len(batch))
+            self.count("signatures_recomputed", len(batch))
 
 
 class BucketEdgesFn(StageFn):
@@ -231,10 +235,11 @@ class NearDedup(LiveStage):
         stats = [sig[STATS], bucket[STATS]]
         if p.verify:
             candidates = (edges
-                          | "EdgeEnds" >> beam.FlatMap(lambda e: e)
-                          | "CandidateSet" >> beam.combiners.ToSet())
+                          | "EdgeEnds" >> beam.FlatMap(lambda e: ((bloom.shard_of(rid), rid) for rid in e))
+                          | "GroupFilterShards" >> beam.GroupByKey()
+                          | "ShardFilters" >> beam.MapTuple(lambda shard, ids: (shard, bloom.shard_filter(ids))))
             cand = batches | "CandidateSignatures" >> beam.ParDo(
-                CandidateSignatureFn(p), beam.pvalue.AsSingleton(candidates)).with_outputs(STATS, main="sigs")
+                CandidateSignatureFn(p), beam.pvalue.AsDict(candidates)).with_outputs(STATS, main="sigs")
             stats.append(cand[STATS])
             to_b = ({"sig": cand.sigs, "to": edges | "ByFirst" >> beam.Map(tuple)}
                     | "JoinFirst" >> beam.CoGroupByKey() | "FanOut" >> beam.FlatMap(_fan_out))
