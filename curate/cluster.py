@@ -53,6 +53,15 @@ def sample_rank(seed: int, row_id: str) -> int:
     return int.from_bytes(h.digest(), "big")
 
 
+def sample_cutoff(n_rows: int, size: int) -> int:
+    """A rank below which the ``size`` smallest of ``n_rows`` ranks lie, all but surely: the ranks
+    are uniform 64-bit numbers, so the count below it is binomial, and the margin is ten of its
+    standard deviations. Only the rows below it travel to the sampling step, about ``size`` of
+    them instead of every row (each with its embedding). 2**64 lets every row through."""
+    keep = size + 10 * math.isqrt(size) + 64
+    return 1 << 64 if keep >= n_rows else (keep << 64) // n_rows
+
+
 def train(x: np.ndarray, k: int, seed: int, niter: int = 20, use_gpu: bool = False) -> np.ndarray:
     """(k x d) unit-length float32 centroids."""
     import faiss

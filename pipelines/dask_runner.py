@@ -20,7 +20,9 @@ They cannot be worked around in the graph without giving up multi-output ParDos,
 more than one sink and side inputs, so this module translates ParDo, side inputs and the sinks
 itself and leaves the rest to Beam's runner. A DoFn is set up once per worker thread (Beam's
 sets it up and tears it down per partition, a model load each time). A GroupByKey's values cross
-the shuffle pickled once, as bytes (``_pack``).
+the shuffle pickled once, as bytes (``_pack``). Beam's translation has no combiner lifting, so
+every CombinePerKey runs as Beam's ``LiftedCombinePerKey`` (``_LiftCombines``): a partition
+combines its own values before the shuffle, as the FnApiRunner does.
 
 Without ``--dask_client_address`` the job starts a ``distributed.LocalCluster`` of
 ``--dask_workers`` worker processes (default: the CPU count, at least 2), one thread each, and
@@ -39,11 +41,14 @@ import uuid
 
 from apache_beam import DoFn
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.pipeline import PTransformOverride
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.runners.common import Receiver
 from apache_beam.runners.dask import dask_runner as beam_dask
 from apache_beam.runners.dask import transform_evaluator as te
 from apache_beam.runners.dask.overrides import dask_overrides
+from apache_beam.transforms.combiners import LiftedCombinePerKey
+from apache_beam.transforms.core import CombinePerKey
 from distributed.diagnostics.plugin import WorkerPlugin
 
 log = logging.getLogger("curate")
@@ -239,6 +244,21 @@ def _discard(items):
     return []
 
 
+class _LiftCombines(PTransformOverride):
+    """Every CombinePerKey (CombineGlobally, Count, Top, ToList and Distinct are made of it) as
+    Beam's ``LiftedCombinePerKey``: each partition combines its own values first, so the
+    GroupByKey gets one accumulator per partition and key. Beam's Dask translation has no combiner
+    lifting, so a CombineGlobally sent every element to one task: every row's (rank, id, vector)
+    for the k-means sample, every verified edge for the union-find, a 1 per row for a count."""
+
+    def matches(self, applied_ptransform) -> bool:
+        return type(applied_ptransform.transform) is CombinePerKey
+
+    def get_replacement_transform_for_applied_ptransform(self, applied_ptransform):
+        t = applied_ptransform.transform
+        return LiftedCombinePerKey(t.fn, t.args, t.kwargs)
+
+
 class DaskRunner(beam_dask.DaskRunner):
     """Beam's DaskRunner with multi-output ParDos, finish_bundle outputs, every sink and side
     inputs computed once (see the module docstring)."""
@@ -389,7 +409,7 @@ class DaskRunner(beam_dask.DaskRunner):
             raise CurateError(f"dask: no scheduler at {where} ({type(exc).__name__}: {exc})") from None
         threads = _share_cores(client)
         client.register_plugin(TrimMemory())
-        pipeline.replace_all(dask_overrides())
+        pipeline.replace_all([_LiftCombines()] + list(dask_overrides()))  # lifted first: its GroupByKey is Beam's
         visitor = self.to_dask_bag_visitor(bag_kwargs, min_partitions=max(2, threads), shuffle=ours.dask_shuffle)
         pipeline.visit(visitor)
         sinks = [bag.map_partitions(_discard) for bag in visitor.leaves()]

@@ -1,7 +1,8 @@
 """Embeddings (RunInference), k-means clusters (FAISS) and semantic dedup, in Beam.
 
     live records -> CachedInference(SentenceTransformerHandler) -> record + vector
-        -> (rank, id, vector) -> CombineGlobally(smallest ranks) -> train k-means  (one step)
+        -> (rank, id, vector) of the rows ranked below a cutoff set by the row count (about
+           max_sample of them) -> CombineGlobally(smallest ranks) -> train k-means  (one step)
         -> centroids (side input) -> batched nearest-centroid assignment
         -> GroupByKey(cluster_id) -> SemDeDup inside each cluster + eps sweep counts
 Rows dropped by an earlier stage go around all three and keep null columns.
@@ -93,7 +94,17 @@ class SmallestRanks(beam.CombineFn):
         return sorted(heapq.nsmallest(self.size, acc, key=lambda t: (t[0], t[1])), key=lambda t: (t[0], t[1]))
 
 
+def _ranked_below(record: dict, seed: int, cutoff: int):
+    """(rank, id, vector) of a row whose sample rank is below ``cutoff``; nothing otherwise."""
+    rank = clustering.sample_rank(seed, record["id"])
+    if rank < cutoff:
+        yield rank, record["id"], record["_vector"]
+
+
 def _train(sample, n_rows: int, p: ClusterSettings, use_gpu: bool):
+    if len(sample) < min(p.max_sample, n_rows):  # the cutoff's ten-sigma margin fell short
+        raise RuntimeError(f"cluster: only {len(sample)} of {n_rows} rows ranked below the sample cutoff, "
+                           f"fewer than the sample of {min(p.max_sample, n_rows)}; rerun with another cluster.seed")
     k = p.k or clustering.default_k(n_rows, p.k_min, p.k_max)
     take = min(len(sample), p.sample_per_centroid * k)
     x = np.stack([s[2] for s in sample[:take]]) if take else np.zeros((0, 1), np.float32)
@@ -178,8 +189,9 @@ class Cluster(beam.PTransform):
     def expand(self, vectors):
         c, seed, use_gpu = self.c, self.c.seed, self.use_gpu
         n_rows = vectors | "Count" >> beam.combiners.Count.Globally()
+        cutoff = n_rows | "Cutoff" >> beam.Map(clustering.sample_cutoff, c.max_sample)
         sample = (vectors
-                  | "Rank" >> beam.Map(lambda r: (clustering.sample_rank(seed, r["id"]), r["id"], r["_vector"]))
+                  | "Rank" >> beam.FlatMap(_ranked_below, seed, beam.pvalue.AsSingleton(cutoff))
                   | "Sample" >> beam.CombineGlobally(SmallestRanks(c.max_sample)))
         model = sample | "TrainKMeans" >> beam.Map(_train, beam.pvalue.AsSingleton(n_rows), c, use_gpu)
         assigned = (vectors

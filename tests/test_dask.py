@@ -76,6 +76,45 @@ def test_the_runner_keeps_tagged_and_finish_bundle_outputs_every_sink_and_side_i
     assert sent and int(sent.group(1)) > len(values)  # said before the (at 1M rows, minute-long) send
 
 
+class _Partials(beam.CombineFn):
+    """(inputs, the most inputs one accumulator took before merging): 100 when each of 4
+    partitions of 100 combined its own, 134 when one task took all 400 (Beam's CombineValues
+    adds them into three accumulators)."""
+
+    def create_accumulator(self):
+        return 0, 0
+
+    def add_input(self, acc, x):
+        return acc[0] + 1, max(acc[1], acc[0] + 1)
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        return sum(a for a, _ in accs), max(b for _, b in accs)
+
+    def extract_output(self, acc):
+        return acc
+
+
+def test_combines_are_lifted_so_one_task_gets_one_accumulator_per_partition(tmp_path):
+    """A CombineGlobally on Beam's own Dask translation sends every element to one task; here each
+    partition combines its own first: 400 inputs reach the end as a few accumulators."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.dask_runner import DaskRunner
+
+    with beam.Pipeline(runner=DaskRunner(), options=PipelineOptions(["--dask_workers=2"])) as p:
+        rows = p | beam.Create(range(4)) | beam.FlatMap(lambda i: range(100 * i, 100 * i + 100))  # 4 partitions
+        _write(rows | beam.CombineGlobally(_Partials()) | "G" >> beam.Map(list), str(tmp_path / "global.json"), "Global")
+        _write(rows | "K" >> beam.Map(lambda x: (x % 3, x)) | beam.CombinePerKey(sum) | "P" >> beam.Map(list),
+               str(tmp_path / "per_key.json"), "PerKey")
+        _write(rows | "M" >> beam.Map(lambda x: x % 7) | beam.Distinct(), str(tmp_path / "distinct.json"), "Distinct")
+    [(inputs, most)] = json.loads((tmp_path / "global.json").read_text())
+    assert (inputs, most) == (400, 100)  # each partition combined its own before the shuffle
+    assert json.loads((tmp_path / "per_key.json").read_text()) == [
+        [k, sum(x for x in range(400) if x % 3 == k)] for k in range(3)]
+    assert json.loads((tmp_path / "distinct.json").read_text()) == list(range(7))
+
+
 def _job(job_dir, name, models: bool, extra=None):
     cfg = {"output": name, "seed": 0, "sample": {"mode": "random", "n": 5},
            "inputs": [{"source": "alpaca", "path": f"{EXAMPLES}/alpaca_cherry_sample.json"},
@@ -107,7 +146,10 @@ def _outcome(out):
     return ann, man["counts"], sorted(pd.read_parquet(f"{out}/selected").id)
 
 
-def test_a_job_without_models_on_a_cluster_the_job_starts_matches_both_fnapi_modes(job_dir):
+def test_a_job_without_models_on_a_cluster_the_job_starts_matches_both_fnapi_modes(job_dir, monkeypatch):
+    from curate.select import scope
+
+    monkeypatch.setattr(scope, "RANK_BUCKET_ROWS", 3)  # the global order in ranges of 3 selected rows
     runs = {"fnapi": [], "multi": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
             "dask": ["--runner=DaskRunner", "--dask_workers=2"],
             "p2p": ["--runner=DaskRunner", "--dask_workers=2", "--dask_shuffle=p2p"]}

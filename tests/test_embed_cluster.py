@@ -102,6 +102,27 @@ def test_default_k_and_seeded_sample():
     assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 50
 
 
+@pytest.mark.parametrize("n_rows,size", [(500, 50), (20_000, 100), (3_000, 1), (300, 50), (50, 50)])
+def test_the_sample_cutoff_lets_the_smallest_ranks_through_and_few_others(n_rows, size):
+    ranks = sorted(clustering.sample_rank(7, f"row-{i}") for i in range(n_rows))
+    cutoff = clustering.sample_cutoff(n_rows, size)
+    below = sum(r < cutoff for r in ranks)
+    assert below >= min(size, n_rows)  # the sample is exactly the smallest ranks of the pool
+    keep = size + 10 * int(size ** 0.5) + 64
+    if keep >= n_rows:
+        assert cutoff == 1 << 64 and below == n_rows
+    else:
+        assert below <= keep + 10 * keep ** 0.5  # about the sample, not the pool
+
+
+def test_a_sample_cut_short_is_an_error_not_a_smaller_sample():
+    from curate.settings import Cluster
+    from pipelines.embed_cluster import _train
+
+    with pytest.raises(RuntimeError, match="only 3 of 1000 rows ranked below the sample cutoff"):
+        _train([(1, "a", np.ones(4, np.float32))] * 3, 1000, Cluster(max_sample=10), False)
+
+
 def test_kmeans_recovers_blobs_and_is_seeded():
     rng = np.random.default_rng(0)
     centers = np.linalg.qr(rng.normal(size=(384, 3)))[0].T  # 3 orthonormal directions
@@ -187,13 +208,21 @@ DEMO = [{"source": "alpaca_cherry", "path": f"{EXAMPLES}/alpaca_cherry_sample.js
         {"source": "gsm8k", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}]
 
 
-def test_cluster_ids_are_the_same_across_runs_and_runners(job_dir):
-    outs = {"a": [], "b": [], "mp": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]}
+def test_cluster_ids_are_the_same_across_runs_and_runners(job_dir, monkeypatch):
+    """... and with a sample of 60 of the 355 rows, the same whether the sample cutoff lets only
+    about 200 rows travel to the sampling step (the default) or every row (patched)."""
+    outs = {"a": [], "b": [], "mp": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+            "cut": [], "uncut": []}
     for name, flags in outs.items():
         cfg = {"output": name, "inputs": DEMO, "embed": {"device": "cpu", "batch_size": 16 if name == "b" else 64},
-               "cluster": {"device": "cpu"}, **FAST}
+               "cluster": {"device": "cpu", **({"max_sample": 60} if name.endswith("cut") else {})}, **FAST}
+        if name == "uncut":
+            monkeypatch.setattr(clustering, "sample_cutoff", lambda n, size: 1 << 64)
         assert run_cli("run", write_job(job_dir, without_scores(cfg), f"{name}.yaml"), *flags) == 0
     frames = {n: pd.read_parquet(f"{n}/annotated").set_index("id").sort_index() for n in outs}
+    assert frames["cut"].cluster_id.equals(frames["uncut"].cluster_id)
+    assert not frames["cut"].cluster_id.equals(frames["a"].cluster_id)  # trained on 60 rows, not 355
+    assert load_manifest("cut")["cluster"]["sample"] == 60
     assert frames["a"].cluster_id.notna().sum() == 355
     for other in ("b", "mp"):
         assert frames["a"].cluster_id.equals(frames[other].cluster_id)
