@@ -209,8 +209,9 @@ DEMO = [{"source": "alpaca_cherry", "path": f"{EXAMPLES}/alpaca_cherry_sample.js
 
 
 def test_cluster_ids_are_the_same_across_runs_and_runners(job_dir, monkeypatch):
-    """... and with a sample of 60 of the 355 rows, the same whether the sample cutoff lets only
-    about 200 rows travel to the sampling step (the default) or every row (patched)."""
+    """The same clusters whatever the batch size and runner; and with a sample of 60 of the 355
+    rows, the same whether the sample cutoff lets only about 200 rows travel to the sampling step
+    (the default) or every row (patched)."""
     outs = {"a": [], "b": [], "mp": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
             "cut": [], "uncut": []}
     for name, flags in outs.items():
