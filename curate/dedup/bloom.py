@@ -36,7 +36,7 @@ def shard_of(rid: str) -> int:
 
 def shard_filter(ids: Iterable[str]) -> tuple[int, bytes]:
     """(bits, packed bits) of one shard's filter, sized for its distinct ids."""
-    digests = b"".join(_digest(rid) for rid in sorted(set(ids)))
+    digests = b"".join(_digest(rid) for rid in set(ids))
     hashes = np.frombuffer(digests, dtype="<u8").reshape(-1, 1 + HASHES)[:, 1:]
     bits = max(MIN_BITS, len(hashes) * BITS_PER_ID)
     flags = np.zeros(bits, dtype=bool)

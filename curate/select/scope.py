@@ -93,7 +93,7 @@ def order_key(cluster: int, rank: int, budget: Budget, cluster_rows: int) -> tup
 
 def global_ranks(keyed: list[tuple[tuple, str]]) -> dict[str, int]:
     """{id: global rank} from (order_key, id) pairs of the selected rows, all in one list."""
-    return {rid: i for i, (_, rid) in enumerate(sorted(keyed), start=1)}
+    return dict(ranks_in_bucket(keyed, 0))
 
 
 # The global order without one list: the selected rows' keys are cut into ranges of their first
