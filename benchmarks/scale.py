@@ -8,7 +8,8 @@ real row, a sentence of another, the answer of a third), 10% exact copies and 10
 Each row carries a precomputed cluster id (``topic``, round(sqrt(n)) clusters, the k-means
 default; copies keep their original's), read with ``cluster.column`` so no model runs.
 Policies: ``random`` and ``mixture`` (per-source quotas) over the whole pool,
-``cluster_balanced`` on the precomputed clusters, and ``random`` with ``select.scope: cluster``
+``cluster_balanced`` on the precomputed clusters (all three keyed: decided range by range, the
+only global state counts, quotas and cut points), and ``random`` with ``select.scope: cluster``
 (each cluster decided alone, the only global state per-cluster counts and the selected rows'
 order keys).
 

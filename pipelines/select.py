@@ -1,8 +1,10 @@
 """The selection step: the policy's decisions over the candidates' features, joined back by id.
 
-Candidates are the rows no earlier stage dropped. With ``select.scope: global`` their features
-(a few numbers per row, plus the embedding when the policy asks for it) are combined into one
-list and the policy (``curate.select``) runs once on it. With ``scope: cluster`` the features
+Candidates are the rows no earlier stage dropped. With ``select.scope: global`` a keyed policy
+(``curate.select.keyed``: its decision is a sort, by a per-row key within per-group quotas) is
+decided range by range: only counts, quotas, cut points and range sizes are combined globally.
+Any other policy gets the candidates' features (a few numbers per row, plus the embedding when it
+asks for it) combined into one list and runs once on it. With ``scope: cluster`` the features
 are grouped by cluster and the policy runs on each group with its share of the budget
 (``curate.select.scope``): only per-cluster counts (to split the budget), each cluster's budget
 step and count of selected rows (to cut the global order into ranges of about 50,000 rows, each
@@ -15,6 +17,7 @@ from __future__ import annotations
 import apache_beam as beam
 import numpy as np
 
+from curate.select import keyed as K
 from curate.select import scope as S
 from curate.select.base import Budget, PolicyError
 from curate.select.features import feature_row, features_table, selection_report
@@ -96,6 +99,10 @@ class Select(beam.PTransform):
             raise PolicyError("select.scope: cluster needs cluster ids (enable embed and cluster, or set "
                               "cluster.column)")
         self.with_vectors, self.with_text = policy.wants_embeddings(), policy.wants_text()
+        budget = policy_from(cfg)[1]
+        self.keyed = cfg.select.scope == "global" and K.applies(policy, budget)
+        if self.keyed:
+            K.check(policy, budget)
 
     def expand(self, records):
         cfg, with_vectors, with_text = self.cfg, self.with_vectors, self.with_text
@@ -115,6 +122,8 @@ class Select(beam.PTransform):
                  | "Features" >> beam.Map(features))
         if cfg.select.scope == "cluster":
             decisions, report = self._per_cluster(feats)
+        elif self.keyed:
+            decisions, report = self._keyed(feats)
         else:
             decided = feats | "AllFeatures" >> beam.combiners.ToList() | "Decide" >> beam.Map(decide, cfg)
             decisions = decided | "Decisions" >> beam.FlatMap(lambda d: d["decisions"].items())
@@ -137,19 +146,99 @@ class Select(beam.PTransform):
                    | "Split" >> beam.Map(lambda pairs: S.split_budget(budget, _sizes(pairs))))
         decided = (by_cluster | "GroupCluster" >> beam.GroupByKey()
                    | "DecideCluster" >> beam.Map(decide_cluster, cfg, beam.pvalue.AsSingleton(budgets)))
-        bounds = (decided | "Shapes" >> beam.Map(lambda d: d["shape"])
-                  | "AllShapes" >> beam.combiners.ToList()  # one small pair per cluster
-                  | "Boundaries" >> beam.Map(S.rank_boundaries, S.RANK_BUCKET_ROWS))
-        keyed = (decided | "Selected" >> beam.FlatMap(lambda d: d["selected"])
-                 | "ToRange" >> beam.Map(lambda kv, b: (S.bucket_of(kv[0], b), kv), beam.pvalue.AsSingleton(bounds)))
-        offsets = (keyed | "RangeSizes" >> beam.combiners.Count.PerKey()
-                   | "AllSizes" >> beam.combiners.ToList()  # one pair per range
-                   | "Offsets" >> beam.Map(S.bucket_offsets))
-        ranks = (keyed | "GroupRanges" >> beam.GroupByKey()
-                 | "Ranks" >> beam.FlatMap(lambda kv, off: [(rid, [rank, None]) for rid, rank
-                                                            in S.ranks_in_bucket(kv[1], off[kv[0]])],
-                                           beam.pvalue.AsSingleton(offsets)))
+        shapes = (decided | "Shapes" >> beam.Map(lambda d: d["shape"])
+                  | "AllShapes" >> beam.combiners.ToList())  # one small pair per cluster
+        ranks = (decided | "Selected" >> beam.FlatMap(lambda d: d["selected"])) | _NumberInOrder(shapes)
         dropped = decided | "Dropped" >> beam.FlatMap(lambda d: [(rid, [None, r]) for rid, r in d["dropped"].items()])
         report = (decided | "Reports" >> beam.Map(lambda d: d["report"]) | "AllReports" >> beam.combiners.ToList()
                   | "Merge" >> beam.Map(lambda reps: ("select", S.merge_reports(reps, policy, budget, seed))))
         return (ranks, dropped) | "AllDecisions" >> beam.Flatten(), report
+
+    def _keyed(self, feats):
+        """(id -> [rank, reason] pairs, the report) for a keyed policy over the whole pool
+        (``curate.select.keyed``): counts, quotas, cut points and range offsets are the only
+        state combined globally; each (group, range) is sorted on its own."""
+        cfg = self.cfg
+        policy, budget, seed = policy_from(cfg)
+        per_range = S.RANK_BUCKET_ROWS
+        required = policy.required_columns()
+
+        def row_key(r):
+            got = policy.row_key(r, seed)
+            about = (r["source"], K.cluster_name(r))
+            if isinstance(got, str):
+                return ("drop", r["id"], K.reason(policy, got), about)
+            return ("keep", got[0], (got[1], r["id"]), about)
+
+        def quotas(n, sizes, present):
+            K.missing_columns(policy, n, set(present))
+            q = policy.quotas(n, dict(sizes), budget)
+            return {"quota": q, "index": K.group_order(q)}
+
+        keys = feats | "RowKeys" >> beam.Map(row_key)
+        eligible = keys | "Eligible" >> beam.Filter(lambda k: k[0] == "keep")
+        count = feats | "CountCandidates" >> beam.combiners.Count.Globally()
+        present = (feats | "NonNull" >> beam.FlatMap(lambda r: [c for c in required if r.get(c) is not None])
+                   | "Present" >> beam.Distinct() | "AllPresent" >> beam.combiners.ToList())
+        sizes = (eligible | "GroupOf" >> beam.Map(lambda k: k[1]) | "GroupSizes" >> beam.combiners.Count.PerElement()
+                 | "AllGroups" >> beam.combiners.ToList())  # one pair per group
+        quota = count | "Quotas" >> beam.Map(quotas, beam.pvalue.AsSingleton(sizes), beam.pvalue.AsSingleton(present))
+        cuts = (eligible | "Sample" >> beam.Filter(lambda k: K.sampled(k[2][1], per_range))
+                | "SampleKeys" >> beam.Map(lambda k: (k[1], k[2])) | "AllSamples" >> beam.combiners.ToList()
+                | "CutPoints" >> beam.Map(lambda sample, sz: K.cut_points(sample, dict(sz), per_range),
+                                          beam.pvalue.AsSingleton(sizes)))
+        ranged = eligible | "ToGroupRange" >> beam.Map(
+            lambda k, c: ((k[1], K.range_of(k[1], k[2], c)), (k[2], k[3])), beam.pvalue.AsSingleton(cuts))
+        offsets = (ranged | "GroupRangeSizes" >> beam.combiners.Count.PerKey()
+                   | "AllGroupRanges" >> beam.combiners.ToList()  # one pair per range
+                   | "GroupOffsets" >> beam.Map(K.range_offsets))
+
+        def decide_range(kv, off, q):
+            (group, r), items = kv
+            about = {rid: a for (_, rid), a in items}
+            kept, over = K.decide_range([k for k, _ in items], off[(group, r)], q["quota"].get(group, 0))
+            why = K.reason(policy, policy.over_reason)
+            for rid, pos in kept:
+                yield beam.pvalue.TaggedOutput("kept", (K.order_key(q["index"][group], pos), rid))
+                yield (about[rid], None)
+            for rid in over:
+                yield beam.pvalue.TaggedOutput("over", (rid, [None, why]))
+                yield (about[rid], why)
+
+        decided = (ranged | "ByGroupRange" >> beam.GroupByKey()
+                   | "DecideRange" >> beam.FlatMap(decide_range, beam.pvalue.AsSingleton(offsets),
+                                                   beam.pvalue.AsSingleton(quota)).with_outputs("kept", "over",
+                                                                                                  main="outcome"))
+        shapes = quota | "Shapes" >> beam.Map(lambda q: K.rank_shapes(q["quota"]))
+        ranks = decided.kept | _NumberInOrder(shapes)
+        drops = keys | "Drops" >> beam.FlatMap(lambda k: [(k[1], [None, k[2]])] if k[0] == "drop" else [])
+        outcomes = ((decided.outcome, keys | "DropOutcomes" >> beam.FlatMap(
+            lambda k: [(k[3], k[2])] if k[0] == "drop" else []))
+            | "Outcomes" >> beam.Flatten()
+            | "CountOutcomes" >> beam.Map(lambda o: ((o[0][0], o[0][1], o[1]), 1))
+            | "OutcomeCounts" >> beam.CombinePerKey(sum)
+            | "AllOutcomes" >> beam.combiners.ToList()  # one pair per (source, cluster, reason)
+            | "Report" >> beam.Map(lambda counts: ("select", K.report(policy, budget, seed, counts))))
+        return (ranks, drops, decided.over) | "AllDecisions" >> beam.Flatten(), outcomes
+
+
+class _NumberInOrder(beam.PTransform):
+    """(order key, id) of the selected rows -> (id, [global rank, None]), numbered range by range:
+    cut points from each group's (step, selected rows) (``scope.rank_boundaries``), each range
+    sorted alone and numbered after the rows of the ranges before it."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes = shapes  # a PCollection of one list of (step, selected rows)
+
+    def expand(self, selected):
+        bounds = self.shapes | "Boundaries" >> beam.Map(S.rank_boundaries, S.RANK_BUCKET_ROWS)
+        keyed = selected | "ToRange" >> beam.Map(lambda kv, b: (S.bucket_of(kv[0], b), kv),
+                                                 beam.pvalue.AsSingleton(bounds))
+        offsets = (keyed | "RangeSizes" >> beam.combiners.Count.PerKey()
+                   | "AllSizes" >> beam.combiners.ToList()  # one pair per range
+                   | "Offsets" >> beam.Map(S.bucket_offsets))
+        return (keyed | "GroupRanges" >> beam.GroupByKey()
+                | "Ranks" >> beam.FlatMap(lambda kv, off: [(rid, [rank, None]) for rid, rank
+                                                           in S.ranks_in_bucket(kv[1], off[kv[0]])],
+                                          beam.pvalue.AsSingleton(offsets)))

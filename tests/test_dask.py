@@ -115,7 +115,7 @@ def test_combines_are_lifted_so_one_task_gets_one_accumulator_per_partition(tmp_
     assert json.loads((tmp_path / "distinct.json").read_text()) == list(range(7))
 
 
-def _job(job_dir, name, models: bool, extra=None):
+def _job(job_dir, name, models: bool, extra=None, select=None):
     cfg = {"output": name, "seed": 0, "sample": {"mode": "random", "n": 5},
            "inputs": [{"source": "alpaca", "path": f"{EXAMPLES}/alpaca_cherry_sample.json"},
                       {"source": "gsm8k", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"},
@@ -136,7 +136,7 @@ def _job(job_dir, name, models: bool, extra=None):
                                                "group": i % 4 if i % 5 else str(i % 4)}) + "\n" for i in range(24)))
         cfg = without_models({**cfg, "sample": {"mode": "none"}, "inputs": cfg["inputs"] + [
             {"source": "grouped", "path": str(grouped)}], "cluster": {"column": "group"},
-            "select": {"policy": "random", "budget": {"fraction": 0.5}, "scope": "cluster"}})
+            "select": select or {"policy": "random", "budget": {"fraction": 0.5}, "scope": "cluster"}})
     return write_job(job_dir, cfg, f"{name}.yaml")
 
 
@@ -170,6 +170,24 @@ def test_a_job_without_models_on_a_cluster_the_job_starts_matches_both_fnapi_mod
         cols = ["id", "selected", "rank", "drop_reason", "exact_dup_of", "near_dup_of", "cluster_id"]
         pd.testing.assert_frame_equal(ann[cols], base_ann[cols])
     assert load_manifest("dask")["beam_options"]["runner"] == "DaskRunner"
+
+
+def test_a_global_selection_decided_range_by_range_on_dask_matches_fnapi(job_dir, monkeypatch):
+    """cluster_balanced over the whole pool (keyed: per-group ranges of 3 rows, the global order in
+    ranges of 3) on Dask decides, counts and reports what the in-process runner does."""
+    from curate.select import scope
+
+    monkeypatch.setattr(scope, "RANK_BUCKET_ROWS", 3)
+    select = {"policy": "cluster_balanced", "params": {"quota": "sqrt"}, "budget": {"fraction": 0.5}}
+    assert run_cli("run", _job(job_dir, "kfn", models=False, select=select)) == 0
+    assert run_cli("run", _job(job_dir, "kdask", models=False, select=select), "--runner=DaskRunner",
+                   "--dask_workers=2") == 0
+    (base_ann, base_counts, base_sel), (ann, counts, sel) = _outcome("kfn"), _outcome("kdask")
+    assert sel == base_sel and counts == base_counts and len(sel) > 10
+    cols = ["id", "selected", "rank", "drop_reason", "cluster_id"]
+    pd.testing.assert_frame_equal(ann[cols], base_ann[cols])
+    assert load_manifest("kdask")["select"] == load_manifest("kfn")["select"]
+    assert base_ann.drop_reason.fillna("").str.startswith("cluster_balanced:over_quota").any()
 
 
 def test_the_models_run_on_a_given_scheduler_and_select_the_same_rows(job_dir, tmp_path_factory):

@@ -256,6 +256,25 @@ class Policy:
     def supported_scopes(self) -> tuple[str, ...]:
         return self.scopes
 
+    # A keyed policy's decision is a sort (curate.select.keyed): each row's drop reason or (group,
+    # sort value) comes from the row alone and each group's quota from counts, so the Beam step
+    # selects over the whole pool without gathering it. Those that are not keep the default.
+    over_reason: ClassVar[str] = "over_budget"
+
+    def keyed(self, budget: Budget) -> bool:
+        """Whether this instance's decision under ``budget`` is a sort (``row_key`` and ``quotas``)."""
+        return False
+
+    def row_key(self, row: dict, seed: int):
+        """A drop reason, or (group, sort value: smaller first; ties by id), from one features row."""
+        raise NotImplementedError
+
+    def quotas(self, candidates: int, sizes: dict, budget: Budget) -> dict:
+        """Rows each group keeps, from the count of candidates and of each group's eligible rows:
+        one group, capped by the budget (of the candidates)."""
+        cap = budget.max_rows(candidates)
+        return {g: n if cap is None else min(n, cap) for g, n in sizes.items()}
+
     def describe(self) -> dict:
         return {"policy": self.name, "params": dict(self.p)}
 

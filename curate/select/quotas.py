@@ -17,8 +17,8 @@ import math
 
 import numpy as np
 
-from curate.select.base import FreeParam, Param, Policy, PolicyError, Pool, Selection, ranked
-from curate.select.scored import hash_keys, numeric_column
+from curate.select.base import Budget, FreeParam, Param, Policy, PolicyError, Pool, Selection, ranked
+from curate.select.scored import hash_keys, numeric_column, numeric_value
 
 
 def allocate(budget: int, sizes: dict, weights: dict) -> dict:
@@ -89,6 +89,10 @@ TEMPERATURE = Param((int, float), 1.0, "softmax temperature", minimum=1e-6)
 class _Quota(Policy):
     needs_budget = True
     scopes = ("global",)  # its quotas span clusters (or sources): it needs the whole pool
+    over_reason = "over_quota"
+    # with a rows or fraction budget its decision is a sort (curate.select.keyed): the Beam step
+    # counts each group's eligible rows, sets the quotas from those counts and takes each group's
+    # first rows range by range, never gathering the pool
 
     def required_columns(self):
         return (self.group_column,) + ((self.p["score"],) if self.p["score"] else ())
@@ -98,6 +102,43 @@ class _Quota(Policy):
             self.p["within"] = "top" if self.p["score"] else "uniform"
         if self.p["within"] in ("top", "softmax") and not self.p["score"]:
             raise PolicyError(f"policy {self.name}: within {self.p['within']} needs a score column")
+
+    def keyed(self, budget: Budget) -> bool:
+        return budget.tokens is None
+
+    def _eligible(self, group) -> bool:
+        return True
+
+    def row_key(self, row: dict, seed: int):
+        group = row.get(self.group_column)
+        group = "none" if group is None else group
+        score = numeric_value(row, self.p["score"], self.name) if self.p["score"] else None
+        if score is not None and math.isnan(score):
+            return "score_nan"
+        if not self._eligible(group):
+            return "source_not_in_mixture"
+        how = self.p["within"]
+        if how == "top":
+            return group, -score
+        noise = float(gumbel([row["id"]], seed)[0])
+        return group, -(score / self.p["temperature"] + noise if how == "softmax" else noise)
+
+    def quotas(self, candidates: int, sizes: dict, budget: Budget) -> dict:
+        if budget.tokens is not None:
+            raise PolicyError(f"policy {self.name}: takes a rows or fraction budget, not tokens")
+        return self._quota(min(budget.max_rows(candidates), candidates), sizes)
+
+    def _quota(self, budget: int, sizes: dict) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def choose(self, pool: Pool) -> Selection:
+        budget = pool.rows_budget(self.name)
+        groups, keys, dropped, sizes = self._prepare(pool)
+        for i, g in enumerate(groups):
+            if pool.ids[i] not in dropped and not self._eligible(g):
+                dropped[pool.ids[i]] = "source_not_in_mixture"
+        sizes = {g: n for g, n in sizes.items() if self._eligible(g)}
+        return take_by_quota(pool, groups, self._quota(budget, sizes), keys, dropped)
 
     def _prepare(self, pool: Pool):
         groups = [("none" if g is None else g) for g in pool.strings(self.group_column)]
@@ -122,12 +163,9 @@ class ClusterBalanced(_Quota):
               "score": SCORE, "within": WITHIN, "temperature": TEMPERATURE}
     group_column = "cluster_id"
 
-    def choose(self, pool: Pool) -> Selection:
-        budget = pool.rows_budget(self.name)
-        groups, keys, dropped, sizes = self._prepare(pool)
+    def _quota(self, budget: int, sizes: dict) -> dict:
         weight = {"proportional": float, "equal": lambda n: 1.0, "sqrt": math.sqrt}[self.p["quota"]]
-        quota = allocate(budget, sizes, {g: weight(n) for g, n in sizes.items()})
-        return take_by_quota(pool, groups, quota, keys, dropped)
+        return allocate(budget, sizes, {g: weight(n) for g, n in sizes.items()})
 
 
 class Mixture(_Quota):
@@ -146,17 +184,15 @@ class Mixture(_Quota):
         if any(v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
             raise PolicyError("policy mixture: shares must be >= 0 and not all 0")
 
-    def choose(self, pool: Pool) -> Selection:
-        budget = pool.rows_budget(self.name)
-        groups, keys, dropped, sizes = self._prepare(pool)
-        shares = {str(k): float(v) for k, v in self.p["shares"].items()}
-        for i, g in enumerate(groups):
-            if g not in shares and pool.ids[i] not in dropped:
-                dropped[pool.ids[i]] = "source_not_in_mixture"
-        sizes = {g: n for g, n in sizes.items() if g in shares}
+    def _shares(self) -> dict:
+        return {str(k): float(v) for k, v in self.p["shares"].items()}
+
+    def _eligible(self, group) -> bool:
+        return group in self._shares()
+
+    def _quota(self, budget: int, sizes: dict) -> dict:
+        shares = self._shares()
         if self.p["redistribute"]:
-            quota = allocate(budget, sizes, shares)
-        else:
-            want = allocate(budget, {g: budget for g in shares}, shares)
-            quota = {g: min(want[g], sizes.get(g, 0)) for g in shares}
-        return take_by_quota(pool, groups, quota, keys, dropped)
+            return allocate(budget, sizes, shares)
+        want = allocate(budget, {g: budget for g in shares}, shares)
+        return {g: min(want[g], sizes.get(g, 0)) for g in shares}

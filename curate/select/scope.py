@@ -13,7 +13,8 @@ DEITA's distance threshold, top-k by a score) now compares them within each clus
 cluster keeps its share of the budget, like ``cluster_balanced`` with proportional quotas. A
 policy says which scopes it supports (``Policy.scopes``); those that are global by nature
 (``cluster_balanced`` and ``mixture``, whose quotas span clusters or sources, and ``paser``)
-refuse ``scope: cluster``.
+refuse ``scope: cluster``; the first two run over the whole pool without gathering it
+(``curate.select.keyed``).
 
 The global rank interleaves the clusters: rows sort by ((rank in cluster - 1) / cluster budget,
 cluster id, rank), so each cluster's best row comes first and every prefix of the order holds

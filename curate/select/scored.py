@@ -5,10 +5,12 @@ Ties are broken by id (the pool is sorted by id and the sorts are stable).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from curate.cluster import sample_rank
-from curate.select.base import Param, Policy, PolicyError, Pool, Selection, ranked
+from curate.select.base import Budget, Param, Policy, PolicyError, Pool, Selection, ranked
 
 COLUMN = Param((str,), None, "score column to rank by (any numeric column of annotated/)", required=True)
 HIGHER = Param((bool,), True, "true: larger scores are better")
@@ -18,6 +20,16 @@ def hash_keys(ids: list[str], seed: int) -> np.ndarray:
     """A seeded pseudo-random key per id in [0, 1), from the id alone, so no order or batch
     changes it (the k-means sample's ``sample_rank``, scaled)."""
     return np.array([sample_rank(seed, rid) / 2.0 ** 64 for rid in ids], dtype=np.float64)
+
+
+def numeric_value(row: dict, name: str, policy: str) -> float:
+    """One row's ``numeric_column`` value: null -> NaN."""
+    v = row.get(name)
+    if v is None:
+        return math.nan
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PolicyError(f"policy {policy}: column {name!r} is {type(v).__name__}, not numeric")
+    return float(v)
 
 
 def numeric_column(pool: Pool, name: str, policy: str) -> np.ndarray:
@@ -33,6 +45,12 @@ class All(Policy):
     name = "all"
     summary = "keep every row no earlier stage dropped (the default); a budget keeps the first rows by id"
 
+    def keyed(self, budget: Budget) -> bool:
+        return budget.tokens is None
+
+    def row_key(self, row: dict, seed: int):
+        return 0, 0.0  # id order
+
     def choose(self, pool: Pool) -> Selection:
         return pool.take_in_order(range(len(pool)))
 
@@ -42,6 +60,12 @@ class Random(Policy):
     summary = "seeded uniform sample, the baseline every other policy should beat"
     needs_budget = True
 
+    def keyed(self, budget: Budget) -> bool:
+        return budget.tokens is None
+
+    def row_key(self, row: dict, seed: int):
+        return 0, sample_rank(seed, row["id"]) / 2.0 ** 64  # hash_keys' value
+
     def choose(self, pool: Pool) -> Selection:
         return pool.take_in_order(np.argsort(hash_keys(pool.ids, pool.seed), kind="stable"))
 
@@ -50,9 +74,29 @@ class _ByColumn(Policy):
     def required_columns(self):
         return (self.p["column"],)
 
+    def keyed(self, budget: Budget) -> bool:
+        return budget.tokens is None
+
+    def _drop(self, v: float) -> str | None:
+        """A reason to drop a row whose score ``v`` is not NaN (none by default)."""
+        return None
+
+    def row_key(self, row: dict, seed: int):
+        v = numeric_value(row, self.p["column"], self.name)
+        if math.isnan(v):
+            return "score_nan"
+        why = self._drop(v)
+        if why:
+            return why
+        return 0, -v if self.p.get("higher_is_better", True) else v
+
     def _keys(self, pool: Pool) -> tuple[np.ndarray, dict[str, str]]:
         keys = numeric_column(pool, self.p["column"], self.name)
-        dropped = {pool.ids[i]: "score_nan" for i in np.flatnonzero(np.isnan(keys))}
+        dropped = {}
+        for i, v in enumerate(keys):
+            why = "score_nan" if np.isnan(v) else self._drop(float(v))
+            if why:
+                dropped[pool.ids[i]] = why
         return keys, dropped
 
 
@@ -71,16 +115,16 @@ class Threshold(_ByColumn):
         if self.p["min"] is not None and self.p["max"] is not None and self.p["min"] > self.p["max"]:
             raise PolicyError("policy threshold: min is above max")
 
+    def _drop(self, v: float) -> str | None:
+        lo, hi, strict = self.p["min"], self.p["max"], self.p["strict"]
+        if lo is not None and (v <= lo if strict else v < lo):
+            return "below_min"
+        if hi is not None and (v >= hi if strict else v > hi):
+            return "above_max"
+        return None
+
     def choose(self, pool: Pool) -> Selection:
         keys, dropped = self._keys(pool)
-        lo, hi, strict = self.p["min"], self.p["max"], self.p["strict"]
-        for i, v in enumerate(keys):
-            if np.isnan(v):
-                continue
-            if lo is not None and (v <= lo if strict else v < lo):
-                dropped[pool.ids[i]] = "below_min"
-            elif hi is not None and (v >= hi if strict else v > hi):
-                dropped[pool.ids[i]] = "above_max"
         return pool.take_in_order(ranked(keys, self.p["higher_is_better"]), dropped)
 
 
@@ -103,6 +147,9 @@ class Targeted(_ByColumn):
               "max_per_cluster": Param((int,), None, "cap on rows taken from one cluster (none: no cap); "
                                        "rows over it are dropped as cluster_cap", minimum=1)}
     needs_budget = True
+
+    def keyed(self, budget: Budget) -> bool:
+        return budget.tokens is None and self.p["max_per_cluster"] is None
 
     def choose(self, pool: Pool) -> Selection:
         keys, dropped = self._keys(pool)
@@ -144,13 +191,13 @@ class Superfiltering(_ByColumn):
         if self.p["lower"] >= self.p["upper"]:
             raise PolicyError("policy superfiltering: lower must be below upper")
 
+    def _drop(self, v: float) -> str | None:
+        if v >= self.p["upper"]:
+            return "ifd_ge_upper"
+        if v <= self.p["lower"]:
+            return "ifd_le_lower"
+        return None
+
     def choose(self, pool: Pool) -> Selection:
         keys, dropped = self._keys(pool)
-        for i, v in enumerate(keys):
-            if np.isnan(v):
-                continue
-            if v >= self.p["upper"]:
-                dropped[pool.ids[i]] = "ifd_ge_upper"
-            elif v <= self.p["lower"]:
-                dropped[pool.ids[i]] = "ifd_le_lower"
         return pool.take_in_order(ranked(keys, True), dropped)
