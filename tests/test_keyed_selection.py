@@ -79,6 +79,21 @@ def test_what_is_not_a_sort_is_not_keyed():
     assert not K.applies(make("chain", {"steps": [{"policy": "random", "budget": {"rows": 3}}]}), Budget(rows=3))
     assert K.applies(make("cluster_balanced"), Budget(fraction=0.5))
 
+    from curate.select.scored import TopK
+
+    class Reordered(TopK):  # a plugin's own choose: the built-in's keys no longer say what it does
+        name = "reordered"
+
+        def choose(self, pool):
+            return pool.take_in_order(range(len(pool)))
+
+    class Declared(Reordered):
+        def keyed(self, budget):
+            return True
+
+    assert not K.applies(Reordered(column="ifd_loss"), Budget(rows=3))
+    assert K.applies(Declared(column="ifd_loss"), Budget(rows=3))
+
 
 def test_keyed_errors_are_the_policys():
     rows = [{"id": str(i), "source": "a", "approx_tokens": 3} for i in range(4)]  # no score at all

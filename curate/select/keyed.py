@@ -36,9 +36,16 @@ from curate.select.features import FEATURES
 _SAMPLE_KEY = b"curate.select.keyed"
 
 
+def _owner(policy: Policy, method: str) -> type:
+    return next(c for c in type(policy).__mro__ if method in vars(c))
+
+
 def applies(policy: Policy, budget: Budget) -> bool:
-    """Whether the Beam step can select over the whole pool without gathering it."""
-    return policy.keyed(budget) and not (policy.wants_embeddings() or policy.wants_text())
+    """Whether the Beam step can select over the whole pool without gathering it. A subclass (a
+    plugin's, say) that replaces a keyed policy's ``choose`` is keyed only if it says so itself."""
+    chooser = _owner(policy, "choose")
+    declared = chooser.__module__.startswith("curate.select.") or issubclass(_owner(policy, "keyed"), chooser)
+    return declared and policy.keyed(budget) and not (policy.wants_embeddings() or policy.wants_text())
 
 
 def check(policy: Policy, budget: Budget) -> None:
