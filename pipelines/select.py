@@ -14,6 +14,8 @@ way the decisions (id -> rank or drop reason) are joined back to the rows by id
 """
 from __future__ import annotations
 
+import logging
+
 import apache_beam as beam
 import numpy as np
 
@@ -23,6 +25,8 @@ from curate.select.base import Budget, PolicyError
 from curate.select.features import feature_row, features_table, selection_report
 from curate.select.registry import make
 from curate.settings import Job
+
+log = logging.getLogger("curate")
 
 
 def policy_from(cfg: Job):
@@ -93,16 +97,18 @@ class Select(beam.PTransform):
     def __init__(self, cfg: Job):
         super().__init__()
         self.cfg = cfg
-        policy, _, _ = policy_from(cfg)  # fail at graph construction, not in a worker
+        policy, budget, _ = policy_from(cfg)  # fail at graph construction, not in a worker
         S.check_scope(policy, cfg.select.scope)
         if cfg.select.scope == "cluster" and not (cfg.cluster.column or (cfg.cluster.enabled and cfg.embed.enabled)):
             raise PolicyError("select.scope: cluster needs cluster ids (enable embed and cluster, or set "
                               "cluster.column)")
         self.with_vectors, self.with_text = policy.wants_embeddings(), policy.wants_text()
-        budget = policy_from(cfg)[1]
         self.keyed = cfg.select.scope == "global" and K.applies(policy, budget)
-        if self.keyed:
-            K.check(policy, budget)
+        if self.keyed:  # a missing budget was refused with the job file
+            log.info("select: %s decided range by range over the whole pool (keyed)", policy.name)
+        elif cfg.select.scope == "global":
+            log.info("select: %s gathers every candidate's features on one worker (it compares rows or takes a "
+                     "token budget); on a large pool use select.scope: cluster", policy.name)
 
     def expand(self, records):
         cfg, with_vectors, with_text = self.cfg, self.with_vectors, self.with_text

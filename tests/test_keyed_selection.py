@@ -148,7 +148,7 @@ def _grouped_job(tmp_path, name, select):
     ({"policy": "top_k", "params": {"column": "approx_tokens"}, "budget": {"rows": 25}},
      ["--policy", "top_k", "--param", "column=approx_tokens", "--rows", "25"]),
 ], ids=["cluster_balanced", "mixture", "top_k"])
-def test_the_jobs_keyed_selection_equals_curate_select(tmp_path, monkeypatch, select, argv):
+def test_the_jobs_keyed_selection_equals_curate_select(tmp_path, monkeypatch, caplog, select, argv):
     """The Beam step (ranges of 2 rows: many groups' ranges, cut points from a sample of every row,
     the global order numbered range by range) decides and reports what ``curate select`` decides
     over one list."""
@@ -158,7 +158,9 @@ def test_the_jobs_keyed_selection_equals_curate_select(tmp_path, monkeypatch, se
     from curate.select import scope
 
     monkeypatch.setattr(scope, "RANK_BUCKET_ROWS", 2)
-    assert run_cli("run", _grouped_job(tmp_path, "job", select)) == 0
+    with caplog.at_level("INFO", logger="curate"):
+        assert run_cli("run", _grouped_job(tmp_path, "job", select)) == 0
+    assert f"select: {select['policy']} decided range by range" in caplog.text
     ann = read_table(tmp_path / "job", "annotated").to_pylist()
     job = {r["id"]: (r["rank"], r["drop_reason"]) for r in ann}
     assert run_cli("select", tmp_path / "job", *argv, "--seed", "3", "--out", tmp_path / "again") == 0
@@ -172,3 +174,23 @@ def test_the_jobs_keyed_selection_equals_curate_select(tmp_path, monkeypatch, se
     rep = json.loads((tmp_path / "again" / "selection.json").read_text())
     assert {k: v for k, v in rep.items() if k not in ("run", "output")} == man["select"]
     assert man["accounting"]["holds"]
+
+
+def test_the_job_says_which_global_policies_gather_the_pool(caplog):
+    from conftest import EXAMPLES
+    from curate.config import validate
+    from pipelines.select import Select
+
+    def built(select):
+        cfg = validate({"output": "out", "inputs": [{"source": "a", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}],
+                        "select": select})
+        with caplog.at_level("INFO", logger="curate"):
+            caplog.clear()
+            return Select(cfg), caplog.text
+
+    step, said = built({"policy": "random", "budget": {"tokens": 500}})  # a token budget: not a sort
+    assert not step.keyed and "random gathers every candidate's features on one worker" in said
+    step, said = built({"policy": "random", "budget": {"rows": 5}})
+    assert step.keyed and "random decided range by range" in said
+    step, said = built({"policy": "facility_location", "budget": {"rows": 5}})  # compares rows with each other
+    assert not step.keyed and "facility_location gathers" in said
