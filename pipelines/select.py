@@ -22,7 +22,7 @@ import numpy as np
 from curate.select import keyed as K
 from curate.select import scope as S
 from curate.select.base import Budget, PolicyError
-from curate.select.features import feature_row, features_table, selection_report
+from curate.select.features import cluster_name, feature_row, features_table, report_from_counts, selection_report
 from curate.select.registry import make
 from curate.settings import Job
 
@@ -171,7 +171,7 @@ class Select(beam.PTransform):
 
         def row_key(r):
             got = policy.row_key(r, seed)
-            about = (r["source"], K.cluster_name(r))
+            about = (r["source"], cluster_name(r))
             if isinstance(got, str):
                 return ("drop", r["id"], K.reason(policy, got), about)
             return ("keep", got[0], (got[1], r["id"]), about)
@@ -224,7 +224,7 @@ class Select(beam.PTransform):
             | "CountOutcomes" >> beam.Map(lambda o: ((o[0][0], o[0][1], o[1]), 1))
             | "OutcomeCounts" >> beam.CombinePerKey(sum)
             | "AllOutcomes" >> beam.combiners.ToList()  # one pair per (source, cluster, reason)
-            | "Report" >> beam.Map(lambda counts: ("select", K.report(policy, budget, seed, counts))))
+            | "Report" >> beam.Map(lambda counts: ("select", report_from_counts(policy, budget, seed, counts))))
         return (ranks, drops, decided.over) | "AllDecisions" >> beam.Flatten(), outcomes
 
 

@@ -56,19 +56,30 @@ def pool_of(annotated: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=FEATURES)
 
 
+def cluster_name(row: dict) -> str:
+    """A row's cluster as the reports name it (``none`` without one)."""
+    return "none" if row.get("cluster_id") is None else str(row["cluster_id"])
+
+
 def selection_report(policy, budget, seed: int, rows: list[dict], ranks: dict, dropped: dict) -> dict:
     """What the policy did, for the manifest and ``curate select``: totals, by source, by cluster, by reason."""
-    per_source, per_cluster = Counter(), Counter()
-    pool_source, pool_cluster = Counter(), Counter()
-    for r in rows:
-        cluster = "none" if r.get("cluster_id") is None else str(r["cluster_id"])
-        pool_source[r["source"]] += 1
-        pool_cluster[cluster] += 1
-        if r["id"] in ranks:
-            per_source[r["source"]] += 1
-            per_cluster[cluster] += 1
-    return {**policy.describe(), "budget": budget.as_dict(), "seed": seed, "pool": len(rows),
-            "selected": len(ranks), "dropped": dict(sorted(Counter(dropped.values()).items())),
-            "by_source": {s: {"pool": n, "selected": per_source.get(s, 0)} for s, n in sorted(pool_source.items())},
-            "by_cluster": {c: {"pool": n, "selected": per_cluster.get(c, 0)}
+    counts = Counter((r["source"], cluster_name(r), None if r["id"] in ranks else dropped.get(r["id"])) for r in rows)
+    return report_from_counts(policy, budget, seed, counts.items())
+
+
+def report_from_counts(policy, budget, seed: int, counts) -> dict:
+    """``selection_report`` from ((source, cluster, drop reason or None for selected), rows) pairs."""
+    pool_source, sel_source, pool_cluster, sel_cluster, why = Counter(), Counter(), Counter(), Counter(), Counter()
+    for (source, cluster, reason), n in counts:
+        pool_source[source] += n
+        pool_cluster[cluster] += n
+        if reason is None:
+            sel_source[source] += n
+            sel_cluster[cluster] += n
+        else:
+            why[reason] += n
+    return {**policy.describe(), "budget": budget.as_dict(), "seed": seed, "pool": sum(pool_source.values()),
+            "selected": sum(sel_source.values()), "dropped": dict(sorted(why.items())),
+            "by_source": {s: {"pool": n, "selected": sel_source.get(s, 0)} for s, n in sorted(pool_source.items())},
+            "by_cluster": {c: {"pool": n, "selected": sel_cluster.get(c, 0)}
                            for c, n in sorted(pool_cluster.items(), key=lambda kv: (len(kv[0]), kv[0]))}}

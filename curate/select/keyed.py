@@ -89,7 +89,7 @@ def rank_shapes(quotas: dict) -> list[tuple[int, int]]:
 def sampled(rid: str, rows_per_range: int) -> bool:
     """About 16 rows of every ``rows_per_range``, chosen by the id alone."""
     h = int.from_bytes(hashlib.blake2b(rid.encode("utf-8"), digest_size=8, key=_SAMPLE_KEY).digest(), "big")
-    return h < 2 ** 64 * min(1.0, S._SAMPLES_PER_BUCKET / max(rows_per_range, 1))
+    return h < 2 ** 64 * min(1.0, S.SAMPLES_PER_BUCKET / max(rows_per_range, 1))
 
 
 def cut_points(sample: list[tuple], sizes: dict, rows_per_range: int) -> dict:
@@ -102,8 +102,7 @@ def cut_points(sample: list[tuple], sizes: dict, rows_per_range: int) -> dict:
     for group, keys in by_group.items():
         ranges = math.ceil(sizes.get(group, 0) / max(rows_per_range, 1))
         if ranges > 1:
-            keys.sort()
-            cuts[group] = sorted({keys[i * len(keys) // ranges] for i in range(1, ranges)})
+            cuts[group] = S.quantile_cuts(sorted(keys), ranges)
     return cuts
 
 
@@ -129,28 +128,6 @@ def decide_range(keys: list[tuple], offset: int, quota: int) -> tuple[list[tuple
         else:
             over.append(rid)
     return kept, over
-
-
-def report(policy: Policy, budget: Budget, seed: int, counts: list[tuple[tuple, int]]) -> dict:
-    """``features.selection_report`` from ((source, cluster, drop reason or None), rows) counts."""
-    pool_source, sel_source, pool_cluster, sel_cluster, dropped = Counter(), Counter(), Counter(), Counter(), Counter()
-    for (source, cluster, why), n in counts:
-        pool_source[source] += n
-        pool_cluster[cluster] += n
-        if why is None:
-            sel_source[source] += n
-            sel_cluster[cluster] += n
-        else:
-            dropped[why] += n
-    return {**policy.describe(), "budget": budget.as_dict(), "seed": seed, "pool": sum(pool_source.values()),
-            "selected": sum(sel_source.values()), "dropped": dict(sorted(dropped.items())),
-            "by_source": {s: {"pool": n, "selected": sel_source.get(s, 0)} for s, n in sorted(pool_source.items())},
-            "by_cluster": {c: {"pool": n, "selected": sel_cluster.get(c, 0)}
-                           for c, n in sorted(pool_cluster.items(), key=lambda kv: (len(kv[0]), kv[0]))}}
-
-
-def cluster_name(row: dict) -> str:
-    return "none" if row.get("cluster_id") is None else str(row["cluster_id"])
 
 
 def run_keyed(policy: Policy, table: pa.Table, budget: Budget, seed: int,

@@ -103,7 +103,7 @@ def global_ranks(keyed: list[tuple[tuple, str]]) -> dict[str, int]:
 # cluster's (spacing, selected rows), one small pair per cluster, which give every key in closed
 # form, so no row is gathered to find them.
 RANK_BUCKET_ROWS = 50_000
-_SAMPLES_PER_BUCKET = 16
+SAMPLES_PER_BUCKET = 16
 
 
 def rank_boundaries(shapes: list[tuple[int, int]], rows_per_bucket: int = RANK_BUCKET_ROWS) -> list[float]:
@@ -113,8 +113,12 @@ def rank_boundaries(shapes: list[tuple[int, int]], rows_per_bucket: int = RANK_B
     buckets = math.ceil(total / max(rows_per_bucket, 1))
     if buckets <= 1:
         return []
-    stride = max(1, total // (buckets * _SAMPLES_PER_BUCKET))
-    sample = sorted(m / step for step, n in shapes for m in range(0, n, stride))
+    stride = max(1, total // (buckets * SAMPLES_PER_BUCKET))
+    return quantile_cuts(sorted(m / step for step, n in shapes for m in range(0, n, stride)), buckets)
+
+
+def quantile_cuts(sample: list, buckets: int) -> list:
+    """The distinct values that cut a sorted sample into ``buckets`` parts of about equal size."""
     return sorted({sample[i * len(sample) // buckets] for i in range(1, buckets)})
 
 
