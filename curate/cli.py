@@ -21,6 +21,7 @@ import traceback
 from curate import __version__, storage
 from curate.config import ConfigError
 from curate.errors import CurateError
+from curate.settings import Select
 
 USAGE_ERROR = 2
 BUG = 1
@@ -196,7 +197,7 @@ def cmd_select(args) -> int:
         policy, budget = _policy_args(args)
         man = runs.manifest(args.output)
         seed = man.get("seed", 0) if args.seed is None else args.seed
-        rep = select_run(args.output, policy, budget, seed, args.out, args.scope)
+        rep = select_run(args.output, policy, budget, seed, args.out, args.scope, args.max_candidates or None)
     except (PolicyError, runs.RunError, ValueError) as err:
         return _fail(str(err))
     print(f"policy {rep['policy']} ({json.dumps(rep.get('params', rep.get('steps')))}), budget "
@@ -381,6 +382,11 @@ def parser() -> argparse.ArgumentParser:
     sel.add_argument("--seed", type=int, help="default: the run's seed")
     sel.add_argument("--scope", choices=("global", "cluster"), default="global",
                      help="cluster: the policy runs on each cluster alone with its share of the budget")
+    default_max = Select.max_candidates
+    sel.add_argument("--max-candidates", type=int, default=default_max, metavar="N",
+                     help="with --scope global, the most candidates a policy that compares rows sees at once: its "
+                          "shortlist (e.g. DEITA's top N by score) cuts a larger pool first, as the job's "
+                          f"select.max_candidates does (default {default_max:,}; 0: every candidate)")
     sel.add_argument("--out", help="where to write the selection (default OUTPUT/selections/POLICY)")
     sub.add_parser("policies", help="list the installed selection policies and their parameters")
     exp = sub.add_parser("export", help="write selected/ as alpaca-json, sharegpt-json or messages-jsonl")

@@ -19,6 +19,8 @@ from curate import runs, schema, storage
 from curate.select.base import Budget, Policy
 from curate.select.features import pool_of, selection_report
 from curate.select.scope import check_scope, run_per_cluster
+from curate.select.shortlist import DEFAULT_MAX_CANDIDATES, run_global, shortlist_of
+from curate.select.shortlist import describe as describe_shortlist
 
 
 def _write_parquet(table: pa.Table, path: str) -> None:
@@ -27,9 +29,10 @@ def _write_parquet(table: pa.Table, path: str) -> None:
 
 
 def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str | None = None,
-               scope: str = "global") -> dict:
-    """Run ``policy`` on ``folder``'s candidates (all at once, or per cluster: ``curate.select.scope``),
-    write the selection, return its report."""
+               scope: str = "global", max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> dict:
+    """Run ``policy`` on ``folder``'s candidates (all at once, through its shortlist of
+    ``max_candidates`` rows when it compares rows: ``curate.select.shortlist``; or per cluster:
+    ``curate.select.scope``), write the selection, return its report."""
     check_scope(policy, scope)
     table = runs.annotated(folder)
     pool = pool_of(table)
@@ -44,12 +47,15 @@ def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str 
     if scope == "cluster":
         result = run_per_cluster(policy, pool, budget, seed, emb, texts)
     else:
-        result = policy.run(pool, budget, seed, emb, texts=texts)
+        result = run_global(policy, pool, budget, seed, emb, texts, max_candidates)
     ranks = result.ranks()
     rows = pool.select(["id", "source", "cluster_id"]).to_pylist()
     rep = selection_report(policy, budget, seed, rows, ranks, result.dropped)
     if scope == "cluster":
         rep["scope"] = scope
+    short = shortlist_of(policy, budget, max_candidates) if scope == "global" else None
+    if short is not None:
+        rep["shortlist"] = describe_shortlist(short, max_candidates)
     rep["run"] = storage.absolute(folder)
     out = out or storage.join(folder, "selections", policy.name)
     if (storage.exists(out) and not storage.isdir(out)) or (

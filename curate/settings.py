@@ -374,6 +374,10 @@ class Select:
     # global: the policy sees every candidate at once (one worker holds their features);
     # cluster: it runs on each cluster alone with its share of the budget (curate.select.scope)
     scope: str = opt("global", choices=("global", "cluster"))
+    # the most candidates a policy that compares rows (not keyed) sees on one worker with scope
+    # global: past it, the shortlist it declares cuts the pool first (curate.select.shortlist);
+    # 0: every candidate
+    max_candidates: int = opt(200_000, minimum=0)
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,14 @@ way the decisions (id -> rank or drop reason) are joined back to the rows by id
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import apache_beam as beam
 import numpy as np
 
 from curate.select import keyed as K
 from curate.select import scope as S
+from curate.select import shortlist as SL
 from curate.select.base import Budget, PolicyError
 from curate.select.features import cluster_name, feature_row, features_table, report_from_counts, selection_report
 from curate.select.registry import make
@@ -34,17 +36,21 @@ def policy_from(cfg: Job):
     return make(s.policy, s.params), Budget.parse(s.budget.given(), "select.budget"), s.seed
 
 
-def decide(rows: list[dict], cfg: Job) -> dict:
-    """Run the job's policy on the candidates' features: {"decisions": {id: [rank, reason]}, "report": ...}."""
+def decide(rows: list[dict], cfg: Job, start_size: int | None = None) -> dict:
+    """Run the job's policy on the candidates' features (all of them, or its shortlist's of
+    ``start_size`` candidates): {"decisions": {id: [rank, reason]}, "outcomes": [((source,
+    cluster, reason or None), rows)]}."""
     policy, budget, seed = policy_from(cfg)
     table = features_table(rows)  # the policy sorts by id: the combine order does not matter
     emb = np.stack([r["_vector"] for r in rows]) if policy.wants_embeddings() and rows else None
     texts = [r["_text"] for r in rows] if policy.wants_text() else None
-    result = policy.run(table, budget, seed, emb, texts=texts)
+    result = policy.run(table, budget, seed, emb, start_size, texts)
     ranks = result.ranks()
     decisions = {rid: [rank, None] for rid, rank in ranks.items()}
     decisions.update({rid: [None, reason] for rid, reason in result.dropped.items()})
-    return {"decisions": decisions, "report": selection_report(policy, budget, seed, rows, ranks, result.dropped)}
+    outcomes = Counter((r["source"], cluster_name(r), None if r["id"] in ranks else result.dropped[r["id"]])
+                       for r in rows)
+    return {"decisions": decisions, "outcomes": list(outcomes.items())}
 
 
 def decide_cluster(element, cfg: Job, budgets: dict) -> dict:
@@ -103,15 +109,22 @@ class Select(beam.PTransform):
             raise PolicyError("select.scope: cluster needs cluster ids (enable embed and cluster, or set "
                               "cluster.column)")
         self.with_vectors, self.with_text = policy.wants_embeddings(), policy.wants_text()
-        self.keyed = cfg.select.scope == "global" and K.applies(policy, budget)
+        is_global = cfg.select.scope == "global"
+        self.keyed = is_global and K.applies(policy, budget)
+        self.shortlist = SL.shortlist_of(policy, budget, cfg.select.max_candidates or None) if is_global else None
         if self.keyed:  # a missing budget was refused with the job file
             log.info("select: %s decided range by range over the whole pool (keyed)", policy.name)
-        elif cfg.select.scope == "global":
-            log.info("select: %s gathers every candidate's features on one worker (it compares rows or takes a "
-                     "token budget); on a large pool use select.scope: cluster", policy.name)
+        elif self.shortlist is not None:
+            log.info("select: %s sees at most %d candidates on one worker: its shortlist (%s) cuts the pool first "
+                     "(select.max_candidates)", policy.name, cfg.select.max_candidates, self.shortlist.name)
+        elif is_global:
+            log.info("select: %s gathers every candidate's features on one worker (it compares rows and declares "
+                     "no shortlist%s); on a large pool use select.scope: cluster", policy.name,
+                     "" if cfg.select.max_candidates else ", or select.max_candidates is 0")
 
     def expand(self, records):
         cfg, with_vectors, with_text = self.cfg, self.with_vectors, self.with_text
+        policy, budget, seed = policy_from(cfg)
 
         def features(r):
             row = feature_row(r)
@@ -129,15 +142,46 @@ class Select(beam.PTransform):
         if cfg.select.scope == "cluster":
             decisions, report = self._per_cluster(feats)
         elif self.keyed:
-            decisions, report = self._keyed(feats)
+            cut = _KeyedCut(policy, budget, seed, lambda why: K.reason(policy, why))
+            kept, quota, outcomes = feats | cut
+            shapes = quota | "Shapes" >> beam.Map(lambda q: K.rank_shapes(q["quota"]))
+            ranks = kept | _NumberInOrder(shapes)
+            decisions = (ranks, cut.drops) | "AllDecisions" >> beam.Flatten()
+            report = outcomes | _Report(policy, budget, seed)
+        elif self.shortlist is not None:
+            decisions, report = self._shortlisted(feats)
         else:
             decided = feats | "AllFeatures" >> beam.combiners.ToList() | "Decide" >> beam.Map(decide, cfg)
             decisions = decided | "Decisions" >> beam.FlatMap(lambda d: d["decisions"].items())
-            report = decided | "Report" >> beam.Map(lambda d: ("select", d["report"]))
+            report = (decided | "Outcomes" >> beam.FlatMap(lambda d: d["outcomes"])) | _Report(policy, budget, seed)
         out = ({"rec": records | "ById" >> beam.Map(lambda r: (r["id"], r)), "decision": decisions}
                | "JoinDecisions" >> beam.CoGroupByKey()
                | "Apply" >> beam.FlatMap(apply_decision))
         return {"records": out, "reports": report}
+
+    def _shortlisted(self, feats):
+        """(id -> [rank, reason] pairs, the report) for a policy that compares rows: its shortlist
+        (a keyed policy) keeps at most ``select.max_candidates`` rows, decided range by range; only
+        those rows' features are gathered, and the policy runs once on them."""
+        cfg, short = self.cfg, self.shortlist
+        policy, budget, seed = policy_from(cfg)
+        cap = cfg.select.max_candidates
+        cut = _KeyedCut(short, Budget(rows=cap), seed, lambda why: SL.cut_reason(policy, short, why), also=policy)
+        kept, _, cut_outcomes = feats | cut
+        count = feats | "CountAll" >> beam.combiners.Count.Globally()
+        listed = ({"row": feats | "FeaturesById" >> beam.Map(lambda r: (r["id"], r)),
+                   "kept": kept | "KeptIds" >> beam.Map(lambda kv: (kv[1], True))}
+                  | "JoinShortlist" >> beam.CoGroupByKey()
+                  | "Shortlisted" >> beam.FlatMap(lambda kv: kv[1]["row"] if kv[1]["kept"] else []))
+        decided = (listed | "AllFeatures" >> beam.combiners.ToList()  # at most max_candidates rows
+                   | "Decide" >> beam.Map(lambda rows, n: decide(rows, cfg, n), beam.pvalue.AsSingleton(count)))
+        decisions = ((decided | "Decisions" >> beam.FlatMap(lambda d: d["decisions"].items()), cut.drops)
+                     | "AllDecisions" >> beam.Flatten())
+        listed_outcomes = decided | "Outcomes" >> beam.FlatMap(lambda d: d["outcomes"])
+        cut_dropped = cut_outcomes | "CutOnly" >> beam.Filter(lambda o: o[0][2] is not None)
+        report = ((listed_outcomes, cut_dropped) | "AllOutcomes" >> beam.Flatten()
+                  | _Report(policy, budget, seed, SL.describe(short, cap)))
+        return decisions, report
 
     def _per_cluster(self, feats):
         """(id -> [rank, reason] pairs, the report) with the policy run per cluster."""
@@ -160,24 +204,36 @@ class Select(beam.PTransform):
                   | "Merge" >> beam.Map(lambda reps: ("select", S.merge_reports(reps, policy, budget, seed))))
         return (ranks, dropped) | "AllDecisions" >> beam.Flatten(), report
 
-    def _keyed(self, feats):
-        """(id -> [rank, reason] pairs, the report) for a keyed policy over the whole pool
-        (``curate.select.keyed``): counts, quotas, cut points and range offsets are the only
-        state combined globally; each (group, range) is sorted on its own."""
-        cfg = self.cfg
-        policy, budget, seed = policy_from(cfg)
+
+class _KeyedCut(beam.PTransform):
+    """A keyed policy over the whole pool (``curate.select.keyed``), decided range by range:
+    counts, quotas, cut points and range offsets are the only state combined globally; each
+    (group, range) is sorted on its own. Features -> (kept rows' (order key, id), the quotas,
+    every row's ((source, cluster, reason or None), 1)); ``drops`` after expansion: the (id,
+    [None, reason]) of every row it drops, reasons named by ``name``. ``also``: a policy whose
+    required columns are checked first (the one a shortlist serves)."""
+
+    def __init__(self, policy, budget: Budget, seed: int, name, also=None):
+        super().__init__()
+        self.policy, self.budget, self.seed, self.name, self.also = policy, budget, seed, name, also
+        self.drops = None
+
+    def expand(self, feats):
+        policy, budget, seed, name, also = self.policy, self.budget, self.seed, self.name, self.also
         per_range = S.RANK_BUCKET_ROWS
-        required = policy.required_columns()
+        checked = [p for p in (also, policy) if p is not None]
+        required = tuple(dict.fromkeys(c for p in checked for c in p.required_columns()))
 
         def row_key(r):
             got = policy.row_key(r, seed)
             about = (r["source"], cluster_name(r))
             if isinstance(got, str):
-                return ("drop", r["id"], K.reason(policy, got), about)
+                return ("drop", r["id"], name(got), about)
             return ("keep", got[0], (got[1], r["id"]), about)
 
         def quotas(n, sizes, present):
-            K.missing_columns(policy, n, set(present))
+            for p in checked:
+                K.missing_columns(p, n, set(present))
             q = policy.quotas(n, dict(sizes), budget)
             return {"quota": q, "index": K.group_order(q)}
 
@@ -203,7 +259,7 @@ class Select(beam.PTransform):
             (group, r), items = kv
             about = {rid: a for (_, rid), a in items}
             kept, over = K.decide_range([k for k, _ in items], off[(group, r)], q["quota"].get(group, 0))
-            why = K.reason(policy, policy.over_reason)
+            why = name(policy.over_reason)
             for rid, pos in kept:
                 yield beam.pvalue.TaggedOutput("kept", (K.order_key(q["index"][group], pos), rid))
                 yield (about[rid], None)
@@ -215,17 +271,32 @@ class Select(beam.PTransform):
                    | "DecideRange" >> beam.FlatMap(decide_range, beam.pvalue.AsSingleton(offsets),
                                                    beam.pvalue.AsSingleton(quota)).with_outputs("kept", "over",
                                                                                                   main="outcome"))
-        shapes = quota | "Shapes" >> beam.Map(lambda q: K.rank_shapes(q["quota"]))
-        ranks = decided.kept | _NumberInOrder(shapes)
         drops = keys | "Drops" >> beam.FlatMap(lambda k: [(k[1], [None, k[2]])] if k[0] == "drop" else [])
+        self.drops = (drops, decided.over) | "AllDrops" >> beam.Flatten()
         outcomes = ((decided.outcome, keys | "DropOutcomes" >> beam.FlatMap(
             lambda k: [(k[3], k[2])] if k[0] == "drop" else []))
             | "Outcomes" >> beam.Flatten()
-            | "CountOutcomes" >> beam.Map(lambda o: ((o[0][0], o[0][1], o[1]), 1))
-            | "OutcomeCounts" >> beam.CombinePerKey(sum)
-            | "AllOutcomes" >> beam.combiners.ToList()  # one pair per (source, cluster, reason)
-            | "Report" >> beam.Map(lambda counts: ("select", report_from_counts(policy, budget, seed, counts))))
-        return (ranks, drops, decided.over) | "AllDecisions" >> beam.Flatten(), outcomes
+            | "CountOutcomes" >> beam.Map(lambda o: ((o[0][0], o[0][1], o[1]), 1)))
+        return decided.kept, quota, outcomes
+
+
+class _Report(beam.PTransform):
+    """((source, cluster, reason or None), rows) pairs -> ("select", the report): summed per key
+    (one pair per source, cluster and reason reaches the one worker that writes the report)."""
+
+    def __init__(self, policy, budget: Budget, seed: int, shortlist: dict | None = None):
+        super().__init__()
+        self.policy, self.budget, self.seed, self.shortlist = policy, budget, seed, shortlist
+
+    def expand(self, outcomes):
+        policy, budget, seed, shortlist = self.policy, self.budget, self.seed, self.shortlist
+
+        def report(counts):
+            rep = report_from_counts(policy, budget, seed, counts)
+            return ("select", {**rep, "shortlist": shortlist} if shortlist else rep)
+
+        return (outcomes | "OutcomeCounts" >> beam.CombinePerKey(sum)
+                | "AllOutcomeCounts" >> beam.combiners.ToList() | "Report" >> beam.Map(report))
 
 
 class _NumberInOrder(beam.PTransform):

@@ -189,8 +189,56 @@ def test_the_job_says_which_global_policies_gather_the_pool(caplog):
             return Select(cfg), caplog.text
 
     step, said = built({"policy": "random", "budget": {"tokens": 500}})  # a token budget: not a sort
-    assert not step.keyed and "random gathers every candidate's features on one worker" in said
+    assert not step.keyed and "random sees at most 200000 candidates on one worker: its shortlist (random)" in said
     step, said = built({"policy": "random", "budget": {"rows": 5}})
     assert step.keyed and "random decided range by range" in said
     step, said = built({"policy": "facility_location", "budget": {"rows": 5}})  # compares rows with each other
-    assert not step.keyed and "facility_location gathers" in said
+    assert not step.keyed and "facility_location sees at most 200000 candidates" in said
+    step, said = built({"policy": "facility_location", "budget": {"rows": 5}, "max_candidates": 0})
+    assert step.shortlist is None and "facility_location gathers every candidate's" in said and "is 0" in said
+    step, said = built({"policy": "chain", "params": {"steps": [{"policy": "deita", "params": {"column": "ifd_loss"}},
+                                                                {"policy": "random"}]}, "budget": {"rows": 5}})
+    assert step.shortlist is None and "chain gathers every candidate's features" in said
+
+
+@pytest.mark.parametrize("select,argv", [
+    ({"policy": "top_k", "params": {"column": "approx_tokens", "higher_is_better": False}, "budget": {"tokens": 150},
+      "max_candidates": 20},
+     ["--policy", "top_k", "--param", "column=approx_tokens", "--param", "higher_is_better=false", "--tokens", "150",
+      "--max-candidates", "20"]),
+    ({"policy": "chain", "params": {"steps": [
+        {"policy": "threshold", "params": {"column": "approx_tokens", "min": 8, "higher_is_better": False}},
+        {"policy": "random", "budget": {"tokens": 200}}]}, "max_candidates": 15},
+     ["--policy", "chain", "--param", "steps=[{policy: threshold, params: {column: approx_tokens, min: 8, "
+                                      "higher_is_better: false}}, {policy: random, budget: {tokens: 200}}]",
+      "--max-candidates", "15"]),
+], ids=["top_k-tokens", "chain"])
+def test_the_jobs_shortlist_equals_curate_selects(tmp_path, monkeypatch, caplog, select, argv):
+    """A policy that is not a sort (a token budget, a chain) sees only its shortlist's rows: the
+    shortlist is decided range by range (ranges of 2 rows), only its rows are gathered, and the
+    job decides and reports what ``curate select --max-candidates`` decides over one list."""
+    import pyarrow.parquet as pq
+
+    from conftest import load_manifest, read_table, run_cli
+    from curate.select import scope
+
+    monkeypatch.setattr(scope, "RANK_BUCKET_ROWS", 2)
+    with caplog.at_level("INFO", logger="curate"):
+        assert run_cli("run", _grouped_job(tmp_path, "job", select)) == 0
+    cap, name = select["max_candidates"], select["policy"]
+    assert f"select: {name} sees at most {cap} candidates on one worker" in caplog.text
+    ann = read_table(tmp_path / "job", "annotated").to_pylist()
+    job = {r["id"]: (r["rank"], r["drop_reason"]) for r in ann}
+    assert run_cli("select", tmp_path / "job", *argv, "--seed", "3", "--out", tmp_path / "again") == 0
+    again = {r["id"]: (r["rank"], r["drop_reason"]) for r in pq.read_table(tmp_path / "again" / "decisions.parquet")
+             .to_pylist()}
+    assert again == job
+    reasons = [why for _, why in job.values()]
+    assert reasons.count(f"{name}:not_shortlisted") > 20  # the pool is cut ...
+    ranks = sorted(r for r, _ in job.values() if r is not None)
+    assert ranks == list(range(1, len(ranks) + 1)) and 3 <= len(ranks) < cap  # ... and the policy chose from it
+    man = load_manifest(tmp_path / "job")
+    assert man["select"]["shortlist"]["max_candidates"] == cap
+    rep = json.loads((tmp_path / "again" / "selection.json").read_text())
+    assert {k: v for k, v in rep.items() if k not in ("run", "output")} == man["select"]
+    assert man["accounting"]["holds"]

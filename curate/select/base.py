@@ -275,6 +275,13 @@ class Policy:
         cap = budget.max_rows(candidates)
         return {g: n if cap is None else min(n, cap) for g, n in sizes.items()}
 
+    def shortlist(self) -> "Policy | None":
+        """For a policy that is not keyed: a keyed policy whose first ``select.max_candidates`` rows
+        are all this one needs to see of a large pool (``curate.select.shortlist``); None: it sees
+        every candidate. A policy keyed under a rows budget (gathered only for a token budget) is
+        its own shortlist."""
+        return self if self.keyed(Budget(rows=1)) else None
+
     def describe(self) -> dict:
         return {"policy": self.name, "params": dict(self.p)}
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 import heapq
 
 import numpy as np
+import pyarrow as pa
 
 from curate.select.base import Budget, Param, Policy, Pool, Selection, ranked
-from curate.select.scored import Superfiltering, numeric_column
+from curate.select.scored import Random, Superfiltering, TopK, numeric_column
 
 KERNEL = Param((str,), "auto", "dense (exact n x n), knn (sparse, FAISS) or auto (dense up to dense_max rows)",
                choices=("auto", "dense", "knn"))
@@ -149,6 +150,9 @@ class FacilityLocation(Policy):
             picked = greedy_sparse(*knn_kernel(pool.embeddings, self.p["neighbors"]), k)
         return pool.take_in_order(picked, over="not_chosen")
 
+    def shortlist(self) -> Policy:
+        return Random()  # a seeded uniform sample: its coverage estimates the pool's without bias
+
 
 class SuperfilteringDiverse(Policy):
     name = "superfiltering_diverse"
@@ -166,6 +170,9 @@ class SuperfilteringDiverse(Policy):
     def required_columns(self):
         return (self.p["column"],)
 
+    def shortlist(self) -> Policy:
+        return Superfiltering(column=self.p["column"], upper=self.p["upper"], lower=self.p["lower"])
+
     def choose(self, pool: Pool) -> Selection:
         p = self.p
         first = Superfiltering(column=p["column"], upper=p["upper"], lower=p["lower"])
@@ -174,7 +181,7 @@ class SuperfilteringDiverse(Policy):
         kept = set(step.selected)
         keep = [i for i, rid in enumerate(pool.ids) if rid in kept]
         fl = FacilityLocation(kernel=p["kernel"], neighbors=p["neighbors"], dense_max=p["dense_max"])
-        second = fl.run(pool.table.take(keep), pool.budget, pool.seed, pool.embeddings[keep], pool.start_size)
+        second = fl.run(pool.table.take(pa.array(keep, pa.int64())), pool.budget, pool.seed, pool.embeddings[keep], pool.start_size)
         return Selection(second.selected, {**step.dropped, **second.dropped})
 
 
@@ -192,6 +199,9 @@ class Deita(Policy):
 
     def required_columns(self):
         return (self.p["column"],)
+
+    def shortlist(self) -> Policy:
+        return TopK(column=self.p["column"], higher_is_better=self.p["higher_is_better"])  # its walk's order
 
     def choose(self, pool: Pool) -> Selection:
         import faiss

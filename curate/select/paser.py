@@ -30,6 +30,7 @@ import numpy as np
 
 from curate.select.base import Param, Policy, PolicyError, Pool, Selection
 from curate.select.quotas import allocate
+from curate.select.scored import Random
 
 _SPLIT = re.compile(r"[^\w'+-]+")
 
@@ -157,6 +158,9 @@ class Paser(Policy):
 
     def wants_embeddings(self) -> bool:
         return self.p["clusters"] == "spectral"
+
+    def shortlist(self) -> Policy:
+        return Random()  # a seeded uniform sample: the clusters' degradation means stay unbiased
 
     def labels(self, pool: Pool) -> np.ndarray:
         if self.p["clusters"] == "kmeans":

@@ -8,6 +8,8 @@ import logging
 from importlib.metadata import entry_points
 from typing import Any
 
+import pyarrow as pa
+
 from curate.select.base import Budget, Param, Policy, PolicyError, Pool, Selection
 from curate.select.diversity import Deita, FacilityLocation, SuperfilteringDiverse
 from curate.select.paser import Paser
@@ -55,6 +57,11 @@ class Chain(Policy):
     def supported_scopes(self) -> tuple[str, ...]:
         return tuple(s for s in self.scopes if all(s in p.supported_scopes() for p, _ in self.steps))
 
+    def shortlist(self) -> Policy | None:
+        """The first step when it is keyed (its ranking is the chain's first cut), else none."""
+        first, _ = self.steps[0]
+        return first if first.keyed(Budget(rows=1)) else None
+
     def describe(self) -> dict:
         return {"policy": self.name, "steps": [{**p.describe(), **({"budget": b.as_dict()} if b else {})}
                                                for p, b in self.steps]}
@@ -69,7 +76,7 @@ class Chain(Policy):
             dropped.update(result.dropped)
             kept = set(result.selected)
             rows = [i for i, rid in enumerate(table.column("id").to_pylist()) if rid in kept]
-            table = table.take(rows)
+            table = table.take(pa.array(rows, pa.int64()))
             emb = None if emb is None else emb[rows]
             texts = None if texts is None else [texts[i] for i in rows]
         return Selection(result.selected, dropped)
