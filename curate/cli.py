@@ -162,6 +162,7 @@ def cmd_policies(args) -> int:
             needs.append("embeddings")
         print(f"{name}  [{origin}]{'  needs ' + ' and '.join(needs) if needs else ''}")
         print(f"    {cls.summary}")
+        print(f"    scope: {' or '.join(cls.scopes)}; on a large pool (scope global): {cls.at_scale}")
         for key, spec in cls.params.items():
             print(f"    - {key}: {_param_text(spec)}")
     return 0

@@ -3,8 +3,10 @@
 Candidates are the rows no earlier stage dropped. With ``select.scope: global`` a keyed policy
 (``curate.select.keyed``: its decision is a sort, by a per-row key within per-group quotas) is
 decided range by range: only counts, quotas, cut points and range sizes are combined globally.
-Any other policy gets the candidates' features (a few numbers per row, plus the embedding when it
-asks for it) combined into one list and runs once on it. With ``scope: cluster`` the features
+A policy that compares rows gets the candidates' features (a few numbers per row, plus the
+embedding when it asks for it) combined into one list and runs once on it: the rows its
+shortlist keeps (``curate.select.shortlist``: a keyed cut to ``select.max_candidates`` rows),
+or every candidate when it declares none. With ``scope: cluster`` the features
 are grouped by cluster and the policy runs on each group with its share of the budget
 (``curate.select.scope``): only per-cluster counts (to split the budget), each cluster's budget
 step and count of selected rows (to cut the global order into ranges of about 50,000 rows, each

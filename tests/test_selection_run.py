@@ -248,6 +248,8 @@ def test_a_plugin_policy_installs_and_runs_a_job_through_the_cli(tmp_path):
     curate = [sys.executable, "-m", "curate"]
     listed = subprocess.run(curate + ["policies"], env=env, capture_output=True, text=True, check=True).stdout
     assert "longest_response  [plugin" in listed and "min_chars" in listed
+    assert ("deita  [built-in]  needs embeddings\n" in listed and "scope: global; on a large pool (scope global): "
+            "shortlist: a seeded random sample of select.max_candidates rows" in listed.split("paser  [")[1])
     cfg = without_models({"name": "plugin", "output": str(tmp_path / "out"),
                           "inputs": [{"source": "gsm8k", "path": shared("gsm8k_train.json")}],
                           "sample": {"mode": "head", "n": 30},

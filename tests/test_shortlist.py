@@ -26,6 +26,7 @@ SHORTLISTED = [  # (policy, params, budget, the shortlist it declares)
     ("paser", {"clusters": "kmeans", "column": "ifd_ppl"}, Budget(rows=15), "random"),
     ("chain", CHAIN, Budget(fraction=0.15), "threshold"),
     ("top_k", {"column": "ifd_loss"}, Budget(tokens=1500), "top_k"),
+    ("targeted", {"column": "rifd", "max_per_cluster": 3}, Budget(rows=14), "top_k"),
     ("random", {}, Budget(tokens=700), "random"),
 ]
 IDS = [f"{name}-{i}" for i, (name, *_) in enumerate(SHORTLISTED)]
@@ -126,7 +127,7 @@ def test_which_policies_are_shortlisted():
     assert SL.shortlist_of(fl, Budget(rows=5), None) is None  # no cap: every candidate
     assert SL.shortlist_of(make("chain", {"steps": [{"policy": "deita", "params": {"column": "ifd_loss"}},
                                                     {"policy": "random"}]}), Budget(rows=5), 10) is None
-    assert SL.shortlist_of(make("targeted", {"max_per_cluster": 2}), Budget(rows=5), 10) is None
+    assert SL.shortlist_of(make("targeted"), Budget(rows=5), 10) is None
     with pytest.raises(PolicyError, match="its shortlist facility_location is not keyed"):
         SL.shortlist_of(_Compares(), Budget(rows=5), 10)
     with pytest.raises(PolicyError, match="deita: needs the column"):  # the policy's columns, not top_k's

@@ -230,6 +230,9 @@ class Policy:
     # "cluster" (each cluster alone with its share of the budget); a policy whose decision spans
     # clusters or sources lists "global" only
     scopes: ClassVar[tuple[str, ...]] = ("global", "cluster")
+    # what the Beam step does with it on a large pool with scope global (``curate policies`` shows it):
+    # keyed (``keyed``), through a shortlist (``shortlist``), or every candidate on one worker
+    at_scale: ClassVar[str] = "gathers every candidate on one worker (no shortlist)"
 
     def __init__(self, **params: Any):
         where = f"policy {self.name}"

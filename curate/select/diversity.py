@@ -130,6 +130,7 @@ def greedy_sparse(idx: np.ndarray, weights: np.ndarray, budget: int, tie: float 
 
 class FacilityLocation(Policy):
     name = "facility_location"
+    at_scale = "shortlist: a seeded random sample of select.max_candidates rows"
     summary = "greedy facility location on the embeddings down to the budget (Superfiltering.D's second step)"
     params = {"kernel": KERNEL, "neighbors": NEIGHBORS, "dense_max": DENSE_MAX}
     needs_embeddings = True
@@ -156,6 +157,7 @@ class FacilityLocation(Policy):
 
 class SuperfilteringDiverse(Policy):
     name = "superfiltering_diverse"
+    at_scale = "shortlist: superfiltering's select.max_candidates highest-IFD rows"
     summary = ("Superfiltering.D: IFD filter to the top ifd_fraction of the pool, then facility location "
                "on the embeddings down to the budget (methods.md 1.7)")
     params = {"column": Superfiltering.params["column"], "upper": Superfiltering.params["upper"],
@@ -187,6 +189,7 @@ class SuperfilteringDiverse(Policy):
 
 class Deita(Policy):
     name = "deita"
+    at_scale = "shortlist: top_k by its column, the select.max_candidates rows its walk visits first"
     summary = ("DEITA's score-first, diversity-aware greedy: in score order, accept a row iff its cosine "
                "similarity to every accepted row is <= threshold (methods.md 6b)")
     params = {"column": Param((str,), None, "score column to walk in order (DEITA: complexity x quality; "

@@ -9,7 +9,7 @@ group's second, groups by name), which is what ``take_in_order`` (one group) and
 (without a cluster cap), all, cluster_balanced and mixture are keyed, with a rows or fraction
 budget; a token budget (a row that does not fit is skipped and a later, shorter one may fit)
 and the policies that compare rows with each other (facility location, DEITA, PASER, chains)
-are not, and gather the pool's features in one list as before.
+are not: they gather the features of the rows their shortlist keeps (``curate.select.shortlist``).
 
 Why: with ``select.scope: global`` the Beam step used to gather every candidate's features on
 one worker. Keyed, no worker holds more than one range of a group: a group's rows are cut into

@@ -138,6 +138,7 @@ def spectral_clusters(x: np.ndarray, k: int, neighbours: int = 15, seed: int = 0
 
 class Paser(Policy):
     name = "paser"
+    at_scale = "shortlist: a seeded random sample of select.max_candidates rows"
     summary = ("PASER: budget per cluster by mean degradation under compression, rows by IES, "
                "concept-consistency filter with backfill (methods.md 5.2)")
     params = {

@@ -89,6 +89,7 @@ TEMPERATURE = Param((int, float), 1.0, "softmax temperature", minimum=1e-6)
 class _Quota(Policy):
     needs_budget = True
     scopes = ("global",)  # its quotas span clusters (or sources): it needs the whole pool
+    at_scale = "keyed: decided range by range (with a token budget, its own ranking is its shortlist)"
     over_reason = "over_quota"
     # with a rows or fraction budget its decision is a sort (curate.select.keyed): the Beam step
     # counts each group's eligible rows, sets the quotas from those counts and takes each group's

@@ -22,6 +22,7 @@ log = logging.getLogger("curate")
 
 class Chain(Policy):
     name = "chain"
+    at_scale = "shortlist: its first step's ranking when that step is keyed, else every candidate on one worker"
     summary = ("apply policies in sequence, each to the rows the previous one kept, e.g. superfiltering "
                "to 20% then facility_location to 2%; fractions are of the pool the chain started from")
     params = {"steps": Param((list,), None, "list of {policy: NAME, params: {...}, budget: {rows|fraction|tokens}}; "

@@ -43,6 +43,7 @@ def numeric_column(pool: Pool, name: str, policy: str) -> np.ndarray:
 
 class All(Policy):
     name = "all"
+    at_scale = "keyed: decided range by range (with a token budget, its own ranking is its shortlist)"
     summary = "keep every row no earlier stage dropped (the default); a budget keeps the first rows by id"
 
     def keyed(self, budget: Budget) -> bool:
@@ -57,6 +58,7 @@ class All(Policy):
 
 class Random(Policy):
     name = "random"
+    at_scale = "keyed: decided range by range (with a token budget, its own ranking is its shortlist)"
     summary = "seeded uniform sample, the baseline every other policy should beat"
     needs_budget = True
 
@@ -71,6 +73,8 @@ class Random(Policy):
 
 
 class _ByColumn(Policy):
+    at_scale = "keyed: decided range by range (with a token budget, its own ranking is its shortlist)"
+
     def required_columns(self):
         return (self.p["column"],)
 
@@ -141,6 +145,8 @@ class TopK(_ByColumn):
 
 class Targeted(_ByColumn):
     name = "targeted"
+    at_scale = ("keyed without max_per_cluster (a token budget: its own ranking is its shortlist); with it, "
+                "shortlist: top_k by its column, the select.max_candidates rows its walk visits first")
     summary = ("targeted selection (RDS+ or LESS): the budget's rows most like the job's targets, "
                "optionally at most max_per_cluster rows from one cluster")
     params = {"column": Param((str,), "rds_score", "targeted score column to rank by"),
@@ -150,6 +156,10 @@ class Targeted(_ByColumn):
 
     def keyed(self, budget: Budget) -> bool:
         return budget.tokens is None and self.p["max_per_cluster"] is None
+
+    def shortlist(self) -> Policy:
+        # with a cluster cap it walks rows in score order: the best rows by score are the ones it visits first
+        return self if self.p["max_per_cluster"] is None else TopK(column=self.p["column"])
 
     def choose(self, pool: Pool) -> Selection:
         keys, dropped = self._keys(pool)

@@ -8,8 +8,9 @@ keyed policy whose first ``select.max_candidates`` rows are the only ones it loo
 shortlist is decided range by range like any keyed policy; only its rows are gathered.
 
 What each declares, and why it is a fair cut:
-- DEITA: ``top_k`` by its score column, the order its walk visits rows in (the same selection
-  whenever the walk fills the budget within the shortlist);
+- DEITA and ``targeted`` with ``max_per_cluster``: ``top_k`` by the score column, the order
+  their walk visits rows in (the same selection whenever the walk fills the budget within the
+  shortlist);
 - Superfiltering.D: ``superfiltering`` by IFD, the filter its first step applies;
 - facility location and PASER: ``random``, a seeded uniform sample (coverage and the clusters'
   degradation means are estimated on it without bias);
