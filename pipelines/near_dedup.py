@@ -7,7 +7,8 @@ Graph (rows already dropped upstream go around the stage untouched):
     verify: ids on an edge -> GroupByKey(filter shard) -> Bloom filter parts (side input)
             -> signatures again, for those ids only (and the filter's rare false positives)
             -> CoGroupByKey x2 with the edges -> estimated Jaccard >= threshold
-    verified edges -> CombineGlobally(union-find) -> (id, cluster) pairs
+    verified edges -> components: labels (min per id) -> 2 x [CoGroupByKey(id) -> min per id]
+                   -> labels still linked by an edge -> CombineGlobally(union-find) -> (id, cluster)
     records --CoGroupByKey(id)--> in a cluster -> GroupByKey(cluster) -> keep rule; others pass.
 
 Bucket entries travel as one element per (batch, shard) (numpy arrays, ~70 entries),
@@ -15,8 +16,9 @@ not one per (document, band), since Beam costs tens of microseconds per element.
 documents that share a bucket with another are verified, so their signatures are
 recomputed (about 50k documents/s) rather than every signature being shuffled. Which
 documents those are reaches every worker as a Bloom filter (``curate.dedup.bloom``, 10 bits a
-candidate, built shard by shard), not as a set of ids. The union-find is the one step that
-holds every verified edge on one worker: it grows with the near duplicates, not with the pool.
+candidate, built shard by shard), not as a set of ids. The components are found by label
+propagation joined by id (``Components``): the union-find on one worker sees only the labels that
+two rounds left linked, a few per cluster wider than the rounds reach.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import numpy as np
 
 from curate.dedup import bloom, minhash
 from curate.dedup.near import COLUMNS as NEAR_COLUMNS
-from curate.dedup.near import (UnionFind, band_keys, bucket_edges, resolve_cluster, size_histogram,
+from curate.dedup.near import (UnionFind, band_keys, bucket_edges, resolve_cluster,
                                source_salt)
 from curate.settings import Job
 from curate.settings import NearDedup as NearDedupSettings
@@ -174,6 +176,68 @@ class UnionFindFn(beam.CombineFn):
         return acc.clusters()
 
 
+LABEL_ROUNDS = 2  # rounds of min-label propagation before the union-find of what is left
+
+
+class Components(beam.PTransform):
+    """Verified edges (a, b, j) -> (id, smallest id of its component), for every id on an edge,
+    without the graph on one worker (``curate.dedup.near.components_in_rounds`` in one process):
+    each id's label starts as the smallest id among itself and its neighbours, ``rounds`` rounds of
+    min-label propagation follow (a join by id and a min per id each), and a union-find on one
+    worker joins only the labels still linked by an edge, a few per component wider than the rounds
+    reach (none in most pools: near-duplicate clusters are small stars)."""
+
+    def __init__(self, rounds: int = LABEL_ROUNDS):
+        super().__init__()
+        self.rounds = rounds
+
+    def expand(self, edges):
+        adjacent = edges | "BothWays" >> beam.FlatMap(lambda e: [(e[0], e[1]), (e[1], e[0])])
+        labels = (adjacent | "NearestLabel" >> beam.CombinePerKey(min)
+                  | "OwnLabel" >> beam.MapTuple(lambda v, m: (v, min(v, m))))
+
+        def spread(kv):
+            u, joined = kv
+            label = next(iter(joined["label"]))
+            yield u, label
+            for v in joined["adjacent"]:
+                yield v, label
+
+        for r in range(self.rounds):
+            labels = ({"label": labels, "adjacent": adjacent} | f"JoinLabels{r}" >> beam.CoGroupByKey()
+                      | f"Spread{r}" >> beam.FlatMap(spread) | f"MinLabel{r}" >> beam.CombinePerKey(min))
+
+        def across(kv):  # neighbours' labels that differ from this id's own: the edges left to join
+            _, joined = kv
+            label = next(iter(joined["label"]))
+            for other in joined["heard"]:
+                if other != label:
+                    yield (label, other) if label < other else (other, label)
+
+        heard = ({"label": labels, "adjacent": adjacent} | "JoinLast" >> beam.CoGroupByKey()
+                 | "Heard" >> beam.FlatMap(lambda kv: [(v, next(iter(kv[1]["label"]))) for v in kv[1]["adjacent"]]))
+        roots = ({"label": labels, "heard": heard} | "JoinHeard" >> beam.CoGroupByKey()
+                 | "Across" >> beam.FlatMap(across) | "DistinctAcross" >> beam.Distinct()
+                 | "UnionFind" >> beam.CombineGlobally(UnionFindFn())  # labels left linked only
+                 | "Roots" >> beam.FlatMap(lambda m: m.items()))
+
+        def settle(kv):
+            label, joined = kv
+            root = next(iter(joined["root"]), label)
+            for v in joined["ids"]:
+                yield v, root
+
+        return ({"ids": labels | "ByLabel" >> beam.MapTuple(lambda v, label: (label, v)), "root": roots}
+                | "JoinRoots" >> beam.CoGroupByKey() | "Settle" >> beam.FlatMap(settle))
+
+
+def _cluster_sizes(pairs):
+    """(id, cluster) pairs -> (stat key, clusters of that size), as ``size_histogram`` counts them."""
+    return (pairs | "PerCluster" >> beam.MapTuple(lambda _, c: (c, 1)) | "ClusterSizes" >> beam.CombinePerKey(sum)
+            | "SizeOf" >> beam.MapTuple(lambda _, n: n) | "SizeCounts" >> beam.combiners.Count.PerElement()
+            | "SizeStats" >> beam.MapTuple(size_stat))
+
+
 def _with_near_fields(record: dict) -> dict:
     record.setdefault("near_dup_cluster", None)
     record.setdefault("near_dup_of", None)
@@ -206,9 +270,9 @@ class ResolveClusterFn(StageFn):
             yield rec
 
 
-def _histogram_stats(clusters: dict):
-    for size, n in size_histogram(clusters).items():
-        yield stat_key(STAGE, "clusters", f"size_{size}"), n
+def size_stat(size: int, clusters: int) -> tuple[str, int]:
+    """The stat for ``clusters`` near-duplicate clusters of ``size`` rows."""
+    return stat_key(STAGE, "clusters", f"size_{size}"), clusters
 
 
 class NearDedup(LiveStage):
@@ -250,15 +314,14 @@ class NearDedup(LiveStage):
             kept_edges = verified.edges
         else:
             kept_edges = edges | "Unverified" >> beam.Map(lambda e: (e[0], e[1], None))
-        clusters = kept_edges | "UnionFind" >> beam.CombineGlobally(UnionFindFn())
-        joined = ({"rec": live | "ById" >> beam.Map(lambda r: (r["id"], r)),
-                   "cluster": clusters | "ClusterOf" >> beam.FlatMap(lambda m: m.items())}
+        clusters = kept_edges | "Components" >> Components()
+        joined = ({"rec": live | "ById" >> beam.Map(lambda r: (r["id"], r)), "cluster": clusters}
                   | "JoinClusters" >> beam.CoGroupByKey())
         routed = joined | "Route" >> beam.ParDo(RouteFn()).with_outputs(CLUSTERED, main="single")
         resolved = (routed[CLUSTERED]
                     | "GroupClusters" >> beam.GroupByKey()
                     | "KeepRule" >> beam.ParDo(ResolveClusterFn()).with_outputs(STATS, main="records"))
-        stats += [resolved[STATS], clusters | "Histogram" >> beam.FlatMap(_histogram_stats)]
+        stats += [resolved[STATS], _cluster_sizes(clusters)]
         examples = (kept_edges
                     | "ExampleKeys" >> beam.Map(lambda e: (e[2] if e[2] is not None else -1.0, e[0], e[1]))
                     | "Examples" >> beam.combiners.Top.Smallest(5)

@@ -161,6 +161,59 @@ def test_union_find_combine_fn_merges_split_accumulators():
     assert size_histogram(out) == {2: 1, 4: 1}
 
 
+def _graphs():
+    """Edge lists of every shape: stars (what LSH buckets give), chains and cycles far wider than
+    the rounds reach, a ladder, self-loops, repeated and reversed edges, ids in any order."""
+    rng = random.Random(3)
+    yield []
+    yield [("a", "a")]
+    yield [(f"c{i:03d}", f"c{i + 1:03d}") for i in range(40)]  # a chain: the union-find joins most of it
+    yield [(f"r{(7 * i) % 50:02d}", f"r{(7 * i + 7) % 50:02d}") for i in range(50)]  # a cycle, ids shuffled
+    yield [(f"s{i}", "s0") for i in range(1, 12)] + [("t0", f"t{i}") for i in range(1, 5)] + [("s3", "t2")]
+    yield [(f"l{i}a", f"l{i}b") for i in range(20)] + [(f"l{i}a", f"l{i + 1}a") for i in range(19)]
+    for n in (5, 30, 200):
+        edges = [(f"n{rng.randrange(n):03d}", f"n{rng.randrange(n):03d}") for _ in range(n)]
+        yield edges + [(b, a) for a, b in edges[: n // 3]]
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 2, 5])
+def test_components_found_in_rounds_are_the_union_finds(rounds):
+    from curate.dedup.near import components_in_rounds, contracted_edges, spread_labels
+
+    for edges in _graphs():
+        whole = UnionFind()
+        for a, b in edges:
+            whole.union(a, b)
+        assert components_in_rounds(edges, rounds) == whole.clusters()
+    chain = [(f"c{i:03d}", f"c{i + 1:03d}") for i in range(40)]
+    adjacent = {}
+    for a, b in chain:
+        adjacent.setdefault(a, []).append(b)
+        adjacent.setdefault(b, []).append(a)
+    labels = {v: min(v, *ns) for v, ns in adjacent.items()}
+    for _ in range(rounds):
+        labels = spread_labels(labels, adjacent)
+    assert len(contracted_edges(labels, chain)) == 40 - (rounds + 1)  # each round settles one more link
+
+
+def test_components_in_beam_equal_the_one_process_result():
+    """The Beam step (a join and a min per id each round, a union-find of the labels left linked)
+    gives ``components_in_rounds``'s map, with 0 and 2 rounds, on every graph shape at once."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from curate.dedup.near import components_in_rounds
+    from pipelines.near_dedup import Components
+
+    edges = [(a, b, 0.9) for n, g in enumerate(_graphs()) for a, b in ((f"{n}:{a}", f"{n}:{b}") for a, b in g)]
+    want = sorted(components_in_rounds(edges).items())
+    assert len(want) > 300 and len(set(dict(want).values())) > 10
+    for rounds in (0, 2):
+        with beam.Pipeline(runner="FnApiRunner") as p:
+            got = p | f"Edges{rounds}" >> beam.Create(edges) | Components(rounds)
+            assert_that(got, equal_to(want))
+
+
 def test_candidate_bloom_filter_misses_no_added_id_and_few_others():
     """Built by numpy in shards, read one id at a time in Python: every added id is found (the two
     must agree on every 64-bit wrap), about 1% of others pass, and a shard never built holds none."""

@@ -41,9 +41,10 @@ def test_every_declared_metric_makes_a_key_the_manifest_reads():
 
 
 def test_near_dedup_histogram_keys_parse():
-    from pipelines.near_dedup import _histogram_stats
+    from curate.dedup.near import size_histogram
+    from pipelines.near_dedup import size_stat
 
-    keys = dict(_histogram_stats({"a": "a", "b": "a", "c": "c"}))
+    keys = dict(size_stat(size, n) for size, n in size_histogram({"a": "a", "b": "a", "c": "c"}).items())
     assert keys and all(parse_stat_key(k)["metric"] == "clusters" for k in keys)
 
 

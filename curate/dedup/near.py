@@ -11,9 +11,10 @@ wires them into Beam.
   edges per bucket of k, never all pairs.
 - Verification (default on): an edge is kept only if the signature-estimated
   Jaccard of its two ends is >= the threshold.
-- Clusters: connected components by union-find; the accumulator is mergeable, so
-  partial results combine in any order to the same clusters. A cluster's id is its
-  smallest member id.
+- Clusters: connected components. A union-find's accumulator is mergeable, so partial
+  results combine in any order to the same clusters; the Beam step first runs rounds of
+  min-label propagation by id (``components_in_rounds``), so the union-find sees only the
+  labels still linked. A cluster's id is its smallest member id.
 - Keep rule: one member per cluster, the longest response, then the smallest id.
 """
 from __future__ import annotations
@@ -159,6 +160,50 @@ class UnionFind:
     def clusters(self) -> dict[str, str]:
         """id -> cluster id (the smallest id of its component), for every id seen."""
         return {x: self.find(x) for x in self.parent}
+
+
+def spread_labels(labels: dict[str, str], adjacent: dict[str, list[str]]) -> dict[str, str]:
+    """One round of min-label propagation: each id takes the smallest label among itself and its
+    neighbours."""
+    out = dict(labels)
+    for u, label in labels.items():
+        for v in adjacent.get(u, ()):
+            if label < out[v]:
+                out[v] = label
+    return out
+
+
+def contracted_edges(labels: dict[str, str], edges) -> set[tuple[str, str]]:
+    """The edges between different labels, as (smaller, larger) label pairs: what is left to join
+    after the rounds (nothing, once every component has one label)."""
+    out = set()
+    for a, b in edges:
+        la, lb = labels[a], labels[b]
+        if la != lb:
+            out.add((la, lb) if la < lb else (lb, la))
+    return out
+
+
+def components_in_rounds(edges, rounds: int = 2) -> dict[str, str]:
+    """id -> smallest id of its component (``UnionFind.clusters``), found the way the Beam step
+    finds it without holding the graph on one worker: every id starts from the smallest id among
+    itself and its neighbours, ``rounds`` rounds of min-label propagation follow (each a join by
+    id), and a union-find joins only the labels still linked by an edge (components wider than the
+    rounds reach). Every label is an id of its component and the component's smallest id is its own
+    label, so the union-find's root of a label is that smallest id."""
+    edges = [tuple(e[:2]) for e in edges]
+    adjacent: dict[str, list[str]] = {}
+    for a, b in edges:
+        adjacent.setdefault(a, []).append(b)
+        adjacent.setdefault(b, []).append(a)
+    labels = {v: min(v, *ns) for v, ns in adjacent.items()}
+    for _ in range(rounds):
+        labels = spread_labels(labels, adjacent)
+    joined = UnionFind()
+    for a, b in contracted_edges(labels, edges):
+        joined.union(a, b)
+    roots = joined.clusters()
+    return {v: roots.get(label, label) for v, label in labels.items()}
 
 
 def keep_key(record: dict) -> tuple:
