@@ -51,7 +51,10 @@ POLICIES = {"random": {"policy": "random", "budget": {"fraction": 0.25}},
             "mixture": {"policy": "mixture", "params": {"shares": {s: 1.0 for s in SOURCES}},
                         "budget": {"fraction": 0.25}},
             "cluster_balanced": {"policy": "cluster_balanced", "budget": {"fraction": 0.25}},
-            "random_per_cluster": {"policy": "random", "budget": {"fraction": 0.25}, "scope": "cluster"}}
+            "random_per_cluster": {"policy": "random", "budget": {"fraction": 0.25}, "scope": "cluster"},
+            # a token budget is not a sort: the policy sees its shortlist's rows only (a seeded sample)
+            "random_tokens_shortlist": {"policy": "random", "budget": {"tokens": 2_000_000},
+                                        "max_candidates": 20_000}}
 
 
 def make_pool(n: int, folder: str, seed: int = 0) -> dict:
