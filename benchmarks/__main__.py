@@ -14,6 +14,7 @@ BENCHMARKS = {
     "ifd": "benchmarks.ifd",
     "ifd_llama": "benchmarks.ifd_llama",
     "ifd_onnx": "benchmarks.ifd_onnx",
+    "ifd_compile": "benchmarks.ifd_compile",
     "select": "benchmarks.select",
     "recovery": "benchmarks.recovery",
     "targeted": "benchmarks.targeted",

@@ -46,7 +46,10 @@ agreed well (24 real rows: Spearman 0.998 of ``ifd_loss``, 0.999 of ``rifd``; NL
 ran at 0.47x the float32 stage (0.49 vs 1.05 rows/s): not kept. ONNX Runtime running the body
 (``benchmarks ifd_onnx``, 2 AVX2 EPYC cores): float32 1.01-1.18x the stage with the same NLLs, not
 worth a second copy of the weights and an export per model; its dynamic int8 1.58x at a Spearman of
-0.956: not kept.
+0.956: not kept. ``torch.compile`` of the body (inductor, dynamic shapes; ``benchmarks ifd_compile``,
+2 cores of an Intel Xeon with AVX-512, 16 rows): 0.94x the stage, 1.15x with oneDNN and MKL capped
+at AVX2, after 47 s of compiling, same NLLs within 3e-6: not kept (the body alone, 5 fixed batch
+shapes, ran 1.12x and 1.16x eager).
 """
 from __future__ import annotations
 
