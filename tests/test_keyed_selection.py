@@ -140,6 +140,29 @@ def _grouped_job(tmp_path, name, select):
     return write_job(tmp_path, cfg, f"{name}.yaml")
 
 
+def _job_and_curate_select(tmp_path, monkeypatch, caplog, select, argv):
+    """Run the job (ranges of 2 rows) and ``curate select`` on it; check that both decide and report
+    the same; return the job's {id: (rank, reason)}, its manifest and its log."""
+    import pyarrow.parquet as pq
+
+    from conftest import load_manifest, read_table, run_cli
+    from curate.select import scope
+
+    monkeypatch.setattr(scope, "RANK_BUCKET_ROWS", 2)
+    with caplog.at_level("INFO", logger="curate"):
+        assert run_cli("run", _grouped_job(tmp_path, "job", select)) == 0
+    job = {r["id"]: (r["rank"], r["drop_reason"]) for r in read_table(tmp_path / "job", "annotated").to_pylist()}
+    assert run_cli("select", tmp_path / "job", *argv, "--seed", "3", "--out", tmp_path / "again") == 0
+    again = {r["id"]: (r["rank"], r["drop_reason"]) for r in pq.read_table(tmp_path / "again" / "decisions.parquet")
+             .to_pylist()}
+    assert again == job
+    man = load_manifest(tmp_path / "job")
+    rep = json.loads((tmp_path / "again" / "selection.json").read_text())
+    assert {k: v for k, v in rep.items() if k not in ("run", "output")} == man["select"]
+    assert man["accounting"]["holds"]
+    return job, man, caplog.text
+
+
 @pytest.mark.parametrize("select,argv", [
     ({"policy": "cluster_balanced", "params": {"quota": "equal"}, "budget": {"fraction": 0.4}},
      ["--policy", "cluster_balanced", "--param", "quota=equal", "--fraction", "0.4"]),
@@ -152,28 +175,12 @@ def test_the_jobs_keyed_selection_equals_curate_select(tmp_path, monkeypatch, ca
     """The Beam step (ranges of 2 rows: many groups' ranges, cut points from a sample of every row,
     the global order numbered range by range) decides and reports what ``curate select`` decides
     over one list."""
-    import pyarrow.parquet as pq
-
-    from conftest import load_manifest, read_table, run_cli
-    from curate.select import scope
-
-    monkeypatch.setattr(scope, "RANK_BUCKET_ROWS", 2)
-    with caplog.at_level("INFO", logger="curate"):
-        assert run_cli("run", _grouped_job(tmp_path, "job", select)) == 0
-    assert f"select: {select['policy']} decided range by range" in caplog.text
-    ann = read_table(tmp_path / "job", "annotated").to_pylist()
-    job = {r["id"]: (r["rank"], r["drop_reason"]) for r in ann}
-    assert run_cli("select", tmp_path / "job", *argv, "--seed", "3", "--out", tmp_path / "again") == 0
-    again = {r["id"]: (r["rank"], r["drop_reason"]) for r in pq.read_table(tmp_path / "again" / "decisions.parquet")
-             .to_pylist()}
-    assert again == job
+    job, man, said = _job_and_curate_select(tmp_path, monkeypatch, caplog, select, argv)
+    assert f"select: {select['policy']} decided range by range" in said
     ranks = sorted(r for r, _ in job.values() if r is not None)
     assert ranks == list(range(1, len(ranks) + 1)) and len(ranks) >= 10
     assert any(why and why.startswith(select["policy"] + ":") for _, why in job.values())
-    man = load_manifest(tmp_path / "job")
-    rep = json.loads((tmp_path / "again" / "selection.json").read_text())
-    assert {k: v for k, v in rep.items() if k not in ("run", "output")} == man["select"]
-    assert man["accounting"]["holds"]
+    assert "shortlist" not in man["select"]
 
 
 def test_the_job_says_which_global_policies_gather_the_pool(caplog):
@@ -217,28 +224,11 @@ def test_the_jobs_shortlist_equals_curate_selects(tmp_path, monkeypatch, caplog,
     """A policy that is not a sort (a token budget, a chain) sees only its shortlist's rows: the
     shortlist is decided range by range (ranges of 2 rows), only its rows are gathered, and the
     job decides and reports what ``curate select --max-candidates`` decides over one list."""
-    import pyarrow.parquet as pq
-
-    from conftest import load_manifest, read_table, run_cli
-    from curate.select import scope
-
-    monkeypatch.setattr(scope, "RANK_BUCKET_ROWS", 2)
-    with caplog.at_level("INFO", logger="curate"):
-        assert run_cli("run", _grouped_job(tmp_path, "job", select)) == 0
+    job, man, said = _job_and_curate_select(tmp_path, monkeypatch, caplog, select, argv)
     cap, name = select["max_candidates"], select["policy"]
-    assert f"select: {name} sees at most {cap} candidates on one worker" in caplog.text
-    ann = read_table(tmp_path / "job", "annotated").to_pylist()
-    job = {r["id"]: (r["rank"], r["drop_reason"]) for r in ann}
-    assert run_cli("select", tmp_path / "job", *argv, "--seed", "3", "--out", tmp_path / "again") == 0
-    again = {r["id"]: (r["rank"], r["drop_reason"]) for r in pq.read_table(tmp_path / "again" / "decisions.parquet")
-             .to_pylist()}
-    assert again == job
+    assert f"select: {name} sees at most {cap} candidates on one worker" in said
     reasons = [why for _, why in job.values()]
     assert reasons.count(f"{name}:not_shortlisted") > 20  # the pool is cut ...
     ranks = sorted(r for r, _ in job.values() if r is not None)
     assert ranks == list(range(1, len(ranks) + 1)) and 3 <= len(ranks) < cap  # ... and the policy chose from it
-    man = load_manifest(tmp_path / "job")
     assert man["select"]["shortlist"]["max_candidates"] == cap
-    rep = json.loads((tmp_path / "again" / "selection.json").read_text())
-    assert {k: v for k, v in rep.items() if k not in ("run", "output")} == man["select"]
-    assert man["accounting"]["holds"]
