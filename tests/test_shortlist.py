@@ -14,6 +14,7 @@ from curate.select import Budget, Policy, PolicyError
 from curate.select import shortlist as SL
 from curate.select.features import features_table
 from curate.select.registry import make
+from curate.select.scored import TopK
 
 CHAIN = {"steps": [{"policy": "threshold", "params": {"column": "ifd_ppl", "min": 0.2}},
                    {"policy": "facility_location", "params": {"kernel": "dense"}}]}
@@ -120,6 +121,13 @@ class _Compares(Policy):
         return make("facility_location")  # not keyed: refused
 
 
+class _OwnTopK(TopK):  # a plugin's own choose over a keyed policy: neither keyed nor shortlisted
+    name = "own_top_k"
+
+    def choose(self, pool):
+        return super().choose(pool)
+
+
 def test_which_policies_are_shortlisted():
     fl = make("facility_location")
     assert SL.shortlist_of(make("random"), Budget(rows=5), 10) is None  # keyed itself: nothing gathered
@@ -128,8 +136,12 @@ def test_which_policies_are_shortlisted():
     assert SL.shortlist_of(make("chain", {"steps": [{"policy": "deita", "params": {"column": "ifd_loss"}},
                                                     {"policy": "random"}]}), Budget(rows=5), 10) is None
     assert SL.shortlist_of(make("targeted"), Budget(rows=5), 10) is None
+    assert SL.shortlist_of(fl, Budget(rows=5), 0) is None  # 0: every candidate
     with pytest.raises(PolicyError, match="its shortlist facility_location is not keyed"):
         SL.shortlist_of(_Compares(), Budget(rows=5), 10)
+    assert SL.shortlist_of(_OwnTopK(column="ifd_loss"), Budget(rows=5), 10) is None
+    with pytest.raises(PolicyError, match="max_candidates: expected 0"):
+        SL.shortlist_of(fl, Budget(rows=5), -1)
     with pytest.raises(PolicyError, match="deita: needs the column"):  # the policy's columns, not top_k's
         SL.run_global(make("deita", {"column": "rds_score"}), features_table([{"id": "a"}, {"id": "b"}]),
                       Budget(rows=1), 0, np.zeros((2, 4), np.float32), None, 1)

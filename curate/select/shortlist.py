@@ -39,12 +39,16 @@ NOT_SHORTLISTED = "not_shortlisted"
 def shortlist_of(policy: Policy, budget: Budget, max_candidates: int | None) -> Policy | None:
     """The keyed policy that cuts the pool before ``policy`` runs, or None: the policy is keyed
     itself under ``budget`` (nothing is gathered), declares no shortlist, or there is no cap."""
-    if max_candidates is None or K.applies(policy, budget):
+    if max_candidates is not None and max_candidates < 0:
+        raise PolicyError(f"select.max_candidates: expected 0 (no cap) or more rows, got {max_candidates}")
+    if not max_candidates or K.applies(policy, budget):
         return None
     short = policy.shortlist()
     if short is None:
         return None
     if not K.applies(short, Budget(rows=max_candidates)):
+        if short is policy:  # a plugin's own choose over a keyed policy: it sees every candidate
+            return None
         raise PolicyError(f"policy {policy.name}: its shortlist {short.name} is not keyed "
                           f"(a shortlist must be decided range by range)")
     return short
