@@ -17,7 +17,6 @@ way the decisions (id -> rank or drop reason) are joined back to the rows by id
 from __future__ import annotations
 
 import logging
-from collections import Counter
 
 import apache_beam as beam
 import numpy as np
@@ -26,7 +25,8 @@ from curate.select import keyed as K
 from curate.select import scope as S
 from curate.select import shortlist as SL
 from curate.select.base import Budget, PolicyError
-from curate.select.features import cluster_name, feature_row, features_table, report_from_counts, selection_report
+from curate.select.features import (cluster_name, feature_row, features_table, outcome_counts, report_from_counts,
+                                    selection_report)
 from curate.select.registry import make
 from curate.settings import Job
 
@@ -50,9 +50,7 @@ def decide(rows: list[dict], cfg: Job, start_size: int | None = None) -> dict:
     ranks = result.ranks()
     decisions = {rid: [rank, None] for rid, rank in ranks.items()}
     decisions.update({rid: [None, reason] for rid, reason in result.dropped.items()})
-    outcomes = Counter((r["source"], cluster_name(r), None if r["id"] in ranks else result.dropped[r["id"]])
-                       for r in rows)
-    return {"decisions": decisions, "outcomes": list(outcomes.items())}
+    return {"decisions": decisions, "outcomes": outcome_counts(rows, ranks, result.dropped)}
 
 
 def decide_cluster(element, cfg: Job, budgets: dict) -> dict:
@@ -144,12 +142,11 @@ class Select(beam.PTransform):
         if cfg.select.scope == "cluster":
             decisions, report = self._per_cluster(feats)
         elif self.keyed:
-            cut = _KeyedCut(policy, budget, seed, lambda why: K.reason(policy, why))
-            kept, quota, outcomes = feats | cut
-            shapes = quota | "Shapes" >> beam.Map(lambda q: K.rank_shapes(q["quota"]))
-            ranks = kept | _NumberInOrder(shapes)
-            decisions = (ranks, cut.drops) | "AllDecisions" >> beam.Flatten()
-            report = outcomes | _Report(policy, budget, seed)
+            cut = feats | _KeyedCut(policy, budget, seed, lambda why: K.reason(policy, why))
+            shapes = cut["quota"] | "Shapes" >> beam.Map(lambda q: K.rank_shapes(q["quota"]))
+            ranks = cut["kept"] | _NumberInOrder(shapes)
+            decisions = (ranks, cut["drops"]) | "AllDecisions" >> beam.Flatten()
+            report = cut["outcomes"] | _Report(policy, budget, seed)
         elif self.shortlist is not None:
             decisions, report = self._shortlisted(feats)
         else:
@@ -168,19 +165,18 @@ class Select(beam.PTransform):
         cfg, short = self.cfg, self.shortlist
         policy, budget, seed = policy_from(cfg)
         cap = cfg.select.max_candidates
-        cut = _KeyedCut(short, Budget(rows=cap), seed, lambda why: SL.cut_reason(policy, short, why), also=policy)
-        kept, _, cut_outcomes = feats | cut
-        count = feats | "CountAll" >> beam.combiners.Count.Globally()
+        cut = feats | _KeyedCut(short, Budget(rows=cap), seed, lambda why: SL.cut_reason(policy, short, why),
+                                also=policy)
         listed = ({"row": feats | "FeaturesById" >> beam.Map(lambda r: (r["id"], r)),
-                   "kept": kept | "KeptIds" >> beam.Map(lambda kv: (kv[1], True))}
+                   "kept": cut["kept"] | "KeptIds" >> beam.Map(lambda kv: (kv[1], True))}
                   | "JoinShortlist" >> beam.CoGroupByKey()
                   | "Shortlisted" >> beam.FlatMap(lambda kv: kv[1]["row"] if kv[1]["kept"] else []))
         decided = (listed | "AllFeatures" >> beam.combiners.ToList()  # at most max_candidates rows
-                   | "Decide" >> beam.Map(lambda rows, n: decide(rows, cfg, n), beam.pvalue.AsSingleton(count)))
-        decisions = ((decided | "Decisions" >> beam.FlatMap(lambda d: d["decisions"].items()), cut.drops)
+                   | "Decide" >> beam.Map(lambda rows, n: decide(rows, cfg, n), beam.pvalue.AsSingleton(cut["count"])))
+        decisions = ((decided | "Decisions" >> beam.FlatMap(lambda d: d["decisions"].items()), cut["drops"])
                      | "AllDecisions" >> beam.Flatten())
         listed_outcomes = decided | "Outcomes" >> beam.FlatMap(lambda d: d["outcomes"])
-        cut_dropped = cut_outcomes | "CutOnly" >> beam.Filter(lambda o: o[0][2] is not None)
+        cut_dropped = cut["outcomes"] | "CutOnly" >> beam.Filter(lambda o: o[0][2] is not None)
         report = ((listed_outcomes, cut_dropped) | "AllOutcomes" >> beam.Flatten()
                   | _Report(policy, budget, seed, SL.describe(short, cap)))
         return decisions, report
@@ -210,15 +206,14 @@ class Select(beam.PTransform):
 class _KeyedCut(beam.PTransform):
     """A keyed policy over the whole pool (``curate.select.keyed``), decided range by range:
     counts, quotas, cut points and range offsets are the only state combined globally; each
-    (group, range) is sorted on its own. Features -> (kept rows' (order key, id), the quotas,
-    every row's ((source, cluster, reason or None), 1)); ``drops`` after expansion: the (id,
-    [None, reason]) of every row it drops, reasons named by ``name``. ``also``: a policy whose
-    required columns are checked first (the one a shortlist serves)."""
+    (group, range) is sorted on its own. Features -> {"kept": the kept rows' (order key, id),
+    "drops": (id, [None, reason]) of every row it drops, reasons named by ``name``, "quota": the
+    quotas, "count": the candidates, "outcomes": every row's ((source, cluster, reason or None),
+    1)}. ``also``: a policy whose required columns are checked first (the one a shortlist serves)."""
 
     def __init__(self, policy, budget: Budget, seed: int, name, also=None):
         super().__init__()
         self.policy, self.budget, self.seed, self.name, self.also = policy, budget, seed, name, also
-        self.drops = None
 
     def expand(self, feats):
         policy, budget, seed, name, also = self.policy, self.budget, self.seed, self.name, self.also
@@ -274,12 +269,12 @@ class _KeyedCut(beam.PTransform):
                                                    beam.pvalue.AsSingleton(quota)).with_outputs("kept", "over",
                                                                                                   main="outcome"))
         drops = keys | "Drops" >> beam.FlatMap(lambda k: [(k[1], [None, k[2]])] if k[0] == "drop" else [])
-        self.drops = (drops, decided.over) | "AllDrops" >> beam.Flatten()
+        drops = (drops, decided.over) | "AllDrops" >> beam.Flatten()
         outcomes = ((decided.outcome, keys | "DropOutcomes" >> beam.FlatMap(
             lambda k: [(k[3], k[2])] if k[0] == "drop" else []))
             | "Outcomes" >> beam.Flatten()
             | "CountOutcomes" >> beam.Map(lambda o: ((o[0][0], o[0][1], o[1]), 1)))
-        return decided.kept, quota, outcomes
+        return {"kept": decided.kept, "drops": drops, "quota": quota, "count": count, "outcomes": outcomes}
 
 
 class _Report(beam.PTransform):

@@ -232,3 +232,18 @@ def test_the_jobs_shortlist_equals_curate_selects(tmp_path, monkeypatch, caplog,
     ranks = sorted(r for r, _ in job.values() if r is not None)
     assert ranks == list(range(1, len(ranks) + 1)) and 3 <= len(ranks) < cap  # ... and the policy chose from it
     assert man["select"]["shortlist"]["max_candidates"] == cap
+
+
+def test_a_shortlisted_policys_missing_column_is_named_by_the_policy(tmp_path, capsys):
+    """The shortlist (the chain's threshold step) is decided first, over a column that is null on
+    every row (no input row has the cluster field), yet the error names the policy the user chose,
+    as ``curate select`` does."""
+    from conftest import EXAMPLES, run_cli, without_models, write_job
+
+    cfg = without_models({"output": str(tmp_path / "job"), "cluster": {"column": "no_such_field"},
+                          "inputs": [{"source": "gsm8k", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}],
+                          "select": {"policy": "chain", "params": {"steps": [
+                              {"policy": "threshold", "params": {"column": "cluster_id", "min": 0}},
+                              {"policy": "random", "budget": {"tokens": 200}}]}}})
+    assert run_cli("run", write_job(tmp_path, cfg, "job.yaml")) != 0
+    assert "policy chain: needs the column(s) cluster_id" in capsys.readouterr().err

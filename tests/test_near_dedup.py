@@ -178,7 +178,7 @@ def _graphs():
 
 @pytest.mark.parametrize("rounds", [0, 1, 2, 5])
 def test_components_found_in_rounds_are_the_union_finds(rounds):
-    from curate.dedup.near import components_in_rounds, contracted_edges, spread_labels
+    from curate.dedup.near import adjacency, components_in_rounds, contracted_edges, first_labels, spread_labels
 
     for edges in _graphs():
         whole = UnionFind()
@@ -186,11 +186,8 @@ def test_components_found_in_rounds_are_the_union_finds(rounds):
             whole.union(a, b)
         assert components_in_rounds(edges, rounds) == whole.clusters()
     chain = [(f"c{i:03d}", f"c{i + 1:03d}") for i in range(40)]
-    adjacent = {}
-    for a, b in chain:
-        adjacent.setdefault(a, []).append(b)
-        adjacent.setdefault(b, []).append(a)
-    labels = {v: min(v, *ns) for v, ns in adjacent.items()}
+    adjacent = adjacency(chain)
+    labels = first_labels(adjacent)
     for _ in range(rounds):
         labels = spread_labels(labels, adjacent)
     assert len(contracted_edges(labels, chain)) == 40 - (rounds + 1)  # each round settles one more link

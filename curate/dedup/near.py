@@ -162,6 +162,20 @@ class UnionFind:
         return {x: self.find(x) for x in self.parent}
 
 
+def adjacency(edges) -> dict[str, list[str]]:
+    """id -> its neighbours, both ways, from (a, b, ...) edges."""
+    adjacent: dict[str, list[str]] = {}
+    for a, b, *_ in edges:
+        adjacent.setdefault(a, []).append(b)
+        adjacent.setdefault(b, []).append(a)
+    return adjacent
+
+
+def first_labels(adjacent: dict[str, list[str]]) -> dict[str, str]:
+    """Each id's first label: the smallest id among itself and its neighbours."""
+    return {v: min(v, *ns) for v, ns in adjacent.items()}
+
+
 def spread_labels(labels: dict[str, str], adjacent: dict[str, list[str]]) -> dict[str, str]:
     """One round of min-label propagation: each id takes the smallest label among itself and its
     neighbours."""
@@ -192,11 +206,8 @@ def components_in_rounds(edges, rounds: int = 2) -> dict[str, str]:
     rounds reach). Every label is an id of its component and the component's smallest id is its own
     label, so the union-find's root of a label is that smallest id."""
     edges = [tuple(e[:2]) for e in edges]
-    adjacent: dict[str, list[str]] = {}
-    for a, b in edges:
-        adjacent.setdefault(a, []).append(b)
-        adjacent.setdefault(b, []).append(a)
-    labels = {v: min(v, *ns) for v, ns in adjacent.items()}
+    adjacent = adjacency(edges)
+    labels = first_labels(adjacent)
     for _ in range(rounds):
         labels = spread_labels(labels, adjacent)
     joined = UnionFind()

@@ -183,7 +183,8 @@ class SuperfilteringDiverse(Policy):
         kept = set(step.selected)
         keep = [i for i, rid in enumerate(pool.ids) if rid in kept]
         fl = FacilityLocation(kernel=p["kernel"], neighbors=p["neighbors"], dense_max=p["dense_max"])
-        second = fl.run(pool.table.take(pa.array(keep, pa.int64())), pool.budget, pool.seed, pool.embeddings[keep], pool.start_size)
+        second = fl.run(pool.table.take(pa.array(keep, pa.int64())), pool.budget, pool.seed, pool.embeddings[keep],
+                        pool.start_size)
         return Selection(second.selected, {**step.dropped, **second.dropped})
 
 

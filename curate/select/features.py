@@ -61,10 +61,15 @@ def cluster_name(row: dict) -> str:
     return "none" if row.get("cluster_id") is None else str(row["cluster_id"])
 
 
+def outcome_counts(rows: list[dict], ranks: dict, dropped: dict) -> list[tuple[tuple, int]]:
+    """((source, cluster, drop reason or None for selected), rows) pairs, what ``report_from_counts`` takes."""
+    counts = Counter((r["source"], cluster_name(r), None if r["id"] in ranks else dropped.get(r["id"])) for r in rows)
+    return list(counts.items())
+
+
 def selection_report(policy, budget, seed: int, rows: list[dict], ranks: dict, dropped: dict) -> dict:
     """What the policy did, for the manifest and ``curate select``: totals, by source, by cluster, by reason."""
-    counts = Counter((r["source"], cluster_name(r), None if r["id"] in ranks else dropped.get(r["id"])) for r in rows)
-    return report_from_counts(policy, budget, seed, counts.items())
+    return report_from_counts(policy, budget, seed, outcome_counts(rows, ranks, dropped))
 
 
 def report_from_counts(policy, budget, seed: int, counts) -> dict:
