@@ -143,12 +143,7 @@ def test_tiny_real_llama_scores_equal_its_own_loss_for_any_batching():
     """A real transformers Llama (random weights, built from a config, nothing downloaded):
     right padding without a mask, the sliced projection and any batching give each row's own
     ``model(labels=...)`` loss."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=700, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
-    model.eval()
+    model = _tiny_llama()
     gen = np.random.default_rng(0)
     pairs = [Pair([1] + gen.integers(2, 700, int(gen.integers(0, 9))).tolist(),
                   gen.integers(2, 700, int(gen.integers(1, 40))).tolist()) for _ in range(30)]
@@ -165,6 +160,70 @@ def test_tiny_real_llama_scores_equal_its_own_loss_for_any_batching():
     if use_onednn(model):  # the stage's CPU kernel, the projection included
         got = mean_nlls(model, pairs, batch_size=64, pad_id=0, batch_tokens=100)
         assert np.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=700, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    return model.eval()
+
+
+def test_a_rider_is_scored_in_its_hosts_pass_with_its_own_loss():
+    """Riders that start their host are scored from the host's hidden states (one pass fewer per
+    rider, counted at the model's body); a rider whose host does not start with it, whose host is
+    not run, or that would make a chain runs alone. Every score is the pair's own loss."""
+    model = _tiny_llama()
+    gen = np.random.default_rng(1)
+    seq = lambda n: gen.integers(2, 700, n).tolist()  # noqa: E731
+    hosts = [Pair([1] + seq(int(gen.integers(3, 12))), seq(int(gen.integers(1, 30)))) for _ in range(12)]
+    riders = [Pair(h.prefix[:1], h.prefix[1:1 + int(gen.integers(1, len(h.prefix)))]) for h in hosts[:8]]
+    riders[0] = Pair([1], seq(5))  # not the start of its host: alone
+    hosts[1].status, hosts[1].target = "prompt_truncated", []  # host not run: alone
+    riders.append(Pair(riders[2].prefix, riders[2].target[:1]))  # would ride a rider: alone
+    riders.append(Pair([], hosts[3].prefix[:4], skip_first=True))  # skip_first rider (compat) rides
+    pairs = hosts + riders
+    n = len(hosts)
+    plan = {n + k: k for k in range(8)} | {n + 8: n + 2, n + 9: 3}
+    want = []
+    for p in pairs:
+        if p.status != "ok":
+            want.append(math.nan)
+            continue
+        ids = torch.tensor([p.ids])
+        labels = ids.clone()
+        labels[0, :len(p.prefix) + p.skip_first] = -100
+        with torch.no_grad():
+            want.append(float(model(input_ids=ids, labels=labels).loss))
+    passed = []
+    hook = model.model.register_forward_pre_hook(
+        lambda m, args, kwargs: passed.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    for batch_size, batch_tokens in ((1, None), (16, None), (5, 60)):
+        passed.clear()
+        got = mean_nlls(model, pairs, batch_size=batch_size, pad_id=0, batch_tokens=batch_tokens, riders=plan)
+        assert np.allclose(got, want, atol=1e-5, rtol=0, equal_nan=True), (batch_size, batch_tokens)
+        assert sum(passed) == len(pairs) - 1 - 7  # hosts[1] not run; 7 riders carried (0, 1 and the chain alone)
+    hook.remove()
+    with pytest.raises(ValueError, match="no prefix"):
+        mean_nlls(model, [Pair([], [5, 6])])
+
+
+def test_a_tokenizer_without_start_token_skips_the_first_target_token(tokenizer):
+    class NoStart:
+        bos_token_id = eos_token_id = pad_token_id = None
+
+        def __call__(self, text, **kw):
+            return tokenizer(text, **kw)
+
+    rows = [{"instruction": "Name a prime number.", "input": "", "output": "Seven is a prime number."}]
+    cond, direct, rcond, rdirect = pairs_for(rows, NoStart(), IFDSettings(max_length=64))
+    assert direct[0].prefix == rdirect[0].prefix == [] and direct[0].skip_first and rdirect[0].skip_first
+    lm = _unigram(len(tokenizer))
+    got = score_rows(lm, NoStart(), rows, IFDSettings(max_length=64))[0]
+    assert got["ifd_status"] == "ok" and got["ifd_tokens_direct"] == got["ifd_tokens"] - 1
+    assert math.isfinite(got["rifd_nll_direct"])
 
 
 def test_real_model_batched_equals_one_at_a_time_and_reruns_identically():

@@ -211,7 +211,7 @@ def target_nlls(hidden, weight, targets, linear=None, slice_elements: int | None
 
 
 def mean_nlls(model, pairs: list[Pair], batch_size: int = 16, pad_id: int = 0,
-              batch_tokens: int | None = None, on_batch=None) -> list[float]:
+              batch_tokens: int | None = None, on_batch=None, riders: dict[int, int] | None = None) -> list[float]:
     """Mean NLL of each pair's scored target tokens (NaN where nothing can be scored).
 
     Forward batches come from :func:`forward_batches` (``batch_size`` rows at most, and
@@ -220,11 +220,21 @@ def mean_nlls(model, pairs: list[Pair], batch_size: int = 16, pad_id: int = 0,
     the padding after it, so the scores are those of each row alone. Only the hidden states that
     predict a target token go through the vocabulary projection. ``on_batch(n)``, when given,
     is called after each forward batch with the number of pairs it scored (progress).
+
+    ``riders`` ({pair index: host pair index}) share a forward pass: a rider whose ids are the
+    start of its host's ids is scored from its host's hidden states (under causal attention its
+    tokens see the same context either way), so it needs no pass of its own; one whose host is
+    not run, or does not start with it, runs alone.
     """
     import torch
 
     out = [math.nan] * len(pairs)
     live = [i for i, p in enumerate(pairs) if p.status in ("ok", "response_truncated") and scored_count(p) > 0]
+    for i in live:
+        if not pairs[i].prefix and not pairs[i].skip_first:
+            raise ValueError("a pair with no prefix must skip its first target token (nothing predicts it)")
+    carried, riding = _carried(pairs, set(live), riders or {})
+    live = [i for i in live if i not in riding]
     projection = _projection(model)
     head = model.get_output_embeddings()
     body = model.base_model
@@ -234,15 +244,17 @@ def mean_nlls(model, pairs: list[Pair], batch_size: int = 16, pad_id: int = 0,
         chunk = [live[k] for k in batch]
         width = max(len(pairs[i].ids) for i in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        rows, cols, targets = [], [], []
+        rows, cols, targets, slots, scored = [], [], [], [], []  # slots: which pair each target token is for
         for r, i in enumerate(chunk):
-            p = pairs[i]
-            seq = p.ids
-            ids[r, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-            first = len(p.prefix) + (1 if p.skip_first else 0)
-            rows += [r] * (len(seq) - first)
-            cols += range(first - 1, len(seq) - 1)  # hidden state at t-1 predicts token t
-            targets += seq[first:]
+            ids[r, :len(pairs[i].ids)] = torch.tensor(pairs[i].ids, dtype=torch.long)
+            for j in [i] + carried.get(i, []):
+                p = pairs[j]
+                first, end = len(p.prefix) + (1 if p.skip_first else 0), len(p.prefix) + len(p.target)
+                rows += [r] * (end - first)
+                cols += range(first - 1, end - 1)  # hidden state at t-1 predicts token t
+                targets += p.ids[first:end]
+                slots += [len(scored)] * (end - first)
+                scored.append(j)
         with torch.inference_mode():
             hidden = body(input_ids=ids.to(device)).last_hidden_state
             picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
@@ -252,13 +264,26 @@ def mean_nlls(model, pairs: list[Pair], batch_size: int = 16, pad_id: int = 0,
             else:
                 nll = torch.nn.functional.cross_entropy(head(picked).float(), target_ids, reduction="none")
             nll = nll.double().cpu().numpy()
-        sums = np.bincount(rows, weights=nll, minlength=len(chunk))
-        counts = np.bincount(rows, minlength=len(chunk))
-        for r, i in enumerate(chunk):
-            out[i] = float(sums[r] / counts[r])
+        sums = np.bincount(slots, weights=nll, minlength=len(scored))
+        counts = np.bincount(slots, minlength=len(scored))
+        for k, j in enumerate(scored):
+            out[j] = float(sums[k] / counts[k])
         if on_batch is not None:
-            on_batch(len(chunk))
+            on_batch(len(scored))
     return out
+
+
+def _carried(pairs: list[Pair], live: set[int], riders: dict[int, int]) -> tuple[dict[int, list[int]], set[int]]:
+    """({host: the riders it carries}, the carried riders): only a live rider whose ids start its
+    live host's ids, and never a chain (a rider carries nothing, a host rides nothing)."""
+    carried: dict[int, list[int]] = {}
+    riding: set[int] = set()
+    for j, h in sorted(riders.items()):
+        if (j in live and h in live and j != h and h not in riding and j not in carried
+                and pairs[h].ids[:len(pairs[j].ids)] == pairs[j].ids):
+            carried.setdefault(h, []).append(j)
+            riding.add(j)
+    return carried, riding
 
 
 def ratios(nll_cond: float, nll_direct: float) -> tuple[float, float]:
@@ -292,10 +317,10 @@ def pairs_for(rows: list[dict], tokenizer, s: IFDSettings) -> tuple[list[Pair], 
         if s.superfiltering_compat:
             direct.append(make_pair([], answer, s.max_length, s.min_target_tokens + 1, skip_first=True))
         else:
-            direct.append(make_pair(start, answer, s.max_length, s.min_target_tokens))
+            direct.append(make_pair(start, answer, s.max_length, s.min_target_tokens + (not start), skip_first=not start))
         reverse = render(REVERSE_REQUEST.format(response=response), "", s.template, tokenizer)
         rcond.append(make_pair(start + enc(reverse), question, s.max_length, s.min_target_tokens))
-        rdirect.append(make_pair(start, question, s.max_length, s.min_target_tokens))
+        rdirect.append(make_pair(start, question, s.max_length, s.min_target_tokens + (not start), skip_first=not start))
     # both branches must score the same tokens (compat: by design one fewer in the direct branch)
     for c, d in zip(cond, direct):
         if c.status in ("ok", "response_truncated") and d.status in ("ok", "response_truncated"):
@@ -320,9 +345,11 @@ def score_rows(model, tokenizer, rows: list[dict], s: IFDSettings, progress=None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     on_batch = None if progress is None else (lambda n: progress(n / 4))
     try:
-        # all four branches in one length sort: fewer, fuller batches
-        flat = mean_nlls(model, cond + direct + rcond + rdirect, s.batch_size, pad, s.batch_tokens, on_batch)
+        # all four branches in one length sort: fewer, fuller batches; the instruction alone
+        # rides in the pass of the prompt it starts (template "none" without an input)
         n = len(rows)
+        flat = mean_nlls(model, cond + direct + rcond + rdirect, s.batch_size, pad, s.batch_tokens, on_batch,
+                         riders={3 * n + i: i for i in range(n)})
         nll = [flat[k * n:(k + 1) * n] for k in range(4)]
         failed = False
     except Exception:  # noqa: BLE001 - a failed batch is a status, never a crash or a 0
