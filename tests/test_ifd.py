@@ -10,6 +10,7 @@ import torch
 
 from curate.scoring.ifd import (IFDSettings, Pair, forward_batches, make_pair, mean_nlls, pairs_for, ratios, score_rows,
                                 target_nlls)
+from benchmarks.ifd import reference_nll
 from curate.onednn import use_onednn
 from tests.conftest import shared
 
@@ -147,13 +148,7 @@ def test_tiny_real_llama_scores_equal_its_own_loss_for_any_batching():
     gen = np.random.default_rng(0)
     pairs = [Pair([1] + gen.integers(2, 700, int(gen.integers(0, 9))).tolist(),
                   gen.integers(2, 700, int(gen.integers(1, 40))).tolist()) for _ in range(30)]
-    want = []
-    for p in pairs:
-        ids = torch.tensor([p.ids])
-        labels = ids.clone()
-        labels[0, :len(p.prefix)] = -100
-        with torch.no_grad():
-            want.append(float(model(input_ids=ids, labels=labels).loss))
+    want = [reference_nll(model, p) for p in pairs]  # the model's own loss, one pair a pass
     for batch_size, batch_tokens in ((1, None), (16, None), (64, 100), (8, 40)):
         got = mean_nlls(model, pairs, batch_size=batch_size, pad_id=0, batch_tokens=batch_tokens)
         assert np.allclose(got, want, atol=1e-5, rtol=0), (batch_size, batch_tokens)
@@ -187,16 +182,7 @@ def test_a_rider_is_scored_in_its_hosts_pass_with_its_own_loss():
     pairs = hosts + riders
     n = len(hosts)
     plan = {n + k: k for k in range(8)} | {n + 8: n + 2, n + 9: 3}
-    want = []
-    for p in pairs:
-        if p.status != "ok":
-            want.append(math.nan)
-            continue
-        ids = torch.tensor([p.ids])
-        labels = ids.clone()
-        labels[0, :len(p.prefix) + p.skip_first] = -100
-        with torch.no_grad():
-            want.append(float(model(input_ids=ids, labels=labels).loss))
+    want = [reference_nll(model, p) for p in pairs]  # NaN for the host not run
     passed = []
     hook = model.model.register_forward_pre_hook(
         lambda m, args, kwargs: passed.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
