@@ -41,7 +41,7 @@ $(LLAMA_STAMP): $(DEV_STAMP)
 	touch $(LLAMA_STAMP)
 
 test: $(DEV_STAMP) $(LLAMA_STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=20
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=20
 
 bench: $(DEV_STAMP)
 	$(VENV)/bin/python -m benchmarks all --quick

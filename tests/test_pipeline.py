@@ -10,6 +10,9 @@ import pytest
 from curate import schema
 from tests.conftest import without_models, EXAMPLES, REPO, ids, load_manifest, read_table, run_cli, shared, write_job
 
+# the tests share one run of both sources (a module fixture): one xdist worker runs them all
+pytestmark = pytest.mark.xdist_group("pipeline")
+
 DEMO_INPUTS = [
     {"source": "alpaca_cherry", "path": f"{EXAMPLES}/alpaca_cherry_sample.json"},
     {"source": "gsm8k", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"},

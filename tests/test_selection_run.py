@@ -13,6 +13,8 @@ import pytest
 from conftest import REPO, load_manifest, read_table, run_cli, shared, without_models, write_job
 
 PER_SOURCE = 10
+# the tests share one scored run (a module fixture): one xdist worker runs them all (`--dist loadgroup`)
+pytestmark = pytest.mark.xdist_group("selection_run")
 
 
 def _digests(folder) -> dict:
