@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -189,7 +190,10 @@ class Cluster(beam.PTransform):
     def expand(self, vectors):
         c, seed, use_gpu = self.c, self.c.seed, self.use_gpu
         n_rows = vectors | "Count" >> beam.combiners.Count.Globally()
-        cutoff = n_rows | "Cutoff" >> beam.Map(clustering.sample_cutoff, c.max_sample)
+        # The cutoff is an unsigned 64-bit rank bound (up to 2**64). ``-> int`` would give it Beam's
+        # VarIntCoder, which holds signed 64-bit values only (Beam 2.78 raises on larger ones), so it
+        # travels with the generic coder, which keeps any Python int.
+        cutoff = n_rows | "Cutoff" >> beam.Map(clustering.sample_cutoff, c.max_sample).with_output_types(Any)
         sample = (vectors
                   | "Rank" >> beam.FlatMap(_ranked_below, seed, beam.pvalue.AsSingleton(cutoff))
                   | "Sample" >> beam.CombineGlobally(SmallestRanks(c.max_sample)))
