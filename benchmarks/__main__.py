@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     ap.add_argument("names", nargs="+", help=f"benchmarks to run: {', '.join(BENCHMARKS)} or all")
     ap.add_argument("--quick", action="store_true",
-                    help="small sizes: 1 to 4 minutes each on 2 cores (an AMD EPYC with AVX-512: ifd 65 s, "
-                         "scale 152 s, targeted 219 s; an AMD EPYC with AVX2 only: ifd 105 s, embed 114 s, "
+                    help="small sizes: 1 to 4 minutes each on 2 cores (an AMD EPYC with AVX-512: ifd 70 s, "
+                         "embed 74 s, scale 152 s, targeted 219 s; an AMD EPYC with AVX2 only: ifd 105 s, embed 114 s, "
                          "ifd_llama 79 s, ifd_onnx 142 s)")
     args = ap.parse_args(argv)
     names = list(BENCHMARKS) if args.names == ["all"] else args.names
