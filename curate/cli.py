@@ -9,6 +9,7 @@ file that holds the traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -21,9 +22,10 @@ import traceback
 from curate import __version__, storage
 from curate.config import ConfigError
 from curate.errors import CurateError
-from curate.settings import Select
+from curate.settings import Job, Select
 
 USAGE_ERROR = 2
+JOB_KEYS = frozenset(f.name for f in dataclasses.fields(Job))  # written "--set key=value", never "--key"
 BUG = 1
 
 
@@ -97,6 +99,10 @@ def cmd_run(args, beam_args: list[str]) -> int:
             flags[-1] = f"{flags[-1]}={token}"
         else:
             return _fail(f"unexpected argument {token!r} (Beam options look like --name=value)")
+    for flag in flags:  # Beam keeps unknown options for the runner, so "--output x" would be ignored
+        key = flag[2:].split("=", 1)[0]
+        if key in JOB_KEYS:
+            return _fail(f"--{key} is a job setting, not a Beam option: use --set {key}=VALUE")
     beam_args = flags
     args.output_dir = cfg.output  # where a crash log goes (beside the output)
     man = job.run(cfg, beam_args, overwrite=args.overwrite)

@@ -33,6 +33,19 @@ def test_missing_input_file_is_a_one_line_error_with_exit_2(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_a_job_key_given_as_an_option_is_refused_not_passed_to_beam(tmp_path):
+    """Beam keeps options it does not know for the runner: "--output x" would be dropped silently
+    and the job's own output (perhaps overwritten) used instead."""
+    job = write_job(tmp_path, without_models({"output": "o", "inputs": [{"source": "a", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}]}))
+    for args in (("--output", "elsewhere"), ("--seed=3",)):
+        res = _run("run", job, *args, "--overwrite", cwd=tmp_path)
+        assert res.returncode == 2
+        key = args[0][2:].split("=")[0]
+        assert res.stderr.strip().splitlines()[-1] == \
+            f"curate: error: --{key} is a job setting, not a Beam option: use --set {key}=VALUE"
+    assert not (tmp_path / "o").exists() and not (tmp_path / "elsewhere").exists()
+
+
 def test_run_prints_outputs_and_inspect_reads_them(tmp_path):
     job = write_job(tmp_path, without_models({"output": "o", "inputs": [{"source": "g", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}]}))
     res = _run("run", job, "--set", "sample.mode=head", "--set", "sample.n=40",
