@@ -225,10 +225,12 @@ def cpu_share(fn):
     return out, cpu / max(wall * torch.get_num_threads(), 1e-9)
 
 
-def choose(shapes_fn, want: str = "auto", device: str = "cpu", dtype: str = "float32") -> Choice:
+def choose(shapes_fn, want: str = "auto", device: str = "cpu", dtype: str = "float32",
+           model: str = "the model") -> Choice:
     """The linear kernel for a model. ``shapes_fn()`` gives its linear shapes (called only when a
     measurement is needed). ``want`` is the job's ``cpu_linear``: ``auto`` measures (or reads the
-    cached measurement), a kernel name forces it where it can run."""
+    cached measurement), a kernel name forces it where it can run. ``model`` names it in the log (a
+    job with embeddings and a weak LM measures each)."""
     from curate.onednn import problem
 
     if want not in CHOICES:
@@ -263,7 +265,7 @@ def choose(shapes_fn, want: str = "auto", device: str = "cpu", dtype: str = "flo
     why = "; ".join(f"{k}: {v}" for k, v in failed.items())
     busy = share < BUSY
     choice = Choice(kernel, "measured", rates, why, cpu, round(share, 2) if busy else None)
-    log.info("linear kernel: %s (GFLOP/s on the model's shapes: %s; measured in %.1f s on %s)", kernel,
+    log.info("linear kernel for %s: %s (GFLOP/s on its shapes: %s; measured in %.1f s on %s)", model, kernel,
              ", ".join(f"{k} {v}" for k, v in rates.items()), time.perf_counter() - t, cpu)
     if busy:
         log.warning("linear kernel: the CPU was busy while measuring (this process got %.0f%% of its threads' "

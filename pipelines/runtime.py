@@ -71,7 +71,7 @@ def _weak_lm_stage(settings, kind: str, key_fn) -> dict:
     dtype = device.torch_dtype_name(dev, settings.dtype, gpu_default="bfloat16")
     folder, files = _cache(settings.cache, settings.cache_dir, kind, key_fn(settings, dtype))
     linear = kernel_choice.choose(lambda: kernel_choice.meta_shapes(models.weak_lm_folder(settings.model)),
-                                  settings.cpu_linear, dev, dtype)
+                                  settings.cpu_linear, dev, dtype, model=settings.model)
     return {"model": settings.model, "device": dev, "dtype": dtype, "linear": linear.kernel,
             "linear_choice": linear.as_dict(), "cache": folder, "cache_files": files}
 
@@ -92,7 +92,8 @@ def resolve_runtime(cfg: Job) -> dict:
         key = embed_key(e.model, e.max_seq_length, dtype, e.text)
         folder, files = _cache(e.cache, e.cache_dir, "embeddings", key)
         dim = models.embedding_dim(path)  # fails here, with a clear message, for a model that is not there
-        linear = kernel_choice.choose(lambda: kernel_choice.meta_shapes(path, "encoder"), e.cpu_linear, dev, dtype)
+        linear = kernel_choice.choose(lambda: kernel_choice.meta_shapes(path, "encoder"), e.cpu_linear, dev, dtype,
+                                      model=e.model)
         rt["embed"] = {"model": e.model, "path": path, "device": dev, "dtype": dtype,
                        "linear": linear.kernel, "linear_choice": linear.as_dict(), "dim": dim,
                        "key": key, "cache": folder, "cache_files": files}

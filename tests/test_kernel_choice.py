@@ -1,6 +1,7 @@
 """The CPU linear kernel: measured on the model's own shapes, the faster one taken, kept per CPU,
 forced by the job, and never offered where it cannot run."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,7 +30,8 @@ def test_shapes_come_from_the_model_and_from_a_folder_without_weights(tmp_path):
 
 
 @needs_onednn
-def test_auto_measures_takes_the_faster_and_keeps_the_choice(monkeypatch, tmp_path):
+def test_auto_measures_takes_the_faster_and_keeps_the_choice(monkeypatch, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=kernel_choice.log.name)
     monkeypatch.setenv("CURATE_CACHE", str(tmp_path))
     monkeypatch.setattr(kernel_choice, "cpu_share", lambda fn: (fn(), 1.0))  # an idle machine (see the next test)
     calls = []
@@ -38,8 +40,9 @@ def test_auto_measures_takes_the_faster_and_keeps_the_choice(monkeypatch, tmp_pa
         calls.append(1)
         return TINY
 
-    first = kernel_choice.choose(shapes, "auto")
+    first = kernel_choice.choose(shapes, "auto", model="tiny-llama")
     assert first.how == "measured" and set(first.gflops) == {"torch", "onednn"}
+    assert f"linear kernel for tiny-llama: {first.kernel} (GFLOP/s on its shapes: " in caplog.text
     assert all(v > 0 for v in first.gflops.values())
     assert first.kernel == max(first.gflops, key=first.gflops.get)
     stored = json.loads((tmp_path / "kernels.json").read_text())
