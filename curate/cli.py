@@ -22,6 +22,7 @@ import traceback
 from curate import __version__, storage
 from curate.config import ConfigError
 from curate.errors import CurateError
+from curate.recover import OBJECTIVES
 from curate.settings import Job, Select
 
 USAGE_ERROR = 2
@@ -243,39 +244,9 @@ def cmd_report(args) -> int:
 
 
 def read_rows(path: str) -> list[dict]:
-    """Instruction rows (id, source, prompt, response, messages) from a finished run (its
-    annotated/ rows that no dedup stage dropped), a ``curate select`` folder or run's selected/,
-    or a json / jsonl / parquet file of Alpaca or chat rows (bad rows are skipped with a count)."""
-    from curate import runs
+    from curate.runs import read_rows as rows_at
 
-    if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, "annotated")):
-            import pyarrow as pa
-            import pyarrow.compute as pc
-
-            from curate.select.features import DEDUP_REASONS
-
-            t = runs.annotated(path, ["id", "source", "prompt", "response", "messages", "drop_reason"])
-            keep = pc.fill_null(pc.invert(pc.is_in(t.column("drop_reason"), pa.array(DEDUP_REASONS))), True)
-            return t.filter(keep).to_pylist()
-        raise runs.RunError(f"{path}: not a finished curate run (no annotated/)")
-    from curate.io import SourceReadError, detect_format, iter_file
-    from curate.records import RowSpec, convert
-
-    try:
-        fmt = detect_format(path, "auto")
-    except SourceReadError as err:
-        raise runs.RunError(str(err)) from None
-    spec, rows, bad = RowSpec(source=os.path.splitext(os.path.basename(path))[0]), [], 0
-    for raw in iter_file(path, fmt):
-        kind, item = ("reject", None) if raw.bad_reason else convert(raw.value, spec, path, raw.row_number)
-        if kind == "record":
-            rows.append(item)
-        else:
-            bad += 1
-    if bad:
-        logging.getLogger("curate").warning("%s: %d rows could not be read and were skipped", path, bad)
-    return rows
+    return rows_at(path)
 
 
 def _selected_rows(folder: str) -> list[dict]:
@@ -320,13 +291,15 @@ def cmd_recover(args) -> int:
 
     rows = _selected_rows(args.output)
     s = RecoverSettings(r=args.r, alpha=args.alpha, lr=args.lr, epochs=args.epochs, steps=args.steps,
-                        batch_size=args.batch_size, cutoff=args.cutoff, seed=args.seed)
-    bar = _bar("recover")
+                        batch_size=args.batch_size, cutoff=args.cutoff, seed=args.seed, objective=args.objective,
+                        kd_weight=args.kd_weight)
+    bar = _bar(f"recover ({s.objective})")
     out = args.out or os.path.join(args.output, "recovered")
     _, _, rep = recover(args.model, rows, out, s, progress=lambda step, total, loss: bar(step, total,
-                                                                                        f" loss {loss:.4f}"))
-    print(f"trained LoRA on {rep['rows']} rows, {rep['steps']} steps in {rep['seconds']:.0f} s: "
-          f"loss {rep['loss'][0]:.4f} -> {rep['loss'][-1]:.4f}")
+                                                                                        f" loss {loss:.4f}"),
+                        dense=args.dense)
+    print(f"trained LoRA ({s.objective}) on {rep['rows']} rows, {rep['steps']} steps in {rep['seconds']:.0f} s "
+          f"({rep['seconds_per_step']:.1f} s/step): loss {rep['loss'][0]:.4f} -> {rep['loss'][-1]:.4f}")
     print(f"adapter (unmerged) written to {os.path.abspath(out)}/")
     return 0
 
@@ -343,15 +316,27 @@ def cmd_evaluate(args) -> int:
         key, text = item.split("=", 1)
         policy, name = key.split(".", 1)
         params.setdefault(policy, {})[name] = yaml.safe_load(text)
+    evals = []
+    for item in args.eval:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            return _fail(f"--eval {item!r}: expected NAME=PATH")
+        if not os.path.exists(path):
+            return _fail(f"--eval {item!r}: no file or folder {path!r}")
+        evals.append((name, path))
     recover = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
-                                 ("cutoff", args.cutoff)) if v is not None}
+                                 ("cutoff", args.cutoff), ("objective", args.objective),
+                                 ("kd_weight", args.kd_weight)) if v is not None}
+    matched = None if args.length_matched == "all" else tuple(
+        p for p in args.length_matched.split(",") if p and p != "none")
     s = EvaluateSettings(compressed=args.model, budget=args.rows, policies=tuple(args.policies.split(",")),
                          params=params, seeds=tuple(int(x) for x in args.seeds.split(",")), heldout=args.heldout,
-                         dense=args.dense, recover=recover)
-    bar = _bar("evaluate (policy x seed recoveries)")
+                         dense=args.dense, recover=recover, evals=tuple(evals), length_matched=matched,
+                         whole_pool=not args.no_whole_pool)
+    bar = _bar(f"evaluate ({s.recover.get('objective', 'sft')}: model x seed recoveries)")
     summary = evaluate(args.output, s, args.out,
                        progress=lambda done, total, r: bar(done, total, f" {r['policy']} seed {r['seed']}: "
-                                                                        f"NLL {r['heldout_nll']:.4f}"))
+                                                                        f"{r['set']} NLL {r['nll']:.4f}"))
     print(table_text(summary))
     print(f"\nresults in {summary['output']}/ (results.parquet, heldout.parquet, summary.json)")
     return 0
@@ -424,6 +409,11 @@ def parser() -> argparse.ArgumentParser:
     rec.add_argument("--batch-size", type=int, default=8)
     rec.add_argument("--cutoff", type=int, default=256)
     rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--objective", choices=OBJECTIVES, default="sft",
+                     help="sft: loss on the response tokens; kd: forward KL from the dense model (run beside the "
+                          "student) on the response tokens; sft+kd: their sum (default sft)")
+    rec.add_argument("--kd-weight", type=float, default=1.0, help="sft+kd: the weight of the KD term (default 1)")
+    rec.add_argument("--dense", help="the dense model for kd (default: the compressed model card's base model)")
     ev = sub.add_parser("evaluate", help="recover the same compressed model on several policies' selections and "
                                          "compare them on held-out rows",
                         description="On 2 CPU cores one LoRA step (batch 8 x 256 tokens, SmolLM2-135M) takes "
@@ -435,12 +425,22 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--param", action="append", default=[], metavar="POLICY.KEY=VALUE",
                     help="a policy parameter, e.g. --param cluster_balanced.score=ifd_loss (repeatable)")
     ev.add_argument("--seeds", default="0,1,2", help="paired seeds (default 0,1,2)")
-    ev.add_argument("--heldout", type=int, default=48, help="held-out rows, never selectable (default 48)")
+    ev.add_argument("--heldout", type=int, default=48,
+                    help="held-out rows of the run, never selectable (default 48; 0: only the --eval sets)")
     ev.add_argument("--dense", help="the dense model (default: the compressed model card's base model)")
     ev.add_argument("--steps", type=int, help="LoRA steps per recovery (default: one epoch)")
     ev.add_argument("--lr", type=float)
     ev.add_argument("--batch-size", type=int)
     ev.add_argument("--cutoff", type=int)
+    ev.add_argument("--objective", choices=OBJECTIVES, help="recovery objective: sft, kd or sft+kd (default sft)")
+    ev.add_argument("--kd-weight", type=float, help="sft+kd: the weight of the KD term (default 1)")
+    ev.add_argument("--eval", action="append", default=[], metavar="NAME=PATH",
+                    help="an evaluation set of your own (any row form curate reads; repeatable). Pool rows that "
+                         "also occur in it, exactly or as near duplicates, are never selected")
+    ev.add_argument("--length-matched", default="all", metavar="all|none|P1,P2",
+                    help="policies that also get a random baseline of the same token count (default all)")
+    ev.add_argument("--no-whole-pool", action="store_true",
+                    help="skip the whole-pool baseline (run by default when the steps cover the pool once)")
     ev.add_argument("--out", help="results folder (default OUTPUT/eval)")
     rep = sub.add_parser("report", help="(re)write a finished run's report.html")
     rep.add_argument("output")

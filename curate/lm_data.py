@@ -81,14 +81,55 @@ def length_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
+def _parts(model):
+    """(decoder body, output head) of a causal LM (through a peft wrapper), or None when the model
+    changes its logits after the head (Gemma's soft-capping) or has no such parts."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(causal, "config", None)
+    if cfg is not None and getattr(cfg, "final_logit_softcapping", None):
+        return None
+    try:
+        body, head = causal.get_decoder(), causal.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return (body, head) if body is not None and head is not None else None
+
+
+def target_logits(model, ids, labels, mask):
+    """Logits (float32) at the positions that predict a response token, the targets there and the
+    [batch, width - 1] mask of those positions. The output head runs on those positions only: the
+    vocabulary projection (49k x 576 in SmolLM2-135M) over the prompt tokens is most of the work
+    that would be thrown away, in the forward pass and in training's backward pass alike."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    parts = _parts(model)
+    if parts is None:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
+    else:
+        body, head = parts
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        logits = head(hidden[keep])
+    return logits.float(), targets[keep], keep
+
+
 def _target_logprobs(model, ids, labels, mask):
     """log-softmax rows at the positions that predict a target token, and those targets."""
     import torch
 
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    return torch.log_softmax(logits[keep], dim=-1), targets[keep], keep
+    logits, targets, keep = target_logits(model, ids, labels, mask)
+    return torch.log_softmax(logits, dim=-1), targets, keep
+
+
+def kd_loss(student_logits, teacher_logits):
+    """Forward KL(teacher || student) at temperature 1 over the full vocabulary, mean over the
+    rows (one row per response token): the distillation loss NVIDIA's Minitron ablations found best
+    for recovering a pruned model (arXiv 2407.14679, A.5). Its gradient on the student's logits is
+    softmax(student) - softmax(teacher): zero where the student already equals the teacher."""
+    import torch
+
+    logq = torch.log_softmax(student_logits.float(), dim=-1)
+    logp = torch.log_softmax(teacher_logits.float(), dim=-1)
+    return torch.nn.functional.kl_div(logq, logp, log_target=True, reduction="sum") / max(logq.shape[0], 1)
 
 
 def response_nll(model, examples: list[Example], pad_id: int, batch_size: int = 8, progress=None) -> list[float]:
@@ -153,12 +194,13 @@ def jsd_from_logprobs(logp, logq):
 
 def compare(dense, other, examples: list[Example], pad_id: int, batch_size: int = 8, progress=None) -> list[dict]:
     """Per example, teacher-forced on its response tokens: the mean and sum of the per-token JSD
-    and KL(dense || other), both models' mean NLL and the token count. NaN (with ``status``)
+    and KL(dense || other), both models' mean NLL, the flip rate (share of response positions
+    where the two models' greedy next tokens differ) and the token count. NaN (with ``status``)
     for an unusable example."""
     import torch
 
     nan = math.nan
-    out = [{"jsd": nan, "jsd_sum": nan, "kl": nan, "nll_dense": nan, "nll_other": nan, "tokens": 0,
+    out = [{"jsd": nan, "jsd_sum": nan, "kl": nan, "nll_dense": nan, "nll_other": nan, "flip": nan, "tokens": 0,
             "status": e.status if not usable(e) else "ok"} for e in examples]
     device = next(dense.parameters()).device
     for chunk in length_batches(examples, batch_size):
@@ -169,17 +211,19 @@ def compare(dense, other, examples: list[Example], pad_id: int, batch_size: int 
             jsd, kl = (t.double() for t in divergences(logp, logq))
             nll_p = -logp.gather(1, targets[:, None])[:, 0].double()
             nll_q = -logq.gather(1, targets[:, None])[:, 0].double()
+            agree = (logp.argmax(-1) == logq.argmax(-1)).double()
         rows = keep.nonzero()[:, 0]
         counts = keep.sum(dim=1)
 
         def per_row(values):
             return torch.zeros(len(chunk), dtype=torch.float64, device=values.device).index_add_(0, rows, values)
 
-        s_jsd, s_kl, s_p, s_q = per_row(jsd), per_row(kl), per_row(nll_p), per_row(nll_q)
+        s_jsd, s_kl, s_p, s_q, s_a = per_row(jsd), per_row(kl), per_row(nll_p), per_row(nll_q), per_row(agree)
         for r, i in enumerate(chunk):
             n = int(counts[r])
             out[i].update(jsd=float(s_jsd[r] / n), jsd_sum=float(s_jsd[r]), kl=float(s_kl[r] / n),
                           nll_dense=float(s_p[r] / n), nll_other=float(s_q[r] / n), tokens=n,
+                          flip=1.0 - float(s_a[r] / n),
                           status=examples[i].status)
         if progress is not None:
             progress(len(chunk))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -106,3 +108,36 @@ def embeddings(folder: str, ids: list[str]) -> np.ndarray:
     if not ids:
         return np.zeros((0, dim), np.float32)
     return np.stack([where[rid] for rid in ids])
+
+
+def read_rows(path: str) -> list[dict]:
+    """Instruction rows (id, source, prompt, response, messages) from a finished run (its
+    annotated/ rows that no dedup stage dropped), a ``curate select`` folder or run's selected/,
+    or a json / jsonl / parquet file of Alpaca or chat rows (bad rows are skipped with a count)."""
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "annotated")):
+            import pyarrow.compute as pc
+
+            from curate.select.features import DEDUP_REASONS
+
+            t = annotated(path, ["id", "source", "prompt", "response", "messages", "drop_reason"])
+            keep = pc.fill_null(pc.invert(pc.is_in(t.column("drop_reason"), pa.array(DEDUP_REASONS))), True)
+            return t.filter(keep).to_pylist()
+        raise RunError(f"{path}: not a finished curate run (no annotated/)")
+    from curate.io import SourceReadError, detect_format, iter_file
+    from curate.records import RowSpec, convert
+
+    try:
+        fmt = detect_format(path, "auto")
+    except SourceReadError as err:
+        raise RunError(str(err)) from None
+    spec, rows, bad = RowSpec(source=os.path.splitext(os.path.basename(path))[0]), [], 0
+    for raw in iter_file(path, fmt):
+        kind, item = ("reject", None) if raw.bad_reason else convert(raw.value, spec, path, raw.row_number)
+        if kind == "record":
+            rows.append(item)
+        else:
+            bad += 1
+    if bad:
+        logging.getLogger("curate").warning("%s: %d rows could not be read and were skipped", path, bad)
+    return rows

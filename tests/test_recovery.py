@@ -216,16 +216,20 @@ def test_degradation_stage_and_evaluate_on_tiny_models(tiny, job_dir):
                    "cluster_balanced.score=degradation_jsd", "--seeds", "0,1", "--heldout", "8",
                    "--steps", "2", "--batch-size", "4", "--cutoff", "256") == 0
     res = pd.read_parquet("run/eval/results.parquet")
-    assert len(res) == 6 and set(res.policy) == {"random", "paser", "cluster_balanced"}
+    # the policies, a random baseline of each one's token count; 2 seeds; one set (the held-out rows)
+    assert len(res) == 5 * 2 and set(res.policy) == {"random", "paser", "cluster_balanced", "random_tokens:paser",
+                                                     "random_tokens:cluster_balanced"}
+    assert set(res.set) == {"heldout"} and set(res.objective) == {"sft"}
     summary = json.load(open("run/eval/summary.json"))
     assert summary["heldout_rows"] == 8 and "vs_random_ci95" in summary["policies"]["paser"]
     report = open("run/report.html", encoding="utf-8").read()  # evaluate rewrote the run's report
     assert 'id="evaluation"' in report and "NLL - random [95% CI]" in report
     heldout = pd.read_parquet("run/eval/heldout.parquet")
     held = set(heldout.id)
+    assert set(heldout.model) == {"dense", "none", *res.policy}
     assert len(held) == 8 and heldout.groupby("source").id.nunique().to_dict() == {"a": 4, "g": 4}  # stratified
-    for chosen in res.selected_ids:  # no policy ever selects a held-out row
-        assert len(chosen) == 8 and not held & set(chosen)
+    for r in res.itertuples():  # no policy ever selects a held-out row
+        assert (len(r.selected_ids) == 8 or r.policy.startswith("random_tokens:")) and not held & set(r.selected_ids)
     # paired seeds: random draws anew per seed, the other policies keep their selection
     by = {(r.policy, r.seed): list(r.selected_ids) for r in res.itertuples()}
     assert by[("random", 0)] != by[("random", 1)] and by[("paser", 0)] == by[("paser", 1)]
