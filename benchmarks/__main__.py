@@ -31,6 +31,8 @@ def main(argv=None) -> int:
                     help="small sizes: 1 to 4 minutes each on 2 cores (an AMD EPYC with AVX-512: ifd 70 s, "
                          "embed 74 s, scale 152 s, targeted 219 s; an AMD EPYC with AVX2 only: ifd 105 s, embed 114 s, "
                          "ifd_llama 79 s, ifd_onnx 142 s)")
+    ap.add_argument("--only", metavar="SCENARIO[,SCENARIO]",
+                    help="recovery: run these scenarios only (general, targeted, noisy)")
     args = ap.parse_args(argv)
     names = list(BENCHMARKS) if args.names == ["all"] else args.names
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -38,7 +40,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for name in names:
-        importlib.import_module(BENCHMARKS[name]).run(args.quick)
+        module = importlib.import_module(BENCHMARKS[name])
+        module.run(args.quick, only=args.only) if args.only and name == "recovery" else module.run(args.quick)
     return 0
 
 

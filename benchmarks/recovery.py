@@ -1,19 +1,32 @@
-"""The headline: which selection recovers a pruned model best, at one budget.
+"""The headline: which selection recovers a pruned model best, in three scenarios.
 
-A pool of real rows (Alpaca Cherry 5% and GSM8K train from ../shared/data, the NQ sample from
-examples/data) goes through the pipeline with IFD, degradation (dense SmolLM2-135M-Instruct vs
-its one-shot 50% Wanda pruning) and embeddings; ``curate evaluate`` then recovers the pruned
-model with LoRA on each policy's selection (random, superfiltering, cluster_balanced, paser)
-with paired seeds and measures held-out response NLL, the share of the compression gap closed
-and KL to the dense model. Prints one JSON line per policy and the table; writes everything to
-``runs/bench-recovery/`` (``--quick``: ``runs/bench-recovery-quick/``). About an hour on 2 CPU cores
-(a LoRA step of 8 x 256 tokens takes ~20 s); ``--quick`` checks that the loop runs end to end on 44 rows, one seed, two policies, one
-step and 128-token cutoffs (its figures say nothing about which policy wins).
+SmolLM2-135M-Instruct is pruned once by one-shot Wanda at 50% (``curate compress``); each scenario
+builds a pool of real rows (Alpaca Cherry 5% and GSM8K train from ../shared/data, the NQ sample
+from examples/data), scores it with ``curate run`` and compares selections with ``curate
+evaluate`` (paired seeds, hierarchical bootstrap against random, the smallest detectable
+difference, length-matched random and no-recovery baselines):
+
+- ``general``: 240 Alpaca + 120 GSM8K + 40 NQ; held-out rows follow the mix; policies random,
+  superfiltering, mixture (superfiltering within per-source quotas), cluster_balanced (top IFD per
+  cluster), paser and top_k on ``degradation_jsd``; under ``sft`` and under ``kd`` (the kd run
+  takes random, superfiltering and the degradation policy).
+- ``targeted``: 16 GSM8K rows as ``targets:``, a pool of 200 Alpaca + 40 NQ + 40 GSM8K, the
+  evaluation set 48 other GSM8K rows (``--eval gsm8k=...``); random, ``targeted`` on ``rds_score``
+  and on ``less_score``.
+- ``noisy``: the general pool with 30% of its rows made defective from real rows (a response moved
+  to another row's instruction, a response cut mid-sentence, a refusal or placeholder, a row
+  repeated three times); exact and near dedup on; the evaluation set 60 clean rows of the same
+  sources that are not in the pool; the general policies.
+
+Every scenario prints its table and one JSON line per model; ``--only NAME`` runs one. All data is
+written under ``runs/bench-recovery/`` (``--quick``: ``runs/bench-recovery-quick/``, a smoke run of
+a few minutes on tiny sizes whose figures say nothing about who wins).
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -21,75 +34,217 @@ import time
 from benchmarks.common import REPO, emit, shared
 
 RUNS = os.path.join(REPO, "runs")
+SCENARIOS = ("targeted", "noisy", "general")
+
+# The design, fixed from the pilot's seed spread (README "Headline results"), not from who won.
+FULL = {"budget": 48, "steps": 6, "batch": 8, "cutoff": 128, "lr": 1e-3, "seeds": "0,1,2,3,4", "heldout": 48,
+        "general": (240, 120, 40), "targeted": (200, 40, 40, 16, 48), "noisy_clean_eval": 60}
+QUICK = {"budget": 8, "steps": 1, "batch": 4, "cutoff": 96, "lr": 1e-3, "seeds": "0,1", "heldout": 8,
+         "general": (16, 8, 4), "targeted": (16, 4, 4, 4, 6), "noisy_clean_eval": 8}
+GENERAL_POLICIES = "random,superfiltering,mixture,cluster_balanced,paser,degradation=top_k"
+KD_POLICIES = "random,superfiltering,degradation=top_k"
 
 
-def _pool(folder: str, n_alpaca: int, n_gsm: int, n_nq: int) -> list[dict]:
-    """One jsonl file per source (so the held-out split is stratified by source); the job's inputs."""
+def _alpaca(start: int, n: int) -> list[dict]:
     with open(shared("alpaca_cherry_5pct.json"), encoding="utf-8") as fh:
-        alpaca = json.load(fh)[:n_alpaca]
+        return json.load(fh)[start:start + n]
+
+
+def _gsm(start: int, n: int) -> list[dict]:
     with open(shared("gsm8k_train.json"), encoding="utf-8") as fh:
-        gsm = json.load(fh)[:n_gsm]
+        return json.load(fh)[start:start + n]
+
+
+def _nq(start: int, n: int) -> list[dict]:
     with open(os.path.join(REPO, "examples", "data", "nq_sharegpt_sample.json"), encoding="utf-8") as fh:
-        nq = [{"instruction": r["items"][0]["value"], "input": "", "output": r["items"][1]["value"]}
-              for r in json.load(fh)[:n_nq]]
-    inputs = []
-    with open(os.path.join(folder, "pool.jsonl"), "w", encoding="utf-8") as fh:  # all rows: the calibration pool
-        for r in alpaca + gsm + nq:
+        return [{"instruction": r["items"][0]["value"], "input": "", "output": r["items"][1]["value"]}
+                for r in json.load(fh)[start:start + n]]
+
+
+def _write(path: str, rows: list[dict]) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
             fh.write(json.dumps({k: r.get(k, "") for k in ("instruction", "input", "output")}) + "\n")
-    for source, rows in (("alpaca", alpaca), ("gsm8k", gsm), ("nq", nq)):
-        path = os.path.join(folder, f"{source}.jsonl")
-        with open(path, "w", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(json.dumps({k: r.get(k, "") for k in ("instruction", "input", "output")}) + "\n")
-        inputs.append({"source": source, "path": path})
-    return inputs
+    return path
 
 
 def _curate(*args: str) -> None:
-    cmd = [sys.executable, "-m", "curate", *args]
     print("$ curate " + " ".join(args), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run([sys.executable, "-m", "curate", *args], check=True, cwd=REPO,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def run(quick: bool):
-    out = os.path.join(RUNS, "bench-recovery-quick" if quick else "bench-recovery")  # quick never clobbers the full run
-    os.makedirs(out, exist_ok=True)
-    sizes = (24, 12, 8) if quick else (240, 120, 40)
-    budget, seeds, steps = (8, "0", 1) if quick else (64, "0,1,2", 8)
-    policies = "random,paser" if quick else "random,superfiltering,cluster_balanced,paser"
-    cutoff, heldout, calibration = (128, "16", "8") if quick else (256, "48", "32")
-    inputs = _pool(out, *sizes)
-    t0 = time.perf_counter()
+def _model(out: str, quick: bool) -> str:
+    """The pruned model, made once and shared by the scenarios (its calibration rows come from
+    Alpaca rows no scenario uses)."""
     model = os.path.join(out, "smollm2-wanda50")
-    _curate("compress", "--calibration", os.path.join(out, "pool.jsonl"), "--out", model, "--method", "wanda", "--sparsity", "0.5",
-            "--calibration-rows", calibration, "--heldout", "16" if quick else "40")
-    compress_s = time.perf_counter() - t0
-    job = {"name": "bench-recovery", "output": os.path.join(out, "run"), "seed": 0,
-           "inputs": inputs,
+    if not os.path.isfile(os.path.join(model, "card.json")):
+        calib = _write(os.path.join(out, "calibration.jsonl"), _alpaca(2800, 64))
+        _curate("compress", "--calibration", calib, "--out", model, "--method", "wanda", "--sparsity", "0.5",
+                "--calibration-rows", "8" if quick else "32", "--heldout", "8" if quick else "32")
+    return model
+
+
+def defects(rows: list[dict], share: float, seed: int) -> tuple[list[dict], dict]:
+    """``rows`` with about ``share`` of them made defective the way real pools are: a response moved
+    to another row's instruction, a response cut mid-sentence, a refusal or placeholder response,
+    or a row repeated three times (each copy replaces a clean row). Returns (rows, counts by kind)."""
+    rng = random.Random(seed)
+    rows = [dict(r) for r in rows]
+    picked = rng.sample(range(len(rows)), int(round(share * len(rows))))
+    kinds = ("swapped", "truncated", "refusal", "swapped", "truncated", "refusal", "repeated")
+    counts = dict.fromkeys(kinds, 0)
+    refusals = ("I'm sorry, but I can't help with that request.", "N/A", "TODO: write the answer here.",
+                "As an AI language model, I cannot answer this question.", "...")
+    k = c = 0
+    while k < len(picked):
+        i, kind = picked[k], kinds[c % len(kinds)]
+        c += 1
+        if kind == "swapped":
+            j = rng.randrange(len(rows))
+            rows[i]["output"] = rows[(j if j != i else i + 1) % len(rows)]["output"]
+        elif kind == "truncated":
+            words = rows[i]["output"].split()
+            rows[i]["output"] = " ".join(words[:max(1, int(len(words) * rng.uniform(0.2, 0.5)))])
+        elif kind == "refusal":
+            rows[i]["output"] = rng.choice(refusals)
+        else:  # this row and two copies of it, the copies taking the places of the next two picks
+            for copy in picked[k + 1:k + 3]:
+                rows[copy] = dict(rows[i])
+                counts[kind] += 1
+            k += 2
+        counts[kind] += 1
+        k += 1
+    return rows, counts
+
+
+def _evaluate(out: str, name: str, run: str, model: str, d: dict, policies: str, extra: list[str]) -> dict:
+    folder = os.path.join(out, name)
+    t0 = time.perf_counter()
+    _curate("evaluate", run, "--model", model, "--rows", str(d["budget"]), "--policies", policies,
+            "--seeds", d["seeds"], "--steps", str(d["steps"]), "--batch-size", str(d["batch"]),
+            "--cutoff", str(d["cutoff"]), "--lr", str(d["lr"]), "--out", folder, *extra)
+    with open(os.path.join(folder, "summary.json"), encoding="utf-8") as fh:
+        summary = json.load(fh)
+    summary["wall_s"] = time.perf_counter() - t0
+    return summary
+
+
+def _report(scenario: str, summary: dict, d: dict) -> None:
+    from curate.evaluate import table_text
+
+    print(f"\n== recovery scenario {scenario} ({summary['objective']}) ==\n{table_text(summary)}\n", flush=True)
+    for set_name, e in summary["sets"].items():
+        rnd = e["models"].get("random", {}).get("nll")
+        for name, m in e["models"].items():
+            vs, lm = m.get("vs_random") or {}, m.get("vs_length_matched") or {}
+            emit("recovery", f"{scenario}/{summary['objective']}/{set_name}/{name}", "nll", m["nll"], "random", rnd,
+                 n=d["budget"], higher_is_better=False, gap_closed=round(m["gap_closed"], 4),
+                 gap_closed_kl=round(m["gap_closed_kl"], 4), kl_dense=round(m["kl_dense"], 4),
+                 flip=round(m["flip"], 4), vs_random=vs.get("mean"), vs_random_ci95=vs.get("ci95"),
+                 wins=vs.get("wins"), mde=vs.get("mde"), vs_length_matched=lm.get("mean"),
+                 vs_length_matched_ci95=lm.get("ci95"), seeds=m["seeds"], steps=d["steps"],
+                 rows=e["rows"], nll_dense=round(e["nll_dense"], 4), nll_compressed=round(e["nll_compressed"], 4),
+                 seconds_per_step=round(summary["seconds_per_step"], 2))
+    emit("recovery", f"{scenario}/{summary['objective']}/wall", "seconds", summary["wall_s"],
+         seconds_per_step=round(summary["seconds_per_step"], 2), objective=summary["objective"])
+
+
+def _job(out: str, name: str, inputs: list[dict], cutoff: int, model: str, **stages) -> str:
+    import yaml
+
+    job = {"name": f"bench-recovery-{name}", "output": os.path.join(out, name, "run"), "seed": 0, "inputs": inputs,
            "dedup": {"semantic": {"enabled": False}},
            "score": {"ifd": {"max_length": 2 * cutoff},
                      "degradation": {"enabled": True, "compressed": model, "cutoff": cutoff}},
            "select": {"policy": "all"}}
-    job_path = os.path.join(out, "job.yaml")
-    import yaml
-
-    with open(job_path, "w", encoding="utf-8") as fh:
+    for key, value in stages.items():
+        node = job
+        *path, last = key.split("__")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path = os.path.join(out, name, "job.yaml")
+    with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(job, fh)
-    t1 = time.perf_counter()
-    _curate("run", job_path, "--overwrite")
-    score_s = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    _curate("evaluate", job["output"], "--model", model, "--rows", str(budget), "--policies", policies,
-            "--seeds", seeds, "--heldout", heldout, "--steps", str(steps), "--batch-size", "8", "--cutoff", str(cutoff),
-            "--param", "cluster_balanced.score=ifd_loss", "--out", os.path.join(out, "eval"))
-    eval_s = time.perf_counter() - t2
-    with open(os.path.join(out, "eval", "summary.json"), encoding="utf-8") as fh:
-        summary = json.load(fh)
-    for name, e in summary["policies"].items():
-        emit("recovery", name, "heldout_nll", e["heldout_nll"], "random", summary["policies"]["random"]["heldout_nll"],
-             n=budget, higher_is_better=False, gap_closed=round(e["gap_closed"], 4), kl_dense=round(e["kl_dense"], 4),
-             vs_random_nll=e.get("vs_random_nll"), vs_random_ci95=e.get("vs_random_ci95"), seeds=e["seeds"],
-             steps=steps, pool=summary["selectable_rows"], heldout=summary["heldout_rows"],
-             nll_dense=round(summary["nll_dense"], 4), nll_compressed=round(summary["nll_compressed"], 4))
-    emit("recovery", "wall", "seconds", compress_s + score_s + eval_s, n=budget, compress_s=round(compress_s, 1),
-         pipeline_s=round(score_s, 1), evaluate_s=round(eval_s, 1))
+    _curate("run", path, "--overwrite")
+    return job["output"]
+
+
+def _general_params(shares: dict) -> list[str]:
+    return ["--param", "mixture.shares=" + json.dumps(shares), "--param", "mixture.score=ifd_loss",
+            "--param", "mixture.upper=1.0", "--param", "cluster_balanced.score=ifd_loss",
+            "--param", "cluster_balanced.upper=1.0", "--param", "degradation.column=degradation_jsd"]
+
+
+def general(out: str, model: str, d: dict) -> None:
+    folder = os.path.join(out, "general")
+    os.makedirs(folder, exist_ok=True)
+    na, ng, nn = d["general"]
+    inputs = [{"source": s, "path": _write(os.path.join(folder, f"{s}.jsonl"), rows)}
+              for s, rows in (("alpaca", _alpaca(0, na)), ("gsm8k", _gsm(0, ng)), ("nq", _nq(0, nn)))]
+    run = _job(out, "general", inputs, d["cutoff"], model)
+    shares = {"alpaca": na, "gsm8k": ng, "nq": nn}
+    params = _general_params(shares)
+    common = ["--heldout", str(d["heldout"]), "--length-matched", "superfiltering", *params]
+    _report("general", _evaluate(out, "general/eval-sft", run, model, d, GENERAL_POLICIES, common), d)
+    _report("general", _evaluate(out, "general/eval-kd", run, model, d, KD_POLICIES,
+                                 ["--heldout", str(d["heldout"]), "--length-matched", "superfiltering",
+                                  "--param", "degradation.column=degradation_jsd", "--objective", "kd"]), d)
+
+
+def targeted(out: str, model: str, d: dict) -> None:
+    folder = os.path.join(out, "targeted")
+    os.makedirs(folder, exist_ok=True)
+    na, nn, ng, nt, ne = d["targeted"]
+    inputs = [{"source": s, "path": _write(os.path.join(folder, f"{s}.jsonl"), rows)}
+              for s, rows in (("alpaca", _alpaca(1000, na)), ("nq", _nq(50, nn)), ("gsm8k", _gsm(2000, ng)))]
+    targets = [{"source": "gsm8k", "path": _write(os.path.join(folder, "targets.jsonl"), _gsm(3000, nt))}]
+    evalset = _write(os.path.join(folder, "gsm8k_eval.jsonl"), _gsm(4000, ne))
+    run = _job(out, "targeted", inputs, d["cutoff"], model, targets=targets, score__rds={"enabled": True},
+               score__less={"enabled": True}, score__ifd={"enabled": False},
+               score__degradation={"enabled": False})
+    _report("targeted", _evaluate(out, "targeted/eval-sft", run, model, d, "random,rds=targeted,less=targeted",
+                                  ["--heldout", "0", "--eval", f"gsm8k={evalset}", "--param", "rds.column=rds_score",
+                                   "--param", "less.column=less_score", "--length-matched", "rds"]), d)
+
+
+def noisy(out: str, model: str, d: dict) -> None:
+    folder = os.path.join(out, "noisy")
+    os.makedirs(folder, exist_ok=True)
+    na, ng, nn = d["general"]
+    sources = (("alpaca", _alpaca(0, na)), ("gsm8k", _gsm(0, ng)), ("nq", _nq(0, nn)))
+    inputs, planted = [], {}
+    for k, (s, rows) in enumerate(sources):
+        bad, counts = defects(rows, 0.3, k)
+        planted[s] = counts
+        inputs.append({"source": s, "path": _write(os.path.join(folder, f"{s}.jsonl"), bad)})
+    total = na + ng + nn
+    m = d["noisy_clean_eval"]
+    clean = _alpaca(1500, round(m * na / total)) + _gsm(5000, round(m * ng / total)) + _nq(60, round(m * nn / total))
+    evalset = _write(os.path.join(folder, "clean_eval.jsonl"), clean)
+    with open(os.path.join(folder, "planted.json"), "w", encoding="utf-8") as fh:
+        json.dump(planted, fh, indent=2)
+    print(f"noisy pool: defects planted per source {planted}", file=sys.stderr, flush=True)
+    run = _job(out, "noisy", inputs, d["cutoff"], model)
+    params = _general_params({"alpaca": na, "gsm8k": ng, "nq": nn})
+    _report("noisy", _evaluate(out, "noisy/eval-sft", run, model, d, GENERAL_POLICIES,
+                               ["--heldout", "0", "--eval", f"clean={evalset}", "--length-matched", "superfiltering",
+                                *params]), d)
+
+
+def run(quick: bool, only: str | None = None):
+    out = os.path.join(RUNS, "bench-recovery-quick" if quick else "bench-recovery")  # quick never clobbers the full run
+    os.makedirs(out, exist_ok=True)
+    d = QUICK if quick else FULL
+    names = SCENARIOS if only is None else tuple(only.split(","))
+    unknown = set(names) - set(SCENARIOS)
+    if unknown:
+        sys.exit(f"benchmarks recovery: unknown scenario(s) {', '.join(sorted(unknown))}; known: {', '.join(SCENARIOS)}")
+    t0 = time.perf_counter()
+    model = _model(out, quick)
+    emit("recovery", "compress", "seconds", time.perf_counter() - t0)
+    for name in names:
+        t1 = time.perf_counter()
+        {"general": general, "targeted": targeted, "noisy": noisy}[name](out, model, d)
+        emit("recovery", f"{name}/wall", "seconds", time.perf_counter() - t1)

@@ -168,11 +168,18 @@ def _rows_of(table, ids: list[str]) -> list[dict]:
     return [by_id[i] for i in ids]
 
 
+def policy_of(entry: str) -> tuple[str, str]:
+    """(label, policy name) of a ``--policies`` entry: ``NAME`` or ``LABEL=NAME`` (the same policy
+    twice with other parameters, e.g. ``rds=targeted,less=targeted``; ``--param`` keys use the label)."""
+    label, sep, name = entry.partition("=")
+    return (label, name) if sep else (entry, entry)
+
+
 def _selection(policy_name: str, params: dict, pool, budget, seed: int, folder: str, texts_by_id: dict):
     from curate import runs
     from curate.select import make
 
-    policy = make(policy_name, params)
+    policy = make(policy_of(policy_name)[1], params)
     ids = pool.column("id").to_pylist()
     emb = runs.embeddings(folder, ids) if policy.wants_embeddings() else None
     texts = [texts_by_id[i] for i in ids] if policy.wants_text() else None
@@ -188,18 +195,22 @@ def plan_selections(s: EvaluateSettings, selectable, folder: str, texts_by_id: d
     from curate.select import Budget
 
     tokens_of = dict(zip(selectable.column("id").to_pylist(), selectable.column("approx_tokens").to_pylist()))
-    selections, names = {}, list(s.policies)
-    for name in s.policies:
+    labels = [policy_of(p)[0] for p in s.policies]
+    if len(set(labels)) != len(labels):
+        raise EvaluateError(f"evaluate: policy labels must be distinct ({', '.join(labels)}); use LABEL=POLICY")
+    selections, names = {}, list(labels)
+    for entry, name in zip(s.policies, labels):
         for seed in s.seeds:
-            if name == "random" or seed == s.seeds[0]:
-                selections[(name, seed)] = _selection(name, s.params.get(name, {}), selectable,
-                                                      Budget(rows=s.budget), seed if name == "random" else run_seed,
+            seeded = policy_of(entry)[1] == "random"  # random draws anew per seed; the others are fixed
+            if seeded or seed == s.seeds[0]:
+                selections[(name, seed)] = _selection(entry, s.params.get(name, {}), selectable,
+                                                      Budget(rows=s.budget), seed if seeded else run_seed,
                                                       folder, texts_by_id)
             else:
                 selections[(name, seed)] = selections[(name, s.seeds[0])]
-    matched = [p for p in s.policies if p != "random"] if s.length_matched is None else list(s.length_matched)
+    matched = [p for p in labels if p != "random"] if s.length_matched is None else list(s.length_matched)
     for name in matched:
-        if name not in s.policies or name == "random":
+        if name not in labels or name == "random":
             raise EvaluateError(f"evaluate: length-matched baseline for {name!r}, which is not among the policies")
         base = TOKENS_PREFIX + name
         names.append(base)

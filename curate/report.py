@@ -232,12 +232,16 @@ def targeted_section(table, texts=None) -> str:
         text = (texts or table_texts(table))([r["id"] for r in top])
         counts = {v["values"]: v["counts"] for v in pc.value_counts(table.column(subtask)).to_pylist()
                   if v["values"] is not None}
+        chosen = table.filter(pc.fill_null(table.column("selected"), False)).column(subtask) \
+            if "selected" in table.column_names else pa.array([], pa.string())
+        picked = {v["values"]: v["counts"] for v in pc.value_counts(chosen).to_pylist() if v["values"] is not None}
         parts.append(f"<h3>{name}</h3><p>Rows most like the targets by {score}, best first; the subtask each "
                      "row matched best.</p>"
                      + _rows([(r["id"], r["source"], r.get(subtask), f"{r[score]:.4f}",
                                "yes" if r.get("selected") else "no", _short(text.get(r["id"], "")))
                               for r in top], ("row", "source", "subtask", score, "selected", "text"))
-                     + _rows(sorted(counts.items()), ("subtask", "rows matched best")))
+                     + _rows([(k, n, picked.get(k, 0)) for k, n in sorted(counts.items())],
+                             ("subtask", "rows matched best", "of them selected")))
     return "".join(parts) or "<p>No targeted scores: the run had score.rds and score.less off.</p>"
 
 
@@ -272,16 +276,22 @@ def evaluation_section(folder: str) -> str:
         return "<p>No evaluation: run <code>curate evaluate</code> on this run to compare policies by recovery.</p>"
     with storage.open_file(path, "r", encoding="utf-8") as fh:
         summary = json.load(fh)
-    rows = []
-    for name, e in summary["policies"].items():
-        ci = e.get("vs_random_ci95")
-        vs = f"{e['vs_random_nll']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "baseline"
-        rows.append((name, f"{e['heldout_nll']:.4f}", f"{e['gap_closed']:.1%}", f"{e['kl_dense']:.4f}", vs))
-    head = (f"<p>{summary['heldout_rows']} held-out rows; dense NLL {summary['nll_dense']:.4f}, compressed "
-            f"{summary['nll_compressed']:.4f}; budget {summary['settings']['budget']} rows, seeds "
-            f"{summary['settings']['seeds']}.</p>")
-    return head + _png(plot_evaluation(summary)) + _rows(rows, ("policy", "held-out NLL", "gap closed",
-                                                                "KL(dense || recovered)", "NLL - random [95% CI]"))
+    head = (f"<p>Objective {summary.get('objective', 'sft')}; budget {summary['settings']['budget']} rows, seeds "
+            f"{summary['settings']['seeds']}. The plot shows the set {summary.get('primary_set', 'heldout')}.</p>")
+    parts = [head, _png(plot_evaluation(summary))]
+    for set_name, e in summary.get("sets", {}).items():
+        rows = [("none (compressed)", f"{e['nll_compressed']:.4f}", "0.0%", f"{e['kl_compressed']:.4f}",
+                 f"{e['flip_compressed']:.1%}", "", "")]
+        for name, m in e["models"].items():
+            vs = m.get("vs_random")
+            text = (f"{vs['mean']:+.4f} [{vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f}], {vs['wins']}/{vs['seeds']} seeds"
+                    if vs else "baseline")
+            rows.append((name, f"{m['nll']:.4f}", f"{m['gap_closed']:.1%}", f"{m['kl_dense']:.4f}", f"{m['flip']:.1%}",
+                         text, f"{vs['mde']:.4f}" if vs else ""))
+        parts.append(f"<h3>{html.escape(set_name)}: {e['rows']} rows, dense NLL {e['nll_dense']:.4f}</h3>")
+        parts.append(_rows(rows, ("model", "NLL", "gap closed", "KL(dense || recovered)", "flip rate",
+                                  "NLL - random [95% CI], wins", "smallest detectable")))
+    return "".join(parts)
 
 
 def _rows(rows, header) -> str:

@@ -174,3 +174,24 @@ def test_evaluate_refuses_no_set_and_a_bad_eval_flag(tiny, job_dir):
     assert run_cli("evaluate", "run", "--model", tiny, "--dense", tiny, "--rows", "4", "--eval", "nopath") == 2
     assert run_cli("evaluate", "run", "--model", tiny, "--dense", tiny, "--rows", "4", "--eval", "x=/no/such") == 2
     assert run_cli("evaluate", "run", "--model", tiny, "--dense", tiny, "--rows", "4", "--heldout", "0") != 0
+
+
+def test_planted_defects_are_real_rows_made_bad_in_the_asked_share():
+    from benchmarks.recovery import defects
+
+    rows = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer number {i} is a full sentence here."}
+            for i in range(100)]
+    bad, counts = defects(rows, 0.3, 0)
+    assert sum(counts.values()) == 30 and all(counts[k] > 0 for k in ("swapped", "truncated", "refusal", "repeated"))
+    changed = [i for i in range(100) if bad[i] != rows[i]]
+    assert 30 - counts["repeated"] // 3 - 1 <= len(changed) <= 30  # a repeated row's first copy is itself
+    texts = [json.dumps(r, sort_keys=True) for r in bad]
+    assert max(texts.count(t) for t in texts) == 3
+    assert bad == defects(rows, 0.3, 0)[0] and bad != defects(rows, 0.3, 1)[0]
+
+
+def test_policy_labels_let_one_policy_run_twice():
+    from curate.evaluate import policy_of
+
+    assert policy_of("random") == ("random", "random")
+    assert policy_of("rds=targeted") == ("rds", "targeted")

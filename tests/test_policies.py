@@ -402,3 +402,41 @@ def test_per_cluster_reports_merge_to_the_report_of_the_whole_selection():
     assert merged == {**selection_report(policy, budget, 0, rows, whole.ranks(), whole.dropped), "scope": "cluster"}
     empty = merge_reports([], policy, budget, 0)  # no candidate reached the selection
     assert (empty["policy"], empty["pool"], empty["selected"], empty["by_cluster"]) == ("random", 0, 0, {})
+
+
+def test_targeted_balanced_gives_each_subtask_its_share_when_one_dominates():
+    """Two target subtasks; every row of one scores above every row of the other (its cosines run
+    on a higher scale). max gives it the whole budget; balanced shares it, round-robin, and passes
+    a short subtask's unused share on."""
+    rows = [{"id": f"m{i:02d}", "source": "pool", "rds_score": 0.9 - i / 1000, "rds_subtask": "math"} for i in range(30)]
+    rows += [{"id": f"c{i:02d}", "source": "pool", "rds_score": 0.3 - i / 1000, "rds_subtask": "code"} for i in range(30)]
+    rows += [{"id": f"n{i}", "source": "pool", "rds_score": math.nan, "rds_subtask": None} for i in range(3)]
+    t = features_table(rows)
+    top = run("targeted", t, {"column": "rds_score"}, rows=10)
+    assert all(r.startswith("m") for r in top.selected)
+    bal = run("targeted", t, {"column": "rds_score", "subtasks": "balanced"}, rows=10)
+    assert sorted(bal.selected) == [f"c{i:02d}" for i in range(5)] + [f"m{i:02d}" for i in range(5)]
+    assert bal.selected[:2] in (["c00", "m00"], ["m00", "c00"])  # round-robin, each subtask's best first
+    assert bal.dropped["c05"] == "targeted:over_subtask_share" and bal.dropped["n0"] == "targeted:score_nan"
+    short = features_table(rows[:30] + rows[30:33])  # code has 3 rows: its unused share goes to math
+    got = run("targeted", short, {"column": "rds_score", "subtasks": "balanced"}, rows=10)
+    assert sum(r.startswith("c") for r in got.selected) == 3 and len(got.selected) == 10
+    with pytest.raises(PolicyError, match="_score column"):
+        make("targeted", {"column": "ifd_loss", "subtasks": "balanced"})
+    with pytest.raises(PolicyError, match="do not combine"):
+        make("targeted", {"subtasks": "balanced", "max_per_cluster": 2})
+
+
+def test_quota_policies_drop_scores_at_or_above_upper():
+    """cluster_balanced / mixture ranked by IFD would take misaligned pairs (IFD >= 1) first."""
+    t = table(scores=[1.4, 1.0, 0.9, 0.8, 0.7, 0.6, 1.2, 0.5], sources=["a"] * 4 + ["b"] * 4,
+              clusters=[0, 0, 0, 0, 1, 1, 1, 1])
+    plain = run("cluster_balanced", t, {"score": "ifd_loss"}, rows=4)
+    assert "r00" in plain.selected and "r06" in plain.selected
+    capped = run("cluster_balanced", t, {"score": "ifd_loss", "upper": 1.0}, rows=4)
+    assert capped.selected and not {"r00", "r01", "r06"} & set(capped.selected)
+    assert {capped.dropped[r] for r in ("r00", "r01", "r06")} == {"cluster_balanced:score_ge_upper"}
+    mix = run("mixture", t, {"shares": {"a": 1, "b": 1}, "score": "ifd_loss", "upper": 1.0}, rows=4)
+    assert sorted(mix.selected) == ["r02", "r03", "r04", "r05"]
+    with pytest.raises(PolicyError, match="upper needs a score"):
+        make("mixture", {"shares": {"a": 1}, "upper": 1.0})

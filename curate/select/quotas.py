@@ -84,6 +84,8 @@ WITHIN = Param((str,), "auto", "top (best score first), softmax (sample p ~ exp(
                                "or auto (top with a score, else uniform)",
                choices=("auto", "top", "softmax", "uniform"))
 TEMPERATURE = Param((int, float), 1.0, "softmax temperature", minimum=1e-6)
+UPPER = Param((int, float), None, "rows whose score is at or above this are dropped as score_ge_upper (e.g. 1.0 "
+              "with ifd_loss: misaligned pairs, as superfiltering drops them); none: no limit")
 
 
 class _Quota(Policy):
@@ -99,6 +101,8 @@ class _Quota(Policy):
         return (self.group_column,) + ((self.p["score"],) if self.p["score"] else ())
 
     def validate(self):
+        if self.p.get("upper") is not None and not self.p["score"]:
+            raise PolicyError(f"policy {self.name}: upper needs a score column")
         if self.p["within"] == "auto":
             self.p["within"] = "top" if self.p["score"] else "uniform"
         if self.p["within"] in ("top", "softmax") and not self.p["score"]:
@@ -116,6 +120,8 @@ class _Quota(Policy):
         score = numeric_value(row, self.p["score"], self.name) if self.p["score"] else None
         if score is not None and math.isnan(score):
             return "score_nan"
+        if score is not None and self.p.get("upper") is not None and score >= self.p["upper"]:
+            return "score_ge_upper"
         if not self._eligible(group):
             return "source_not_in_mixture"
         how = self.p["within"]
@@ -148,6 +154,9 @@ class _Quota(Policy):
         if self.p["score"]:
             raw = numeric_column(pool, self.p["score"], self.name)
             dropped = {pool.ids[i]: "score_nan" for i in np.flatnonzero(np.isnan(raw))}
+            if self.p.get("upper") is not None:
+                with np.errstate(invalid="ignore"):
+                    dropped.update({pool.ids[i]: "score_ge_upper" for i in np.flatnonzero(raw >= self.p["upper"])})
         sizes: dict = {}
         for i, g in enumerate(groups):
             if pool.ids[i] not in dropped:
@@ -161,7 +170,7 @@ class ClusterBalanced(_Quota):
                "ranking; softmax sampling on a quality score is Diversify-and-Conquer's kMQ (methods.md 6a)")
     params = {"quota": Param((str,), "proportional", "how the budget is shared between clusters",
                              choices=("proportional", "equal", "sqrt")),
-              "score": SCORE, "within": WITHIN, "temperature": TEMPERATURE}
+              "score": SCORE, "within": WITHIN, "temperature": TEMPERATURE, "upper": UPPER}
     group_column = "cluster_id"
 
     def _quota(self, budget: int, sizes: dict) -> dict:
@@ -174,7 +183,7 @@ class Mixture(_Quota):
     summary = "per-source shares of the budget (normalised to sum 1); a short source's rest goes to the others"
     params = {"shares": FreeParam("source name -> share, e.g. {alpaca: 0.7, gsm8k: 0.3}", float),
               "redistribute": Param((bool,), True, "false: a source short of its share leaves the budget unfilled"),
-              "score": SCORE, "within": WITHIN, "temperature": TEMPERATURE}
+              "score": SCORE, "within": WITHIN, "temperature": TEMPERATURE, "upper": UPPER}
     group_column = "source"
 
     def validate(self):

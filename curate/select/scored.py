@@ -151,11 +151,49 @@ class Targeted(_ByColumn):
                "optionally at most max_per_cluster rows from one cluster")
     params = {"column": Param((str,), "rds_score", "targeted score column to rank by"),
               "max_per_cluster": Param((int,), None, "cap on rows taken from one cluster (none: no cap); "
-                                       "rows over it are dropped as cluster_cap", minimum=1)}
+                                       "rows over it are dropped as cluster_cap", minimum=1),
+              "subtasks": Param((str,), "max", "max: rank by the best subtask's score (a subtask whose cosines "
+                                "run higher can take the whole budget); balanced: each target subtask (the "
+                                "row's *_subtask) an equal share, filled round-robin from its rows' ranking, "
+                                "unused shares passed on; rows over a share are dropped as over_subtask_share",
+                                choices=("max", "balanced"))}
     needs_budget = True
+
+    def validate(self):
+        if self.p["subtasks"] == "balanced":
+            if not self.p["column"].endswith("_score"):
+                raise PolicyError("policy targeted: subtasks balanced needs a *_score column with its *_subtask "
+                                  "beside it (rds_score, less_score)")
+            if self.p["max_per_cluster"] is not None:
+                raise PolicyError("policy targeted: subtasks balanced and max_per_cluster do not combine")
+
+    @property
+    def over_reason(self) -> str:
+        return "over_subtask_share" if self.p["subtasks"] == "balanced" else "over_budget"
+
+    @property
+    def subtask_column(self) -> str:
+        return self.p["column"][:-len("_score")] + "_subtask"
+
+    def required_columns(self):
+        return (self.p["column"],) + ((self.subtask_column,) if self.p["subtasks"] == "balanced" else ())
 
     def keyed(self, budget: Budget) -> bool:
         return budget.tokens is None and self.p["max_per_cluster"] is None
+
+    def row_key(self, row: dict, seed: int):
+        key = super().row_key(row, seed)
+        if self.p["subtasks"] != "balanced" or isinstance(key, str):
+            return key
+        return row.get(self.subtask_column) or "none", key[1]
+
+    def quotas(self, candidates: int, sizes: dict, budget: Budget) -> dict:
+        if self.p["subtasks"] != "balanced":
+            return super().quotas(candidates, sizes, budget)
+        from curate.select.quotas import allocate
+
+        cap = budget.max_rows(candidates)
+        return allocate(candidates if cap is None else min(cap, candidates), sizes, dict.fromkeys(sizes, 1.0))
 
     def shortlist(self) -> Policy:
         # with a cluster cap it walks rows in score order: the best rows by score are the ones it visits first
@@ -163,6 +201,16 @@ class Targeted(_ByColumn):
 
     def choose(self, pool: Pool) -> Selection:
         keys, dropped = self._keys(pool)
+        if self.p["subtasks"] == "balanced":
+            from curate.select.quotas import take_by_quota
+
+            groups = [g or "none" for g in pool.strings(self.subtask_column)]
+            sizes: dict = {}
+            for i, g in enumerate(groups):
+                if pool.ids[i] not in dropped:
+                    sizes[g] = sizes.get(g, 0) + 1
+            quota = self.quotas(len(pool), sizes, pool.budget)
+            return take_by_quota(pool, groups, quota, keys, dropped, over=self.over_reason)
         order = ranked(keys, True)
         cap = self.p["max_per_cluster"]
         if cap is not None:
