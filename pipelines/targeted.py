@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate.errors import CurateError
-from curate.scoring.rds import SCORED, match
+from curate.scoring.rds import SCORED, match_all
 from curate.settings import Job
 from pipelines.cached import CachedInference
 from pipelines.degradation import text_key
@@ -81,8 +81,8 @@ class MatchFn(StageFn):
         p = self.prefix
         vector = record.pop(f"{p}_vector", None)
         status = record[f"{p}_status"]
-        record[f"{p}_score"], record[f"{p}_subtask"] = match(vector if status in SCORED else None,
-                                                             targets["names"], targets["matrix"])
+        record[f"{p}_score"], record[f"{p}_subtask"], record[f"{p}_subtasks"] = match_all(
+            vector if status in SCORED else None, targets["names"], targets["matrix"])
         self.count("rows")
         self.count("status", reason=status)
         yield record

@@ -23,7 +23,6 @@ KEYED = [
     ("cluster_balanced", {"quota": "sqrt", "score": "rifd", "within": "softmax", "temperature": 0.3}),
     ("mixture", {"shares": {"alpaca": 0.7, "gsm8k": 0.3}}),
     ("mixture", {"shares": {"alpaca": 1, "nq": 2}, "redistribute": False, "score": "ifd_loss"}),
-    ("targeted", {"column": "rds_score", "subtasks": "balanced"}),
     ("cluster_balanced", {"score": "ifd_loss", "upper": 0.5}),
     ("mixture", {"shares": {"alpaca": 0.7, "gsm8k": 0.3}, "score": "ifd_loss", "upper": 0.6}),
 ]
@@ -41,8 +40,7 @@ def _pool(rng, n):
                      "source": ["alpaca", "gsm8k", "other"][int(rng.integers(0, 3))],
                      "cluster_id": None if rng.random() < 0.1 else int(rng.integers(0, 6)),
                      "approx_tokens": int(rng.integers(1, 200)),
-                     "ifd_loss": score(), "ifd_ppl": score(), "rifd": score(), "rds_score": score(),
-                     "rds_subtask": [None, "gsm", "code", "code"][int(rng.integers(0, 4))]})
+                     "ifd_loss": score(), "ifd_ppl": score(), "rifd": score(), "rds_score": score()})
     return rows
 
 

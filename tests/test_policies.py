@@ -405,22 +405,30 @@ def test_per_cluster_reports_merge_to_the_report_of_the_whole_selection():
 
 
 def test_targeted_balanced_gives_each_subtask_its_share_when_one_dominates():
-    """Two target subtasks; every row of one scores above every row of the other (its cosines run
-    on a higher scale). max gives it the whole budget; balanced shares it, round-robin, and passes
-    a short subtask's unused share on."""
-    rows = [{"id": f"m{i:02d}", "source": "pool", "rds_score": 0.9 - i / 1000, "rds_subtask": "math"} for i in range(30)]
-    rows += [{"id": f"c{i:02d}", "source": "pool", "rds_score": 0.3 - i / 1000, "rds_subtask": "code"} for i in range(30)]
-    rows += [{"id": f"n{i}", "source": "pool", "rds_score": math.nan, "rds_subtask": None} for i in range(3)]
+    """Two target subtasks; the math subtask's cosines run higher on every row, so every row's best
+    subtask (rds_subtask) is math, code rows included. max gives math the whole budget; balanced
+    ranks each subtask by its own score and takes turns, so the code rows get half."""
+    import json as _json
+
+    rows = [{"id": f"m{i:02d}", "source": "pool", "rds_score": 0.9 - i / 1000, "rds_subtask": "math",
+             "rds_subtasks": _json.dumps({"math": 0.9 - i / 1000, "code": 0.2})} for i in range(30)]
+    rows += [{"id": f"c{i:02d}", "source": "pool", "rds_score": 0.6 - i / 1000, "rds_subtask": "math",
+              "rds_subtasks": _json.dumps({"math": 0.6 - i / 1000, "code": 0.4 - i / 1000})} for i in range(30)]
+    rows += [{"id": f"n{i}", "source": "pool", "rds_score": math.nan, "rds_subtask": None, "rds_subtasks": None}
+             for i in range(3)]
     t = features_table(rows)
     top = run("targeted", t, {"column": "rds_score"}, rows=10)
     assert all(r.startswith("m") for r in top.selected)
-    bal = run("targeted", t, {"column": "rds_score", "subtasks": "balanced"}, rows=10)
-    assert sorted(bal.selected) == [f"c{i:02d}" for i in range(5)] + [f"m{i:02d}" for i in range(5)]
-    assert bal.selected[:2] in (["c00", "m00"], ["m00", "c00"])  # round-robin, each subtask's best first
-    assert bal.dropped["c05"] == "targeted:over_subtask_share" and bal.dropped["n0"] == "targeted:score_nan"
-    short = features_table(rows[:30] + rows[30:33])  # code has 3 rows: its unused share goes to math
-    got = run("targeted", short, {"column": "rds_score", "subtasks": "balanced"}, rows=10)
-    assert sum(r.startswith("c") for r in got.selected) == 3 and len(got.selected) == 10
+    policy = make("targeted", {"column": "rds_score", "subtasks": "balanced"})
+    assert not policy.keyed(Budget(rows=10)) and policy.shortlist() is None
+    bal = policy.run(t, Budget(rows=10), 0)
+    assert bal.selected == [x for i in range(5) for x in (f"c{i:02d}", f"m{i:02d}")]  # code sorts first
+    assert bal.dropped["c05"] == "targeted:over_budget" and bal.dropped["n0"] == "targeted:score_nan"
+    # a subtask that runs out passes its turns on: only 3 code rows score for code
+    short = [dict(r, rds_subtasks=_json.dumps({"math": r["rds_score"]})) if r["id"] >= "c03" and r["id"] < "c99"
+             else r for r in rows]
+    got = run("targeted", features_table(short), {"column": "rds_score", "subtasks": "balanced"}, rows=10)
+    assert got.selected[:6] == ["c00", "m00", "c01", "m01", "c02", "m02"] and len(got.selected) == 10
     with pytest.raises(PolicyError, match="_score column"):
         make("targeted", {"column": "ifd_loss", "subtasks": "balanced"})
     with pytest.raises(PolicyError, match="do not combine"):

@@ -99,6 +99,19 @@ def test_math_targets_rank_the_math_rows_first_and_reruns_take_the_vectors_from_
     assert best.source == "alpaca" and best.rds_subtask == "poems" and "poem" in best.prompt.lower()
     sel = pd.read_parquet("run/selected")
     assert len(sel) == 5 and set(sel.id) == set(scored.head(5).id)
+    # every subtask's own score: its max is rds_score, its argmax rds_subtask; null where unscored
+    for r in scored.itertuples():
+        per = json.loads(r.rds_subtasks)
+        assert set(per) == {"math", "poems"} and max(per.values()) == pytest.approx(r.rds_score, abs=1e-8)
+        assert max(per, key=per.get) == r.rds_subtask
+    assert ann[~ann.id.isin(scored.id)].rds_subtasks.isna().all()
+    # balanced: the two subtasks take turns by their own scores (curate select on the finished run)
+    assert run_cli("select", "run", "--policy", "targeted", "--param", "subtasks=balanced", "--rows", "4",
+                   "--out", "balanced") == 0
+    picked = scored[scored.id.isin(pd.read_parquet("balanced/selected").id)]
+    by = {n: scored.assign(s=[json.loads(v)[n] for v in scored.rds_subtasks]).sort_values("s", ascending=False)
+          for n in ("math", "poems")}
+    assert len(picked) == 4 and {by["math"].id.iloc[0], by["poems"].id.iloc[0]} <= set(picked.id)
     report = open("run/report.html", encoding="utf-8").read()  # the top rows, the best one first
     section = report[report.index('id="targeted"'):report.index('id="clusters"')]
     assert section.index(best.id) < section.index(scored.iloc[1].id) and "rows matched best" in section

@@ -38,6 +38,8 @@ COLUMNS = StageColumns("score.less", ("score.less.enabled",), (
            "warm-up checkpoints of the cosine between the row's projected Adam LoRA gradient and the target's "
            "projected gradient; NaN when the row could not be scored", status="less_status", rank=True),
     Column("less_subtask", pa.string(), "the target subtask that gave less_score"),
+    Column("less_subtasks", pa.string(), "JSON object: each target subtask's score for this row (what "
+                                         "targeted's subtasks: balanced ranks each subtask by)"),
     Column("less_status", pa.string(), "ok, response_truncated, empty_response, prompt_too_long or error; "
                                        "null when not scored"),
 ))

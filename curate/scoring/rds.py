@@ -16,6 +16,7 @@ no Beam.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -28,6 +29,8 @@ COLUMNS = StageColumns("score.rds", ("score.rds.enabled",), (
            "RDS+: max over target subtasks of the mean cosine of the weak LM's mean-pooled hidden states "
            "to the subtask's examples; NaN when the row could not be scored", status="rds_status", rank=True),
     Column("rds_subtask", pa.string(), "the target subtask that gave rds_score"),
+    Column("rds_subtasks", pa.string(), "JSON object: each target subtask's score for this row (what "
+                                        "targeted's subtasks: balanced ranks each subtask by)"),
     Column("rds_status", pa.string(), "ok, response_truncated, empty_response, prompt_too_long or error; "
                                       "null when not scored"),
 ))
@@ -86,8 +89,15 @@ def subtask_matrix(targets: list[tuple[str, np.ndarray]]) -> tuple[list[str], np
 
 def match(vector, names: list[str], matrix: np.ndarray) -> tuple[float, str | None]:
     """(rds_score, subtask): max over subtasks of the mean cosine; (NaN, None) without a vector."""
+    score, best, _ = match_all(vector, names, matrix)
+    return score, best
+
+
+def match_all(vector, names: list[str], matrix: np.ndarray) -> tuple[float, str | None, str | None]:
+    """``match`` and every subtask's score as a JSON object (null without a vector)."""
     if vector is None:
-        return math.nan, None
+        return math.nan, None, None
     sims = matrix @ np.asarray(vector, dtype=np.float64)
     best = int(np.argmax(sims))
-    return float(sims[best]), names[best]
+    return float(sims[best]), names[best], json.dumps({n: round(float(v), 9) for n, v in zip(names, sims)},
+                                                      sort_keys=True)

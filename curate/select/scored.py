@@ -153,64 +153,68 @@ class Targeted(_ByColumn):
               "max_per_cluster": Param((int,), None, "cap on rows taken from one cluster (none: no cap); "
                                        "rows over it are dropped as cluster_cap", minimum=1),
               "subtasks": Param((str,), "max", "max: rank by the best subtask's score (a subtask whose cosines "
-                                "run higher can take the whole budget); balanced: each target subtask (the "
-                                "row's *_subtask) an equal share, filled round-robin from its rows' ranking, "
-                                "unused shares passed on; rows over a share are dropped as over_subtask_share",
+                                "run higher can take the whole budget); balanced: each target subtask an "
+                                "equal share, filled round-robin, each subtask taking its best row not yet "
+                                "taken by its own score (the *_subtasks column), so a short subtask's share "
+                                "passes on (RDS+'s multi-task round-robin, arXiv 2503.01807)",
                                 choices=("max", "balanced"))}
     needs_budget = True
 
     def validate(self):
         if self.p["subtasks"] == "balanced":
             if not self.p["column"].endswith("_score"):
-                raise PolicyError("policy targeted: subtasks balanced needs a *_score column with its *_subtask "
+                raise PolicyError("policy targeted: subtasks balanced needs a *_score column with its *_subtasks "
                                   "beside it (rds_score, less_score)")
             if self.p["max_per_cluster"] is not None:
                 raise PolicyError("policy targeted: subtasks balanced and max_per_cluster do not combine")
 
     @property
-    def over_reason(self) -> str:
-        return "over_subtask_share" if self.p["subtasks"] == "balanced" else "over_budget"
-
-    @property
-    def subtask_column(self) -> str:
-        return self.p["column"][:-len("_score")] + "_subtask"
+    def subtasks_column(self) -> str:
+        return self.p["column"][:-len("_score")] + "_subtasks"
 
     def required_columns(self):
-        return (self.p["column"],) + ((self.subtask_column,) if self.p["subtasks"] == "balanced" else ())
+        return (self.p["column"],) + ((self.subtasks_column,) if self.p["subtasks"] == "balanced" else ())
 
     def keyed(self, budget: Budget) -> bool:
-        return budget.tokens is None and self.p["max_per_cluster"] is None
+        # balanced: a row's place depends on the rows other subtasks took first; not a sort of rows
+        return budget.tokens is None and self.p["max_per_cluster"] is None and self.p["subtasks"] == "max"
 
-    def row_key(self, row: dict, seed: int):
-        key = super().row_key(row, seed)
-        if self.p["subtasks"] != "balanced" or isinstance(key, str):
-            return key
-        return row.get(self.subtask_column) or "none", key[1]
-
-    def quotas(self, candidates: int, sizes: dict, budget: Budget) -> dict:
-        if self.p["subtasks"] != "balanced":
-            return super().quotas(candidates, sizes, budget)
-        from curate.select.quotas import allocate
-
-        cap = budget.max_rows(candidates)
-        return allocate(candidates if cap is None else min(cap, candidates), sizes, dict.fromkeys(sizes, 1.0))
-
-    def shortlist(self) -> Policy:
+    def shortlist(self) -> Policy | None:
+        if self.p["subtasks"] == "balanced":
+            return None  # a top-k by the max score would cut the subtask whose scores run lower
         # with a cluster cap it walks rows in score order: the best rows by score are the ones it visits first
         return self if self.p["max_per_cluster"] is None else TopK(column=self.p["column"])
+
+    def _balanced_order(self, pool: Pool, dropped: dict) -> list[int]:
+        """Row indices in round-robin order over the subtasks (sorted by name): at each turn a
+        subtask takes its best-scoring row that no subtask took yet; ties by id (the pool's order)."""
+        import json
+
+        raw = pool.strings(self.subtasks_column)
+        per_row = [json.loads(v) if v else {} for v in raw]
+        names = sorted({n for d in per_row for n in d})
+        ranked_by = {}
+        for n in names:
+            scores = np.array([d.get(n, math.nan) for d in per_row], dtype=np.float64)
+            ok = [int(i) for i in ranked(scores, True) if not np.isnan(scores[int(i)])
+                  and pool.ids[int(i)] not in dropped]
+            ranked_by[n] = ok
+        order, taken, pos = [], set(), dict.fromkeys(names, 0)
+        while any(pos[n] < len(ranked_by[n]) for n in names):
+            for n in names:
+                rows = ranked_by[n]
+                while pos[n] < len(rows) and rows[pos[n]] in taken:
+                    pos[n] += 1
+                if pos[n] < len(rows):
+                    taken.add(rows[pos[n]])
+                    order.append(rows[pos[n]])
+                    pos[n] += 1
+        return order
 
     def choose(self, pool: Pool) -> Selection:
         keys, dropped = self._keys(pool)
         if self.p["subtasks"] == "balanced":
-            from curate.select.quotas import take_by_quota
-
-            groups = [g or "none" for g in pool.strings(self.subtask_column)]
-            sizes: dict = {}
-            for i, g in enumerate(groups):
-                if pool.ids[i] not in dropped:
-                    sizes[g] = sizes.get(g, 0) + 1
-            quota = self.quotas(len(pool), sizes, pool.budget)
-            return take_by_quota(pool, groups, quota, keys, dropped, over=self.over_reason)
+            return pool.take_in_order(self._balanced_order(pool, dropped), dropped)
         order = ranked(keys, True)
         cap = self.p["max_per_cluster"]
         if cap is not None:
