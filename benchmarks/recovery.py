@@ -134,6 +134,9 @@ def _report(scenario: str, summary: dict, d: dict) -> None:
     from curate.evaluate import table_text
 
     print(f"\n== recovery scenario {scenario} ({summary['objective']}) ==\n{table_text(summary)}\n", flush=True)
+    with open(os.path.join(os.path.dirname(summary["output"]), f"table-{summary['objective']}.md"), "w",
+              encoding="utf-8") as fh:
+        fh.write(markdown(summary))
     for set_name, e in summary["sets"].items():
         rnd = e["models"].get("random", {}).get("nll")
         for name, m in e["models"].items():
@@ -148,6 +151,28 @@ def _report(scenario: str, summary: dict, d: dict) -> None:
                  seconds_per_step=round(summary["seconds_per_step"], 2))
     emit("recovery", f"{scenario}/{summary['objective']}/wall", "seconds", summary["wall_s"],
          seconds_per_step=round(summary["seconds_per_step"], 2), objective=summary["objective"])
+
+
+def markdown(summary: dict) -> str:
+    """A scenario's tables as Markdown (the README's), one per evaluation set."""
+    out = []
+    for set_name, e in summary["sets"].items():
+        out += [f"Set `{set_name}`: {e['rows']} rows; dense NLL {e['nll_dense']:.4f}, compressed "
+                f"{e['nll_compressed']:.4f} (KL {e['kl_compressed']:.4f}, flip rate {e['flip_compressed']:.1%}).", "",
+                "| model | NLL | gap closed | KL gap closed | flip rate | NLL − random [95% CI] | seeds won | "
+                "smallest detectable | NLL − same-tokens random [95% CI] |", "|---|---|---|---|---|---|---|---|---|",
+                f"| none (compressed) | {e['nll_compressed']:.4f} | 0% | 0% | {e['flip_compressed']:.1%} | | | | |"]
+        for name, m in e["models"].items():
+            vs, lm = m.get("vs_random"), m.get("vs_length_matched")
+
+            def ci(v):
+                return f"{v['mean']:+.4f} [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]" if v else ""
+            wins = f"{vs['wins']}/{vs['seeds']}" if vs else ""
+            mde = f"{vs['mde']:.4f}" if vs else ""
+            out.append(f"| {name} | {m['nll']:.4f} | {m['gap_closed']:.1%} | {m['gap_closed_kl']:.1%} | "
+                       f"{m['flip']:.1%} | {ci(vs) or '(baseline)'} | {wins} | {mde} | {ci(lm)} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def _job(out: str, name: str, inputs: list[dict], cutoff: int, model: str, **stages) -> str:
