@@ -10,7 +10,8 @@ difference, length-matched random and no-recovery baselines):
   superfiltering, mixture (superfiltering within per-source quotas), cluster_balanced (top IFD per
   cluster), paser and top_k on ``degradation_jsd``; under ``sft`` and under ``kd`` (the kd run
   takes random, superfiltering and the degradation policy).
-- ``targeted``: 16 GSM8K rows as ``targets:``, a pool of 200 Alpaca + 40 NQ + 40 GSM8K, the
+- ``targeted``: 16 GSM8K rows as ``targets:``, a pool of 200 Alpaca + 40 GSM8K (the NQ sample's
+  50 rows go to the other scenarios), the
   evaluation set 48 other GSM8K rows (``--eval gsm8k=...``); random, ``targeted`` on ``rds_score``
   and on ``less_score``.
 - ``noisy``: the general pool with 30% of its rows made defective from real rows (a response moved
@@ -38,9 +39,9 @@ SCENARIOS = ("targeted", "noisy", "general")
 
 # The design, fixed from the pilot's seed spread (README "Headline results"), not from who won.
 FULL = {"budget": 48, "steps": 6, "batch": 8, "cutoff": 128, "lr": 1e-3, "seeds": "0,1,2,3,4", "heldout": 48,
-        "general": (240, 120, 40), "targeted": (200, 40, 40, 16, 48), "noisy_clean_eval": 60}
+        "general": (240, 120, 40), "targeted": (200, 40, 16, 48), "noisy_clean_eval": 60}
 QUICK = {"budget": 8, "steps": 1, "batch": 4, "cutoff": 96, "lr": 1e-3, "seeds": "0,1", "heldout": 8,
-         "general": (16, 8, 4), "targeted": (16, 4, 4, 4, 6), "noisy_clean_eval": 8}
+         "general": (16, 8, 4), "targeted": (16, 4, 4, 6), "noisy_clean_eval": 8}
 GENERAL_POLICIES = "random,superfiltering,mixture,cluster_balanced,paser,degradation=top_k"
 KD_POLICIES = "random,superfiltering,degradation=top_k"
 
@@ -127,6 +128,7 @@ def _evaluate(out: str, name: str, run: str, model: str, d: dict, policies: str,
     with open(os.path.join(folder, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
     summary["wall_s"] = time.perf_counter() - t0
+    summary["folder"] = folder
     return summary
 
 
@@ -134,7 +136,7 @@ def _report(scenario: str, summary: dict, d: dict) -> None:
     from curate.evaluate import table_text
 
     print(f"\n== recovery scenario {scenario} ({summary['objective']}) ==\n{table_text(summary)}\n", flush=True)
-    with open(os.path.join(os.path.dirname(summary["output"]), f"table-{summary['objective']}.md"), "w",
+    with open(os.path.join(os.path.dirname(summary["folder"]), f"table-{summary['objective']}.md"), "w",
               encoding="utf-8") as fh:
         fh.write(markdown(summary))
     for set_name, e in summary["sets"].items():
@@ -221,9 +223,9 @@ def general(out: str, model: str, d: dict) -> None:
 def targeted(out: str, model: str, d: dict) -> None:
     folder = os.path.join(out, "targeted")
     os.makedirs(folder, exist_ok=True)
-    na, nn, ng, nt, ne = d["targeted"]
+    na, ng, nt, ne = d["targeted"]
     inputs = [{"source": s, "path": _write(os.path.join(folder, f"{s}.jsonl"), rows)}
-              for s, rows in (("alpaca", _alpaca(1000, na)), ("nq", _nq(50, nn)), ("gsm8k", _gsm(2000, ng)))]
+              for s, rows in (("alpaca", _alpaca(1000, na)), ("gsm8k", _gsm(2000, ng)))]
     targets = [{"source": "gsm8k", "path": _write(os.path.join(folder, "targets.jsonl"), _gsm(3000, nt))}]
     evalset = _write(os.path.join(folder, "gsm8k_eval.jsonl"), _gsm(4000, ne))
     run = _job(out, "targeted", inputs, d["cutoff"], model, targets=targets, score__rds={"enabled": True},
@@ -246,7 +248,8 @@ def noisy(out: str, model: str, d: dict) -> None:
         inputs.append({"source": s, "path": _write(os.path.join(folder, f"{s}.jsonl"), bad)})
     total = na + ng + nn
     m = d["noisy_clean_eval"]
-    clean = _alpaca(1500, round(m * na / total)) + _gsm(5000, round(m * ng / total)) + _nq(60, round(m * nn / total))
+    # NQ rows 40-49 are the sample's rows the pool does not hold
+    clean = _alpaca(1500, round(m * na / total)) + _gsm(5000, round(m * ng / total)) + _nq(nn, round(m * nn / total))
     evalset = _write(os.path.join(folder, "clean_eval.jsonl"), clean)
     with open(os.path.join(folder, "planted.json"), "w", encoding="utf-8") as fh:
         json.dump(planted, fh, indent=2)
