@@ -20,7 +20,7 @@ difference, length-matched random and no-recovery baselines):
   sources that are not in the pool; the general policies.
 
 Every scenario prints its table and one JSON line per model; ``--only NAME`` runs one. All data is
-written under ``runs/bench-recovery/`` (``--quick``: ``runs/bench-recovery-quick/``, a smoke run of
+written under ``runs/bench-recovery/`` (each evaluation's tables as ``SCENARIO/eval-*.md``) (``--quick``: ``runs/bench-recovery-quick/``, a smoke run of
 a few minutes on tiny sizes whose figures say nothing about who wins).
 """
 from __future__ import annotations
@@ -136,8 +136,7 @@ def _report(scenario: str, summary: dict, d: dict) -> None:
     from curate.evaluate import table_text
 
     print(f"\n== recovery scenario {scenario} ({summary['objective']}) ==\n{table_text(summary)}\n", flush=True)
-    with open(os.path.join(os.path.dirname(summary["folder"]), f"table-{summary['objective']}.md"), "w",
-              encoding="utf-8") as fh:
+    with open(summary["folder"] + ".md", "w", encoding="utf-8") as fh:  # e.g. noisy/eval-sft.md
         fh.write(markdown(summary))
     for set_name, e in summary["sets"].items():
         rnd = e["models"].get("random", {}).get("nll")
@@ -259,6 +258,17 @@ def noisy(out: str, model: str, d: dict) -> None:
     _report("noisy", _evaluate(out, "noisy/eval-sft", run, model, d, GENERAL_POLICIES,
                                ["--heldout", "0", "--eval", f"clean={evalset}", "--length-matched", "superfiltering",
                                 *params]), d)
+    # The fix tried after the table above (README): weak-model IFD ranks misaligned pairs first (it
+    # stays under 1 for most of them), while r-IFD (Selective Reflection-Tuning: how much the response
+    # helps predict the instruction; lower is better aligned) separates them. Rank by r-IFD, or keep
+    # the better-aligned half by r-IFD and then the highest IFD.
+    aligned = json.dumps([{"policy": "top_k", "params": {"column": "rifd", "higher_is_better": False},
+                           "budget": {"fraction": 0.5}}, {"policy": "superfiltering"}])
+    _report("noisy-fix", _evaluate(out, "noisy/eval-sft-fix", run, model, d,
+                                   "random,aligned=top_k,aligned_superfiltering=chain",
+                                   ["--heldout", "0", "--eval", f"clean={evalset}", "--length-matched", "aligned",
+                                    "--param", "aligned.column=rifd", "--param", "aligned.higher_is_better=false",
+                                    "--param", f"aligned_superfiltering.steps={aligned}"]), d)
 
 
 def run(quick: bool, only: str | None = None):
