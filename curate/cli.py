@@ -421,7 +421,9 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("output", help="a finished, scored run")
     ev.add_argument("--model", required=True, help="the compressed model folder")
     ev.add_argument("--rows", type=int, required=True, help="the budget: rows each policy selects")
-    ev.add_argument("--policies", default="random,superfiltering,cluster_balanced,paser")
+    ev.add_argument("--policies", default="random,superfiltering,cluster_balanced,paser",
+                    help="comma-separated; LABEL=POLICY runs a policy twice with other --param values, e.g. "
+                         "rds=targeted,less=targeted (default random,superfiltering,cluster_balanced,paser)")
     ev.add_argument("--param", action="append", default=[], metavar="POLICY.KEY=VALUE",
                     help="a policy parameter, e.g. --param cluster_balanced.score=ifd_loss (repeatable)")
     ev.add_argument("--seeds", default="0,1,2", help="paired seeds (default 0,1,2)")
