@@ -266,7 +266,7 @@ def noisy(out: str, model: str, d: dict) -> None:
                            "budget": {"fraction": 0.5}}, {"policy": "superfiltering"}])
     _report("noisy-fix", _evaluate(out, "noisy/eval-sft-fix", run, model, d,
                                    "random,aligned=top_k,aligned_superfiltering=chain",
-                                   ["--heldout", "0", "--eval", f"clean={evalset}", "--length-matched", "aligned",
+                                   ["--heldout", "0", "--eval", f"clean={evalset}", "--length-matched", "none",
                                     "--param", "aligned.column=rifd", "--param", "aligned.higher_is_better=false",
                                     "--param", f"aligned_superfiltering.steps={aligned}"]), d)
 

@@ -163,9 +163,8 @@ def overlap(pool_rows: list[dict], eval_rows: list[dict], threshold: float = 0.7
     return out
 
 
-def _rows_of(table, ids: list[str]) -> list[dict]:
-    by_id = {r["id"]: r for r in table.select(["id", "source", "prompt", "response", "messages"]).to_pylist()}
-    return [by_id[i] for i in ids]
+def _rows_by_id(table) -> dict[str, dict]:
+    return {r["id"]: r for r in table.select(["id", "source", "prompt", "response", "messages"]).to_pylist()}
 
 
 def policy_of(entry: str) -> tuple[str, str]:
@@ -257,8 +256,9 @@ def evaluate(folder: str, s: EvaluateSettings, out: str | None = None, progress=
     ids, sources = pool.column("id").to_pylist(), pool.column("source").to_pylist()
     run_seed = man.get("seed", 0)
     held = heldout_split(ids, sources, s.heldout, run_seed) if s.heldout > 0 else set()
-    pool_rows = [r for r in _rows_of(table, ids) if r["id"] not in held]
-    sets: list[tuple[str, list[dict]]] = [(HELDOUT, _rows_of(table, sorted(held)))] if held else []
+    by_id = _rows_by_id(table)  # read once: every recovery takes its rows from here
+    pool_rows = [by_id[i] for i in ids if i not in held]
+    sets: list[tuple[str, list[dict]]] = [(HELDOUT, [by_id[i] for i in sorted(held)])] if held else []
     contaminated: dict[str, str] = {}
     removed: dict[str, dict] = {}
     for name, path in s.evals:
@@ -278,7 +278,7 @@ def evaluate(folder: str, s: EvaluateSettings, out: str | None = None, progress=
     selectable = pool.filter(pc.invert(pc.is_in(pool.column("id"), pa.array(excluded, pa.string()))))
     if selectable.num_rows < s.budget:
         raise EvaluateError(f"evaluate: the budget ({s.budget}) exceeds the selectable rows ({selectable.num_rows})")
-    texts_by_id = {r["id"]: r["prompt"] + "\n" + r["response"] for r in table.select(["id", "prompt", "response"]).to_pylist()}
+    texts_by_id = {i: r["prompt"] + "\n" + r["response"] for i, r in by_id.items()}
 
     dense_name = dense_model_of(s.compressed, s.dense)
     dense, tok = load_causal_lm(dense_name, "cpu", "float32")
@@ -307,6 +307,7 @@ def evaluate(folder: str, s: EvaluateSettings, out: str | None = None, progress=
     names, selections = plan_selections(s, selectable, folder, texts_by_id, run_seed, steps_rows)
     tokens_of = dict(zip(selectable.column("id").to_pylist(), selectable.column("approx_tokens").to_pylist()))
     teacher = dense if rs.objective != "sft" else None
+    sources = {name: np.array([r["source"] for r in rows]) for name, rows in sets}
     results, total, done = [], len(names) * len(s.seeds), 0
     for seed in s.seeds:
         for name in names:
@@ -315,7 +316,7 @@ def evaluate(folder: str, s: EvaluateSettings, out: str | None = None, progress=
             at_seed = RecoverSettings(**{**asdict(rs), "seed": seed})
             model, _ = load_causal_lm(s.compressed, "cpu", "float32")
             model = lora_model(model, at_seed)
-            rep = train(model, tok, _rows_of(table, chosen), at_seed, teacher=teacher)
+            rep = train(model, tok, [by_id[i] for i in chosen], at_seed, teacher=teacher)
             train_s = time.perf_counter() - t0
             for set_name, ex in examples.items():
                 cmp = lm_data.compare(dense, model, ex, pad)
@@ -324,7 +325,7 @@ def evaluate(folder: str, s: EvaluateSettings, out: str | None = None, progress=
                 per_row[(set_name, name, seed)] = arr
                 ok = usable[set_name]
                 met = _set_metrics(arr["nll"], arr["kl"], arr["flip"], base[set_name], ok)
-                srcs = np.array([r["source"] for r in dict(sets)[set_name]])
+                srcs = sources[set_name]
                 by_source = {src: float(np.mean(arr["nll"][ok & (srcs == src)])) for src in sorted(set(srcs))
                              if (ok & (srcs == src)).any()}
                 results.append({"policy": name, "seed": seed, "set": set_name, "rows": len(chosen),

@@ -195,3 +195,19 @@ def test_policy_labels_let_one_policy_run_twice():
 
     assert policy_of("random") == ("random", "random")
     assert policy_of("rds=targeted") == ("rds", "targeted")
+
+
+def test_whole_pool_baseline_only_when_the_steps_cover_the_pool():
+    """`pool` trains on every selectable row, and only when steps x batch covers them once."""
+    from curate.evaluate import POOL, EvaluateSettings, plan_selections
+    from curate.select import features_table
+
+    table = features_table([{"id": f"r{i:02d}", "source": "s", "approx_tokens": 10 + i} for i in range(12)])
+    s = EvaluateSettings(compressed="unused", budget=4, policies=("random", "top_k"),
+                         params={"top_k": {"column": "approx_tokens"}}, seeds=(0, 1), length_matched=())
+    names, sel = plan_selections(s, table, "unused", {}, 0, steps_rows=12)
+    assert names == ["random", "top_k", POOL] and sel[(POOL, 1)] == [f"r{i:02d}" for i in range(12)]
+    assert sel[("top_k", 0)] == sel[("top_k", 1)] == ["r11", "r10", "r09", "r08"]
+    assert sel[("random", 0)] != sel[("random", 1)]
+    assert plan_selections(s, table, "unused", {}, 0, steps_rows=11)[0] == ["random", "top_k"]
+    assert plan_selections(s, table, "unused", {}, 0, steps_rows=None)[0] == ["random", "top_k"]

@@ -231,6 +231,9 @@ def test_a_killed_run_resumes_from_its_shards_with_the_same_scores_for_any_batch
     assert a.less_score[~ok].isna().all() and b.less_score[~ok].isna().all() and (~ok).sum() >= 1
     assert set(pd.read_parquet("resumed/selected").id) == set(pd.read_parquet("fresh/selected").id)
     assert (a.less_subtask[ok] == "math").all() and a.less_subtask[~ok].isna().all()
+    per = [json.loads(v) for v in a.less_subtasks[ok]]  # each subtask's score; its max is less_score
+    assert all(set(d) == {"math"} for d in per) and a.less_subtasks[~ok].isna().all()
+    assert np.allclose([d["math"] for d in per], a.less_score[ok], atol=1e-8)
     assert a.loc[a.source == "odd", "less_status"].tolist() == ["prompt_too_long"]
     report = open("resumed/report.html", encoding="utf-8").read()
     section = report[report.index('id="targeted"'):report.index('id="clusters"')]
