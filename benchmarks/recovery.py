@@ -35,7 +35,7 @@ import time
 from benchmarks.common import REPO, emit, shared
 
 RUNS = os.path.join(REPO, "runs")
-SCENARIOS = ("targeted", "noisy", "general")
+SCENARIOS = ("targeted", "noisy", "noisy-replication", "general")
 
 # The design, fixed from the pilot's seed spread (README "Headline results"), not from who won.
 FULL = {"budget": 48, "steps": 6, "batch": 8, "cutoff": 128, "lr": 1e-3, "seeds": "0,1,2,3,4", "heldout": 48,
@@ -235,26 +235,33 @@ def targeted(out: str, model: str, d: dict) -> None:
                                    "--param", "less.column=less_score", "--length-matched", "rds"]), d)
 
 
-def noisy(out: str, model: str, d: dict) -> None:
-    folder = os.path.join(out, "noisy")
+def _noisy_pool(out: str, model: str, d: dict, name: str, alpaca: int, gsm: int, seed: int):
+    """A pool of real rows with 30% planted defects (seeded) and a clean evaluation set of rows the
+    pool does not hold; returns (run folder, eval set path, the general policies' params)."""
+    folder = os.path.join(out, name)
     os.makedirs(folder, exist_ok=True)
     na, ng, nn = d["general"]
-    sources = (("alpaca", _alpaca(0, na)), ("gsm8k", _gsm(0, ng)), ("nq", _nq(0, nn)))
+    sources = (("alpaca", _alpaca(alpaca, na)), ("gsm8k", _gsm(gsm, ng)), ("nq", _nq(0, nn)))
     inputs, planted = [], {}
     for k, (s, rows) in enumerate(sources):
-        bad, counts = defects(rows, 0.3, k)
+        bad, counts = defects(rows, 0.3, seed + k)
         planted[s] = counts
         inputs.append({"source": s, "path": _write(os.path.join(folder, f"{s}.jsonl"), bad)})
     total = na + ng + nn
     m = d["noisy_clean_eval"]
     # NQ rows 40-49 are the sample's rows the pool does not hold
-    clean = _alpaca(1500, round(m * na / total)) + _gsm(5000, round(m * ng / total)) + _nq(nn, round(m * nn / total))
+    clean = (_alpaca(alpaca + 1500, round(m * na / total)) + _gsm(gsm + 5000, round(m * ng / total))
+             + _nq(nn, round(m * nn / total)))
     evalset = _write(os.path.join(folder, "clean_eval.jsonl"), clean)
     with open(os.path.join(folder, "planted.json"), "w", encoding="utf-8") as fh:
         json.dump(planted, fh, indent=2)
-    print(f"noisy pool: defects planted per source {planted}", file=sys.stderr, flush=True)
-    run = _job(out, "noisy", inputs, d["cutoff"], model)
-    params = _general_params({"alpaca": na, "gsm8k": ng, "nq": nn})
+    print(f"{name} pool: defects planted per source {planted}", file=sys.stderr, flush=True)
+    run = _job(out, name, inputs, d["cutoff"], model)
+    return run, evalset, _general_params({"alpaca": na, "gsm8k": ng, "nq": nn})
+
+
+def noisy(out: str, model: str, d: dict) -> None:
+    run, evalset, params = _noisy_pool(out, model, d, "noisy", 0, 0, 0)
     _report("noisy", _evaluate(out, "noisy/eval-sft", run, model, d, GENERAL_POLICIES,
                                ["--heldout", "0", "--eval", f"clean={evalset}", "--length-matched", "superfiltering",
                                 *params]), d)
@@ -262,13 +269,38 @@ def noisy(out: str, model: str, d: dict) -> None:
     # stays under 1 for most of them), while r-IFD (Selective Reflection-Tuning: how much the response
     # helps predict the instruction; lower is better aligned) separates them. Rank by r-IFD, or keep
     # the better-aligned half by r-IFD and then the highest IFD.
-    aligned = json.dumps([{"policy": "top_k", "params": {"column": "rifd", "higher_is_better": False},
-                           "budget": {"fraction": 0.5}}, {"policy": "superfiltering"}])
     _report("noisy-fix", _evaluate(out, "noisy/eval-sft-fix", run, model, d,
                                    "random,aligned=top_k,aligned_superfiltering=chain",
                                    ["--heldout", "0", "--eval", f"clean={evalset}", "--length-matched", "none",
-                                    "--param", "aligned.column=rifd", "--param", "aligned.higher_is_better=false",
-                                    "--param", f"aligned_superfiltering.steps={aligned}"]), d)
+                                    *FIX_PARAMS]), d)
+
+
+def _aligned_half(then: dict) -> str:
+    return json.dumps([{"policy": "top_k", "params": {"column": "rifd", "higher_is_better": False},
+                        "budget": {"fraction": 0.5}}, then])
+
+
+# r-IFD fixes; aligned_mixture and aligned_then_mixture were designed after the noisy table, so they
+# are measured on a fresh draw (noisy-replication), never on the rows that showed the failure
+FIX_PARAMS = ["--param", "aligned.column=rifd", "--param", "aligned.higher_is_better=false",
+              "--param", "aligned_superfiltering.steps=" + _aligned_half({"policy": "superfiltering"})]
+
+
+def noisy_replication(out: str, model: str, d: dict) -> None:
+    """A second noisy pool (other Alpaca and GSM8K rows, other defects, another clean set): the
+    failure of IFD ranking and the r-IFD fixes measured once on rows no decision looked at."""
+    na, ng, nn = d["general"]
+    run, evalset, params = _noisy_pool(out, model, d, "noisy-replication", 500, 600, 10)
+    shares = json.dumps({"alpaca": na, "gsm8k": ng, "nq": nn})
+    mix_ifd = {"policy": "mixture", "params": {"shares": {"alpaca": na, "gsm8k": ng, "nq": nn},
+                                               "score": "ifd_loss", "upper": 1.0}}
+    _report("noisy-replication", _evaluate(
+        out, "noisy-replication/eval-sft", run, model, d,
+        "random,superfiltering,aligned=top_k,aligned_mixture=mixture,aligned_then_mixture=chain",
+        ["--heldout", "0", "--eval", f"clean={evalset}", "--length-matched", "none", *FIX_PARAMS,
+         "--param", f"aligned_mixture.shares={shares}", "--param", "aligned_mixture.score=rifd",
+         "--param", "aligned_mixture.higher_is_better=false",
+         "--param", "aligned_then_mixture.steps=" + _aligned_half(mix_ifd)]), d)
 
 
 def run(quick: bool, only: str | None = None):
@@ -284,5 +316,5 @@ def run(quick: bool, only: str | None = None):
     emit("recovery", "compress", "seconds", time.perf_counter() - t0)
     for name in names:
         t1 = time.perf_counter()
-        {"general": general, "targeted": targeted, "noisy": noisy}[name](out, model, d)
+        {"general": general, "targeted": targeted, "noisy": noisy, "noisy-replication": noisy_replication}[name](out, model, d)
         emit("recovery", f"{name}/wall", "seconds", time.perf_counter() - t1)

@@ -25,6 +25,8 @@ KEYED = [
     ("mixture", {"shares": {"alpaca": 1, "nq": 2}, "redistribute": False, "score": "ifd_loss"}),
     ("cluster_balanced", {"score": "ifd_loss", "upper": 0.5}),
     ("mixture", {"shares": {"alpaca": 0.7, "gsm8k": 0.3}, "score": "ifd_loss", "upper": 0.6}),
+    ("mixture", {"shares": {"alpaca": 0.7, "gsm8k": 0.3}, "score": "rifd", "higher_is_better": False}),
+    ("cluster_balanced", {"score": "rifd", "within": "softmax", "higher_is_better": False, "upper": 0.8}),
 ]
 
 

@@ -448,3 +448,20 @@ def test_quota_policies_drop_scores_at_or_above_upper():
     assert sorted(mix.selected) == ["r02", "r03", "r04", "r05"]
     with pytest.raises(PolicyError, match="upper needs a score"):
         make("mixture", {"shares": {"a": 1}, "upper": 1.0})
+
+
+def test_quota_policies_rank_smaller_scores_first_when_asked():
+    """r-IFD is lower-is-better: mixture by rifd within sources takes each source's lowest first."""
+    t = table(scores=[0.9, 0.2, 0.5, 0.1, 0.7, 0.3, 0.8, 0.4], sources=["a"] * 4 + ["b"] * 4,
+              clusters=[0, 0, 0, 0, 1, 1, 1, 1])
+    high = run("mixture", t, {"shares": {"a": 1, "b": 1}, "score": "ifd_loss"}, rows=4)
+    low = run("mixture", t, {"shares": {"a": 1, "b": 1}, "score": "ifd_loss", "higher_is_better": False}, rows=4)
+    assert high.selected == ["r00", "r06", "r02", "r04"]
+    assert low.selected == ["r03", "r05", "r01", "r07"]  # interleaved by group, best (lowest) first
+    assert low.dropped["r00"] == "mixture:over_quota"
+    soft = run("cluster_balanced", t, {"score": "ifd_loss", "within": "softmax", "temperature": 0.01,
+                                       "higher_is_better": False}, rows=2)
+    assert sorted(soft.selected) == ["r03", "r05"]  # a near-zero temperature is top-by-lowest
+    capped = run("mixture", t, {"shares": {"a": 1, "b": 1}, "score": "ifd_loss", "higher_is_better": False,
+                                "upper": 0.85}, rows=8)
+    assert capped.dropped["r00"] == "mixture:score_ge_upper" and "r06" in capped.selected  # upper is on the score

@@ -54,13 +54,16 @@ def gumbel(ids: list[str], seed: int) -> np.ndarray:
     return -np.log(-np.log(u))
 
 
-def within_group_keys(pool: Pool, column: str | None, how: str, temperature: float, policy: str) -> np.ndarray:
-    """Sort keys, larger first: the score (top), score/T + Gumbel (softmax) or Gumbel (uniform)."""
+def within_group_keys(pool: Pool, column: str | None, how: str, temperature: float, policy: str,
+                      sign: float = 1.0) -> np.ndarray:
+    """Sort keys, larger first: the score (top), score/T + Gumbel (softmax) or Gumbel (uniform).
+
+    ``sign`` -1 ranks smaller scores first (r-IFD: lower is better aligned)."""
     if how == "top":
-        return numeric_column(pool, column, policy)
+        return sign * numeric_column(pool, column, policy)
     noise = gumbel(pool.ids, pool.seed)
     if how == "softmax":
-        return numeric_column(pool, column, policy) / temperature + noise
+        return sign * numeric_column(pool, column, policy) / temperature + noise
     return noise
 
 
@@ -84,6 +87,8 @@ WITHIN = Param((str,), "auto", "top (best score first), softmax (sample p ~ exp(
                                "or auto (top with a score, else uniform)",
                choices=("auto", "top", "softmax", "uniform"))
 TEMPERATURE = Param((int, float), 1.0, "softmax temperature", minimum=1e-6)
+HIGHER = Param((bool,), True, "true: larger scores first (ifd_loss); false: smaller first (rifd, "
+               "lower is better aligned)")
 UPPER = Param((int, float), None, "rows whose score is at or above this are dropped as score_ge_upper (e.g. 1.0 "
               "with ifd_loss: misaligned pairs, as superfiltering drops them); none: no limit")
 
@@ -125,6 +130,8 @@ class _Quota(Policy):
         if not self._eligible(group):
             return "source_not_in_mixture"
         how = self.p["within"]
+        if score is not None and not self.p["higher_is_better"]:
+            score = -score
         if how == "top":
             return group, -score
         noise = float(gumbel([row["id"]], seed)[0])
@@ -149,7 +156,8 @@ class _Quota(Policy):
 
     def _prepare(self, pool: Pool):
         groups = [("none" if g is None else g) for g in pool.strings(self.group_column)]
-        keys = within_group_keys(pool, self.p["score"], self.p["within"], self.p["temperature"], self.name)
+        keys = within_group_keys(pool, self.p["score"], self.p["within"], self.p["temperature"], self.name,
+                                 1.0 if self.p["higher_is_better"] else -1.0)
         dropped = {}
         if self.p["score"]:
             raw = numeric_column(pool, self.p["score"], self.name)
@@ -170,7 +178,8 @@ class ClusterBalanced(_Quota):
                "ranking; softmax sampling on a quality score is Diversify-and-Conquer's kMQ (methods.md 6a)")
     params = {"quota": Param((str,), "proportional", "how the budget is shared between clusters",
                              choices=("proportional", "equal", "sqrt")),
-              "score": SCORE, "within": WITHIN, "temperature": TEMPERATURE, "upper": UPPER}
+              "score": SCORE, "higher_is_better": HIGHER, "within": WITHIN, "temperature": TEMPERATURE,
+              "upper": UPPER}
     group_column = "cluster_id"
 
     def _quota(self, budget: int, sizes: dict) -> dict:
@@ -183,7 +192,8 @@ class Mixture(_Quota):
     summary = "per-source shares of the budget (normalised to sum 1); a short source's rest goes to the others"
     params = {"shares": FreeParam("source name -> share, e.g. {alpaca: 0.7, gsm8k: 0.3}", float),
               "redistribute": Param((bool,), True, "false: a source short of its share leaves the budget unfilled"),
-              "score": SCORE, "within": WITHIN, "temperature": TEMPERATURE, "upper": UPPER}
+              "score": SCORE, "higher_is_better": HIGHER, "within": WITHIN, "temperature": TEMPERATURE,
+              "upper": UPPER}
     group_column = "source"
 
     def validate(self):
