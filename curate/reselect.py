@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import runs, schema, storage
+from curate import leftovers, runs, schema, storage
 from curate.select.base import Budget, Policy
 from curate.select.features import pool_of, selection_report
 from curate.select.scope import check_scope, run_per_cluster
@@ -75,13 +75,16 @@ def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str 
         decided = decided.set_column(at, name, values) if at >= 0 else decided.append_column(name, values)
     picked = decided.filter(pc.field("selected")).sort_by([("rank", "ascending")])
 
+    storage.makedirs(os.path.dirname(storage.absolute(out)))
+    leftovers.remove_dead(storage.absolute(out))
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
+    leftovers.claim(tmp)
     storage.makedirs(storage.join(tmp, "selected"))
     _write_parquet(picked.cast(schema.SELECTED), storage.join(tmp, "selected", "part-00000.parquet"))
     _write_parquet(decided.select(["id", "source", "selected", "rank", "drop_reason"]),
                    storage.join(tmp, "decisions.parquet"))
     with storage.open_file(storage.join(tmp, "selection.json"), "w", encoding="utf-8") as fh:
         fh.write(json.dumps(rep, indent=2) + "\n")
-    storage.makedirs(os.path.dirname(storage.absolute(out)))
+    leftovers.release(tmp)
     storage.publish(tmp, out, marker="selection.json")
     return rep

@@ -4,7 +4,8 @@
 Outputs are written into a sibling temporary folder ``<output>.tmp-<run id>``;
 only after the run succeeded and the accounting identity holds is
 ``manifest.json`` written (last) and the folder renamed to ``<output>``. A crash
-leaves at most a ``.tmp-`` folder, never one that looks complete. An existing
+leaves at most a ``.tmp-`` folder, never one that looks complete, and the next run of the same
+output removes it once its owner process is provably gone (``curate.leftovers``). An existing
 output is replaced only with ``overwrite``. On an object store (``s3://...``), which
 has no rename, the temporary folder is a run-unique prefix and publishing copies it
 with the manifest last (``curate.storage.publish``); readers refuse a folder without it.
@@ -21,7 +22,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from curate import cache_store, storage
+from curate import cache_store, leftovers, storage
 from curate import manifest as manifest_mod
 from curate.errors import CurateError
 from curate.io import fingerprint
@@ -126,12 +127,13 @@ def run(cfg: Job, beam_args: list[str] | None = None, overwrite: bool = False) -
         raise OutputExistsError(f"output {cfg.output} already exists; pass --overwrite to replace it")
     rt = resolve_runtime(cfg)  # model paths and devices: fail before anything is written
     storage.makedirs(os.path.dirname(out))
+    leftovers.remove_dead(out)
     run_id = cache_store.new_run_id()
     flags = beam_flags(cfg.beam, beam_args)
     options = PipelineOptions(flags)
     runner = make_runner(options)
     tmp = f"{out}.tmp-{run_id}"  # on a store: a run-unique prefix
-    storage.makedirs(tmp)
+    leftovers.claim(tmp)  # a run killed hard leaves it; the next run of this output removes it
     inputs = [{"source": s.source, "format": f.format, **fingerprint(f.path)} for s in cfg.inputs for f in s.files]
     started, t0 = _now(), time.monotonic()
     log.info("curate: running job %r with %s", cfg.name, " ".join(flags))
@@ -164,5 +166,6 @@ def run(cfg: Job, beam_args: list[str] | None = None, overwrite: bool = False) -
         if message:
             raise InputError(message) from None
         raise
+    leftovers.release(tmp)
     storage.publish(tmp, out)
     return man
