@@ -18,6 +18,7 @@ import re
 import sys
 import time
 import traceback
+import warnings
 
 from curate import __version__, storage
 from curate.config import ConfigError
@@ -45,6 +46,16 @@ def _setup_logging(verbose: bool) -> None:
     if not verbose:
         for name in ("apache_beam", "absl", "faiss", "faiss.loader", "sentence_transformers", "transformers"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Hide library output that tells a user nothing (``-v`` shows it): transformers' "Loading
+    weights" bar at every model load (two per recovery) and peft's probe of a deprecated
+    transformers property (a FutureWarning at every LoRA wrap). Set before transformers loads:
+    it reads the progress-bar switch once; inherited by the processes a run starts."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _fail(message: str) -> int:

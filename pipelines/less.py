@@ -125,10 +125,13 @@ def prepare(cfg: Job, x: LESS, dev: str, dtype: str) -> dict:
         log.info("less: warming up LoRA on %d pool rows, %d epochs (%s)", len(rows), x.warmup_epochs, folder)
         model, tok = load_causal_lm(x.model, dev, dtype)
         progress = Progress("less warm-up", unit="steps", log_first=True)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.total = total  # known once the batches are planned: the line gets a share and an ETA
+            progress.add(1)
         less_warmup.warm_up(model, tok, rows, folder, r=x.lora_r, alpha=x.lora_alpha, dropout=x.lora_dropout,
                             lr=x.warmup_lr, epochs=x.warmup_epochs, batch_size=x.warmup_batch_size,
-                            max_length=x.max_length, seed=x.seed,
-                            progress=lambda step, total, loss: progress.add(1))
+                            max_length=x.max_length, seed=x.seed, progress=on_step)
         how = "trained"
     if store and not stored:
         log.info("less: copying the warm-up to %s", store)

@@ -75,3 +75,31 @@ def test_the_crash_log_of_a_run_with_an_output_on_a_store_is_written_on_this_dis
     assert remote.startswith(str(tmp_path / "cache" / "logs")) and "broken on purpose" in open(remote).read()
     assert local.startswith(str(tmp_path / "out.error-"))
     assert sorted(os.listdir(tmp_path)) == ["cache", os.path.basename(local)]
+
+
+def test_a_recovery_prints_curates_lines_not_library_noise(job_dir, monkeypatch):
+    """transformers' "Loading weights" bar and peft's FutureWarning about a deprecated property
+    came twice per recovery; they are hidden, and -v shows them again."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from curate.models import weak_lm_folder
+    from tests.conftest import run_cli
+
+    tok = AutoTokenizer.from_pretrained(weak_lm_folder())
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained("tiny")
+    tok.save_pretrained("tiny")
+    cfg = {"output": "run", "inputs": [{"source": "g", "path": f"{EXAMPLES}/gsm8k_sample.jsonl"}],
+           "sample": {"mode": "head", "n": 4}}
+    assert run_cli("run", write_job(job_dir, without_models(cfg))) == 0
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)  # set by the in-process run above
+    args = ["recover", "run", "--model", "tiny", "--steps", "1", "--batch-size", "2", "--cutoff", "256"]
+    quiet = _run(*args, "--out", "a", cwd=job_dir)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "Loading weights" not in quiet.stderr and "is_gradient_checkpointing" not in quiet.stderr, quiet.stderr
+    assert "recover" in quiet.stderr + quiet.stdout
+    loud = _run("-v", *args, "--out", "b", cwd=job_dir)
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert "Loading weights" in loud.stderr and "is_gradient_checkpointing" in loud.stderr
