@@ -21,6 +21,7 @@ BENCHMARKS = {
     "less": "benchmarks.less",
     "rewrite": "benchmarks.rewrite",
     "scale": "benchmarks.scale",
+    "throughput": "benchmarks.throughput",
 }
 
 
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
                          "embed 74 s, scale 152 s, targeted 219 s; an AMD EPYC with AVX2 only: ifd 105 s, embed 114 s, "
                          "ifd_llama 79 s, ifd_onnx 142 s)")
     ap.add_argument("--only", metavar="SCENARIO[,SCENARIO]",
-                    help="recovery: run these scenarios only (general, targeted, noisy)")
+                    help="recovery: run these scenarios only (general, targeted, noisy, noisy-replication)")
     args = ap.parse_args(argv)
     names = list(BENCHMARKS) if args.names == ["all"] else args.names
     unknown = [n for n in names if n not in BENCHMARKS]
