@@ -5,7 +5,7 @@ STAMP := $(VENV)/.curate-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench docs clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -43,8 +43,14 @@ $(LLAMA_STAMP): $(DEV_STAMP)
 test: $(DEV_STAMP) $(LLAMA_STAMP)
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=20
 
+# The documentation site: the reference pages regenerated from the code, then MkDocs (Material)
+# into site/, offline; --strict turns every warning (a broken link, a page not in the nav) into a failure.
+docs: $(DEV_STAMP)
+	$(VENV)/bin/python -m curate.reference docs/reference
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: $(DEV_STAMP)
 	$(VENV)/bin/python -m benchmarks all --quick
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site
