@@ -80,7 +80,8 @@ def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str 
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     leftovers.claim(tmp)
     storage.makedirs(storage.join(tmp, "selected"))
-    _write_parquet(picked.cast(schema.SELECTED), storage.join(tmp, "selected", "part-00000.parquet"))
+    lean = schema.selected_like(runs.selected_columns(folder))  # the columns of the run's selected/
+    _write_parquet(picked.select(lean.names).cast(lean), storage.join(tmp, "selected", "part-00000.parquet"))
     _write_parquet(decided.select(["id", "source", "selected", "rank", "drop_reason"]),
                    storage.join(tmp, "decisions.parquet"))
     with storage.open_file(storage.join(tmp, "selection.json"), "w", encoding="utf-8") as fh:

@@ -44,6 +44,20 @@ def parquet_columns(folder: str, name: str) -> list[str]:
         return pq.read_schema(fh).names
 
 
+def selected_columns(folder: str) -> list[str]:
+    """The columns of the run's selected/: from its manifest (runs since schema 2.0 record them),
+    else from its first file, else every column (an empty selected/ of an older run)."""
+    listed = manifest(folder).get("outputs", {}).get("columns", {}).get("selected")
+    if listed:
+        return listed
+    try:
+        return parquet_columns(folder, "selected")
+    except (IndexError, OSError):
+        from curate.schema import SELECTED
+
+        return SELECTED.names
+
+
 def finished(folder: str) -> str:
     """The path of the run's manifest.json; a job writes it last, so a folder without it (a run
     that crashed or is still writing) is refused, whatever else it holds."""

@@ -26,7 +26,7 @@ from curate.scoring.ifd import COLUMNS as IFD_COLUMNS
 from curate.scoring.less import COLUMNS as LESS_COLUMNS
 from curate.scoring.rds import COLUMNS as RDS_COLUMNS
 
-SCHEMA_VERSION = "1.7"
+SCHEMA_VERSION = "2.0"  # 2.0: selected/ leaves out drop_reason and the columns of stages that did not run
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
@@ -117,8 +117,34 @@ def embeddings_schema(dim: int, key: str = "") -> pa.Schema:
                               "curate.embedding_dim": str(dim), "curate.embed_key": key})
 
 
+# selected/ holds what a trainer or an analyst reads there: annotated/'s columns less those null on
+# every selected row (drop_reason, and the dedup bookkeeping: a kept row duplicates no kept row) and
+# less the columns of the stages the job left off (all null). annotated/ keeps them all.
+SELECTED_OMITS = ("drop_reason", "exact_dup_of", "near_dup_of", "near_dup_cluster", "semantic_dup_of")
+SELECTED_NOTE = ("annotated/'s columns less drop_reason, the dedup columns and the columns of the stages the job "
+                 "left off; the manifest's outputs.columns.selected lists what a run's selected/ holds")
+
+
+def _ran(stage, job) -> bool:
+    if stage.stage == "cluster" and job.cluster.enabled and job.cluster.column:
+        return True  # cluster ids read from an input field: no embeddings needed
+    return stage.enabled(job)
+
+
+def selected_schema(job=None) -> pa.Schema:
+    """selected/'s schema for ``job`` (``curate.settings.Job``); None: every stage on."""
+    off = set() if job is None else {n for st in STAGE_COLUMNS if not _ran(st, job) for n in st.names}
+    return _schema("selected", [f for f in ANNOTATED_FIELDS if f.name not in off and f.name not in SELECTED_OMITS])
+
+
+def selected_like(names: list[str]) -> pa.Schema:
+    """selected/'s schema holding ``names`` only (a ``curate select`` folder matches its run's)."""
+    keep = set(names)
+    return _schema("selected", [f for f in selected_schema() if f.name in keep])
+
+
 ANNOTATED = _schema("annotated", ANNOTATED_FIELDS)
-SELECTED = _schema("selected", ANNOTATED_FIELDS)
+SELECTED = selected_schema()
 REJECTS = _schema("rejects", REJECT_FIELDS)
 EMBEDDINGS = embeddings_schema(384)  # as written with the default model; the dim follows the model
 REWRITE_FAILURES = _schema("rewrite_failures", [
@@ -134,6 +160,7 @@ def describe(schema: pa.Schema) -> dict:
     return {
         "name": meta["curate.schema"],
         "version": meta["curate.schema_version"],
+        **({"note": SELECTED_NOTE} if meta["curate.schema"] == "selected" else {}),
         "fields": [{"name": f.name, "type": str(f.type), "nullable": f.nullable,
                     "doc": FIELD_DOCS.get(f.name, "")} for f in schema],
     }

@@ -10,6 +10,7 @@ import os
 
 import apache_beam as beam
 
+from curate.schema import selected_schema
 from curate.settings import Job
 from pipelines import transforms as T
 from pipelines.degradation import DegradationStage
@@ -52,7 +53,7 @@ def build(p: beam.Pipeline, cfg: Job, folder: str, rt: dict, run_id: str = "run"
             os.path.join(folder, "embeddings", "part"), embeddings_schema(rt["embed"]["dim"], rt["embed"]["key"]),
             file_name_suffix=".parquet", codec="zstd")
     rejects = (valid["rejects"], ids["rejects"]) | "AllRejects" >> beam.Flatten()
-    written = {"annotated": selection["records"], "rejects": rejects} | "Write" >> T.WriteOutputs(folder)
+    written = {"annotated": selection["records"], "rejects": rejects} | "Write" >> T.WriteOutputs(folder, selected_schema(cfg))
     if "rewrite" in rt:
         from curate.schema import REWRITE_FAILURES
 

@@ -25,6 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from curate import cache_store, leftovers, storage
 from curate import manifest as manifest_mod
 from curate.errors import CurateError
+from curate.schema import ANNOTATED, REJECTS, selected_schema
 from curate.io import fingerprint
 from curate.settings import Job
 from pipelines import transforms as T
@@ -152,6 +153,8 @@ def run(cfg: Job, beam_args: list[str] | None = None, overwrite: bool = False) -
         man["outputs"]["manifest"] = storage.join(out, "manifest.json")
         if rt.get("embed"):
             man["outputs"]["embeddings"] = storage.join(out, "embeddings")
+        man["outputs"]["columns"] = {"annotated": ANNOTATED.names, "selected": selected_schema(cfg).names,
+                                     "rejects": REJECTS.names}
         for name in ("annotated", "selected", "rejects"):
             storage.makedirs(storage.join(tmp, name))
             man["outputs"][f"{name}_files"] = len(storage.glob(storage.join(tmp, name, "*.parquet")))

@@ -262,9 +262,9 @@ def to_output_row(record: dict, fields: list[str]) -> dict:
 class WriteOutputs(beam.PTransform):
     """annotated/, selected/ and rejects/ as Parquet with the declared schemas."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, selected_schema=None):
         super().__init__()
-        self.folder = folder
+        self.folder, self.selected_schema = folder, selected_schema
 
     def expand(self, pcolls):
         from curate import schema
@@ -280,7 +280,8 @@ class WriteOutputs(beam.PTransform):
             f"{self.folder}/annotated/part", schema.ANNOTATED, **parquet)
         (rows.rows
          | "OnlySelected" >> beam.Filter(lambda r: r["selected"])
-         | "WriteSelected" >> beam.io.WriteToParquet(f"{self.folder}/selected/part", schema.SELECTED, **parquet))
+         | "WriteSelected" >> beam.io.WriteToParquet(f"{self.folder}/selected/part",
+                                                    self.selected_schema or schema.SELECTED, **parquet))
         rej.rows | "WriteRejects" >> beam.io.WriteToParquet(
             f"{self.folder}/rejects/part", schema.REJECTS, **parquet)
         return {"stats": (rows[STATS], rej[STATS]) | "FlattenWriteStats" >> beam.Flatten()}

@@ -82,9 +82,12 @@ def test_two_source_run_writes_all_outputs_and_accounts_for_every_row(two_source
 
 
 def test_outputs_read_back_with_the_documented_schema(two_sources):
+    held = load_manifest(two_sources)["outputs"]["columns"]
     for name in ("annotated", "selected", "rejects"):
         with open(os.path.join(REPO, "schemas", f"{name}.json")) as fh:
             documented = json.load(fh)
+        # selected/ holds the documented columns the manifest lists (the stages that ran, no dedup columns)
+        documented["fields"] = [f for f in documented["fields"] if f["name"] in held[name]]
         table = pq.read_table(two_sources / name)
         assert [f.name for f in table.schema] == [f["name"] for f in documented["fields"]]
         assert [str(f.type) for f in table.schema] == [f["type"] for f in documented["fields"]]
@@ -94,7 +97,7 @@ def test_outputs_read_back_with_the_documented_schema(two_sources):
         df = pd.read_parquet(two_sources / name)
         assert list(df.columns) == [f["name"] for f in documented["fields"]]
     sel = pd.read_parquet(two_sources / "selected")
-    assert sel.selected.all() and sel.drop_reason.isna().all()
+    assert sel.selected.all() and "drop_reason" not in sel.columns and len(held["annotated"]) == len(schema.ANNOTATED)
     assert sel.messages.iloc[0][-1]["role"] == "assistant"
 
 
@@ -271,3 +274,26 @@ def test_output_is_atomic_and_not_overwritten_by_accident(job_dir, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("curate: error: ") and "bad.json: not valid JSON" in err[-1]
     assert not [p for p in os.listdir(job_dir) if p.startswith("broken")]
+
+
+def test_selected_holds_no_all_null_column_and_the_manifest_lists_each_outputs_columns(job_dir):
+    """selected/ leaves out drop_reason and the columns of stages that did not run (here every
+    model stage); annotated/ keeps the full schema; `curate select` writes the run's columns."""
+    import pyarrow.compute as pc
+
+    from curate import schema
+
+    cfg = without_models({"output": "lean", "inputs": DEMO_INPUTS, "select": {"policy": "random",
+                                                                             "budget": {"fraction": 0.5}}})
+    assert run_cli("run", write_job(job_dir, cfg)) == 0
+    sel, ann = read_table("lean", "selected"), read_table("lean", "annotated")
+    assert ann.schema.names == schema.ANNOTATED.names
+    assert sel.num_rows > 0 and "drop_reason" not in sel.schema.names and "ifd_loss" not in sel.schema.names
+    assert [c for c in sel.schema.names if sel.column(c).null_count == sel.num_rows] == []
+    assert {"id", "source", "messages", "prompt", "response", "instruction", "rank"} <= set(sel.schema.names)
+    assert "exact_dup_of" in ann.schema.names and "exact_dup_of" not in sel.schema.names
+    assert load_manifest("lean")["outputs"]["columns"]["selected"] == sel.schema.names
+    assert run_cli("select", "lean", "--policy", "top_k", "--param", "column=approx_tokens", "--rows", "5") == 0
+    again = pq.read_table(os.path.join("lean", "selections", "top_k", "selected"))
+    assert again.schema.names == sel.schema.names and again.num_rows == 5
+    assert pc.all(pc.is_valid(again.column("rank"))).as_py()
