@@ -33,6 +33,11 @@ def test_demo_slice_matches_the_golden_selection_and_scores(job_dir):
                 assert math.isclose(have[c], want[c], rel_tol=5e-4, abs_tol=1e-9), (rid, c, have[c], want[c])
             else:
                 assert have[c] == want[c], (rid, c)
+    # the demo's selected/ holds what a trainer reads: no column that is null on every row
+    import pyarrow.parquet as pq
+
+    sel = pq.read_table(os.path.join("out", "selected"))
+    assert sel.num_rows and [c for c in sel.schema.names if sel.column(c).null_count == sel.num_rows] == []
 
 
 def _load(name: str) -> dict:
