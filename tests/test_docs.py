@@ -181,3 +181,18 @@ def test_the_site_builds_strict(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "WARNING" not in done.stderr
     assert os.path.isfile(tmp_path / "site" / "reference" / "job-file" / "index.html")
+
+
+def test_the_benchmarks_page_is_what_the_result_files_give(tmp_path):
+    from benchmarks import results_page
+
+    assert open(results_page.PAGE, encoding="utf-8").read() == results_page.render(), \
+        "regenerate: python -m benchmarks.results_page"
+    out = 'noise\n{"name": "x", "case": "a/1", "metric": "rows_per_s", "value": 2.5, "baseline": "script", ' \
+          '"baseline_value": 5.0, "ratio": 0.5, "cpu": "Some CPU, 2 cores"}\n'
+    path = results_page.save("x", "python -m benchmarks x", "a note", out, folder=str(tmp_path))
+    page = results_page.render(str(tmp_path))
+    assert "`python -m benchmarks x`" in page and "Some CPU, 2 cores" in page and "| a/1 | rows_per_s | 2.5 |" in page
+    with pytest.raises(ValueError, match="no benchmark JSON"):
+        results_page.save("y", "c", "", "nothing here", folder=str(tmp_path))
+    assert os.path.basename(path) == "x.jsonl"
