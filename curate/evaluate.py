@@ -8,7 +8,9 @@ from the rest, recovery of the same compressed model on it (``curate.recover``, 
 ``sft``, ``kd`` or ``sft+kd``) for each seed, and on every evaluation set: the response NLL,
 KL(dense || recovered), the share of the compression gap closed in each, and the flip rate (share
 of response positions where the recovered model's greedy next token differs from the dense
-model's). Seeds are paired: at a given seed every policy's recovery starts from the same LoRA
+model's). The NLL is reported per row (each row's mean over its response tokens, averaged over
+rows) and per token (``*_tok``: rows weighted by their response tokens, the NLL whose exponential
+is perplexity); the per-row mean lets a few short rows with a high NLL decide a comparison. Seeds are paired: at a given seed every policy's recovery starts from the same LoRA
 initialisation and walks its rows in an order fixed by the seed and the row ids, so the policies
 differ only in their rows. ``random`` draws a new selection at each seed; the other policies'
 selections do not depend on the seed.
@@ -20,7 +22,7 @@ longer rows does not beat it), and the whole pool (``pool``) when one run of the
 Each policy's difference to random on a set is the mean over paired seeds of (its NLL - random's
 NLL), with a bootstrap interval that resamples seeds and rows (hierarchical), the seeds where it
 won, and the smallest difference the run could detect (2.8 bootstrap standard errors: 5% two-sided,
-80% power), so a tie reads as a tie. Outputs in ``RUN/eval/`` (or ``--out``): ``results.parquet``
+80% power), so a tie reads as a tie; the same per token (``vs_random_tok``). Outputs in ``RUN/eval/`` (or ``--out``): ``results.parquet``
 (one row per policy, seed and set), ``heldout.parquet`` (one row per evaluation row, set, model and
 seed), ``summary.json`` and a table on stdout; ``curate report`` adds them to ``report.html``.
 """
@@ -225,13 +227,26 @@ def plan_selections(s: EvaluateSettings, selectable, folder: str, texts_by_id: d
     return names, selections
 
 
-def _set_metrics(nll, kl, flip, base: dict, ok: np.ndarray) -> dict:
-    """Means over the usable rows, and the gap closed against the compressed model."""
+def token_mean(values: np.ndarray, tokens: np.ndarray, ok: np.ndarray) -> float:
+    """The mean over response tokens (each row weighted by its response tokens): the NLL whose
+    exponential is perplexity, as the compression literature reports it. The plain mean over rows
+    gives a row of 3 tokens the weight of one of 120: a few short rows with a high NLL (short
+    factual answers) then decide the comparison and widen its interval."""
+    w = tokens[ok]
+    return float((values[ok] * w).sum() / w.sum()) if ok.any() and w.sum() > 0 else math.nan
+
+
+def _set_metrics(nll, kl, flip, base: dict, ok: np.ndarray, tokens: np.ndarray) -> dict:
+    """Means over the usable rows (and over their tokens), and the gap closed against the compressed model."""
     m_nll, m_kl, m_flip = (float(np.mean(v[ok])) if ok.any() else math.nan for v in (nll, kl, flip))
     gap = base["nll_compressed"] - base["nll_dense"]
     closed = (base["nll_compressed"] - m_nll) / gap if gap > 0 else math.nan
     closed_kl = (base["kl_compressed"] - m_kl) / base["kl_compressed"] if base["kl_compressed"] > 0 else math.nan
-    return {"nll": m_nll, "kl_dense": m_kl, "flip": m_flip, "gap_closed": closed, "gap_closed_kl": closed_kl}
+    m_tok = token_mean(nll, tokens, ok)
+    gap_tok = base["nll_tok_compressed"] - base["nll_tok_dense"]
+    closed_tok = (base["nll_tok_compressed"] - m_tok) / gap_tok if gap_tok > 0 else math.nan
+    return {"nll": m_nll, "kl_dense": m_kl, "flip": m_flip, "gap_closed": closed, "gap_closed_kl": closed_kl,
+            "nll_tok": m_tok, "gap_closed_tok": closed_tok}
 
 
 def evaluate(folder: str, s: EvaluateSettings, out: str | None = None, progress=None) -> dict:
@@ -285,6 +300,7 @@ def evaluate(folder: str, s: EvaluateSettings, out: str | None = None, progress=
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     examples = {name: [lm_data.encode(r, tok, rs.cutoff) for r in rows] for name, rows in sets}
     usable = {name: np.array([lm_data.usable(e) for e in ex], dtype=bool) for name, ex in examples.items()}
+    tokens = {name: np.array([e.n_targets for e in ex], dtype=np.float64) for name, ex in examples.items()}
     for name, ok in usable.items():
         if not ok.any():
             raise EvaluateError(f"evaluate: set {name!r} has no row with a response inside the cutoff ({rs.cutoff})")
@@ -299,6 +315,8 @@ def evaluate(folder: str, s: EvaluateSettings, out: str | None = None, progress=
         per_row[(name, "none", None)] = arr
         ok = usable[name]
         base[name] = {"nll_dense": float(np.mean(dn[ok])), "nll_compressed": float(np.mean(arr["nll"][ok])),
+                      "nll_tok_dense": token_mean(dn, tokens[name], ok),
+                      "nll_tok_compressed": token_mean(arr["nll"], tokens[name], ok),
                       "kl_compressed": float(np.mean(arr["kl"][ok])), "flip_compressed": float(np.mean(arr["flip"][ok])),
                       "rows": int(ok.sum()), "rows_unusable": int((~ok).sum())}
     del compressed
@@ -324,7 +342,7 @@ def evaluate(folder: str, s: EvaluateSettings, out: str | None = None, progress=
                        "flip": np.array([c["flip"] for c in cmp])}
                 per_row[(set_name, name, seed)] = arr
                 ok = usable[set_name]
-                met = _set_metrics(arr["nll"], arr["kl"], arr["flip"], base[set_name], ok)
+                met = _set_metrics(arr["nll"], arr["kl"], arr["flip"], base[set_name], ok, tokens[set_name])
                 srcs = sources[set_name]
                 by_source = {src: float(np.mean(arr["nll"][ok & (srcs == src)])) for src in sorted(set(srcs))
                              if (ok & (srcs == src)).any()}
@@ -339,10 +357,10 @@ def evaluate(folder: str, s: EvaluateSettings, out: str | None = None, progress=
                 progress(done, total, results[-len(examples)])
             del model
     summary = _summary(folder, s, rs, sets, base, names, results, per_row, usable, removed, selectable.num_rows,
-                       run_seed)
+                       run_seed, tokens)
     default = os.path.join(folder, "eval")
     out = out or default
-    _write(out, results, sets, per_row, summary)
+    _write(out, results, sets, per_row, summary, tokens)
     summary["output"] = os.path.abspath(out)
     if os.path.abspath(out) == os.path.abspath(default):  # the run's report shows its own evaluation
         from curate.report import write_report
@@ -354,15 +372,19 @@ def evaluate(folder: str, s: EvaluateSettings, out: str | None = None, progress=
     return summary
 
 
-def _summary(folder, s, rs, sets, base, names, results, per_row, usable, removed, n_selectable, run_seed) -> dict:
-    """Per set and per model: means over seeds; against random: hierarchical bootstrap, wins, MDE."""
+def _summary(folder, s, rs, sets, base, names, results, per_row, usable, removed, n_selectable, run_seed,
+             tokens) -> dict:
+    """Per set and per model: means over seeds; against random: hierarchical bootstrap, wins, MDE,
+    for the NLL per row and per token (``*_tok``: rows weighted by their response tokens)."""
     out_sets = {}
     for set_name, rows in sets:
         ok = usable[set_name]
+        weight = tokens[set_name][ok] / tokens[set_name][ok].mean() if ok.any() else tokens[set_name][ok]
         entry = {**base[set_name], "models": {}}
         for name in names:
             rs_ = [r for r in results if r["policy"] == name and r["set"] == set_name]
-            e = {k: float(np.mean([r[k] for r in rs_])) for k in ("nll", "kl_dense", "flip", "gap_closed", "gap_closed_kl")}
+            e = {k: float(np.mean([r[k] for r in rs_]))
+                 for k in ("nll", "kl_dense", "flip", "gap_closed", "gap_closed_kl", "nll_tok", "gap_closed_tok")}
             e.update(seeds=[r["seed"] for r in rs_], rows_selected=float(np.mean([r["rows"] for r in rs_])),
                      tokens_selected=float(np.mean([r["tokens"] for r in rs_])))
             for ref in ("random", TOKENS_PREFIX + name):
@@ -374,6 +396,10 @@ def _summary(folder, s, rs, sets, base, names, results, per_row, usable, removed
                 per_seed = diffs.mean(axis=1)
                 tag = "vs_random" if ref == "random" else "vs_length_matched"
                 e[tag] = {**boot, "wins": int((per_seed < 0).sum()), "seeds": len(s.seeds)}
+                # per token: the same paired differences, each row weighted by its response tokens
+                weighted = diffs * weight[None, :]
+                boot_tok = hierarchical_bootstrap(weighted, s.bootstrap, run_seed)
+                e[tag + "_tok"] = {**boot_tok, "wins": int((weighted.mean(axis=1) < 0).sum()), "seeds": len(s.seeds)}
             entry["models"][name] = e
         srcs = sorted({r["source"] for r in rows})
         entry["sources"] = srcs
@@ -410,7 +436,7 @@ def _summary(folder, s, rs, sets, base, names, results, per_row, usable, removed
             "policies": policies, "sets": out_sets, "macro": macro}
 
 
-def _write(out: str, results, sets, per_row, summary) -> None:
+def _write(out: str, results, sets, per_row, summary, tokens) -> None:
     import shutil
 
     import pyarrow as pa
@@ -425,7 +451,8 @@ def _write(out: str, results, sets, per_row, summary) -> None:
     for (set_name, name, seed), arr in per_row.items():
         for k, r in enumerate(rows_by_set[set_name]):
             rows.append({"id": r["id"], "set": set_name, "source": r["source"], "model": name, "seed": seed,
-                         "nll": float(arr["nll"][k]), "kl_dense": float(arr["kl"][k]), "flip": float(arr["flip"][k])})
+                         "nll": float(arr["nll"][k]), "kl_dense": float(arr["kl"][k]), "flip": float(arr["flip"][k]),
+                         "tokens": int(tokens[set_name][k])})
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(tmp, "heldout.parquet"))
     with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2)
@@ -454,13 +481,15 @@ def table_text(summary: dict) -> str:
         lines += ["", f"[{set_name}] {e['rows']} rows: dense NLL {e['nll_dense']:.4f}, compressed "
                       f"{e['nll_compressed']:.4f} (KL {e['kl_compressed']:.4f}, flip {e['flip_compressed']:.1%}){mde}",
                   f"{'model':<30} {'NLL':>7} {'gap':>7} {'KL':>7} {'KL gap':>7} {'flip':>6} "
-                  f"{'NLL - random [95% CI] wins':>36} {'NLL - same-tokens random':>36}",
+                  f"{'NLL - random [95% CI] wins':>36} {'NLL - same-tokens random':>36} "
+                  f"{'NLL/token':>9} {'gap':>7} {'NLL/token - random [95% CI] wins':>36}",
                   f"{'none (compressed)':<30} {e['nll_compressed']:>7.4f} {0:>6.1%} {e['kl_compressed']:>7.4f} "
-                  f"{0:>6.1%} {e['flip_compressed']:>6.1%}"]
+                  f"{0:>6.1%} {e['flip_compressed']:>6.1%} {'':>36} {'':>36} {e.get('nll_tok_compressed', math.nan):>9.4f}"]
         for name, m in e["models"].items():
             lines.append(f"{name:<30} {m['nll']:>7.4f} {m['gap_closed']:>6.1%} {m['kl_dense']:>7.4f} "
                          f"{m['gap_closed_kl']:>6.1%} {m['flip']:>6.1%} {_ci(m.get('vs_random')):>36} "
-                         f"{_ci(m.get('vs_length_matched')):>36}")
+                         f"{_ci(m.get('vs_length_matched')):>36} {m.get('nll_tok', math.nan):>9.4f} "
+                         f"{m.get('gap_closed_tok', math.nan):>6.1%} {_ci(m.get('vs_random_tok')):>36}")
     if len(summary["sets"]) > 1 or any(len(e["sources"]) > 1 for e in summary["sets"].values()):
         lines += ["", "macro averages: NLL over sets, gap closed over sets, NLL over sets' sources"]
         for name, m in summary["macro"].items():

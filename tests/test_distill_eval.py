@@ -164,6 +164,18 @@ def test_recover_and_evaluate_with_kd_on_the_users_own_set(tiny, job_dir):
     for chosen in res.selected_ids:  # no evaluation row, held out or the user's, is ever selected
         assert not set(chosen) & (set(shared_ids) | heldout)
     assert set(summary["macro"]) == set(models)
+    # per token: rows weighted by their response tokens, recomputed here from the per-row output
+    per_row = pd.read_parquet("run/eval/heldout.parquet").query("set == 'mine'")
+    assert (per_row.tokens >= 0).all() and per_row.tokens.max() > per_row.tokens.min()
+    ok = per_row[per_row.model == "none"].tokens > 0
+    for name, m in models.items():
+        got = per_row[per_row.model == name]
+        per_seed = [(g.nll[g.tokens > 0] * g.tokens[g.tokens > 0]).sum() / g.tokens[g.tokens > 0].sum()
+                    for _, g in got.groupby("seed")]
+        assert m["nll_tok"] == pytest.approx(float(np.mean(per_seed)), rel=1e-9), name
+        mine = summary["sets"]["mine"]
+        assert ok.any() and (math.isfinite(m["gap_closed_tok"]) or mine["nll_tok_compressed"] <= mine["nll_tok_dense"])
+    assert set(top["vs_random_tok"]) >= {"mean", "ci95", "mde", "wins"}
 
 
 def test_evaluate_refuses_no_set_and_a_bad_eval_flag(tiny, job_dir):
@@ -211,3 +223,14 @@ def test_whole_pool_baseline_only_when_the_steps_cover_the_pool():
     assert sel[("random", 0)] != sel[("random", 1)]
     assert plan_selections(s, table, "unused", {}, 0, steps_rows=11)[0] == ["random", "top_k"]
     assert plan_selections(s, table, "unused", {}, 0, steps_rows=None)[0] == ["random", "top_k"]
+
+
+def test_the_per_token_mean_weights_rows_by_their_tokens():
+    from curate.evaluate import token_mean
+
+    nll = np.array([6.0, 2.0, 2.0, np.nan])
+    tokens = np.array([2.0, 48.0, 50.0, 0.0])
+    ok = np.array([True, True, True, False])
+    assert token_mean(nll, tokens, ok) == pytest.approx((12 + 96 + 100) / 100)  # a short hard row weighs 2%
+    assert float(np.mean(nll[ok])) == pytest.approx(10 / 3)  # the per-row mean gives it a third
+    assert math.isnan(token_mean(nll, tokens, np.zeros(4, bool)))
