@@ -20,7 +20,7 @@ DOCS = os.path.join(REPO, "docs")
 PAGES = [os.path.join(REPO, "README.md")] + sorted(
     p for p in glob.glob(os.path.join(DOCS, "**", "*.md"), recursive=True)
     if not p.startswith(os.path.join(DOCS, "reference") + os.sep))
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+FENCE = re.compile(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```", re.S | re.M)  # fences inside list items too
 BASE_JOB = {"output": "out", "inputs": [{"source": "a", "path": "a.jsonl"}]}
 
 
