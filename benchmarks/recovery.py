@@ -17,7 +17,12 @@ difference, length-matched random and no-recovery baselines):
 - ``noisy``: the general pool with 30% of its rows made defective from real rows (a response moved
   to another row's instruction, a response cut mid-sentence, a refusal or placeholder, a row
   repeated three times); exact and near dedup on; the evaluation set 60 clean rows of the same
-  sources that are not in the pool; the general policies.
+  sources that are not in the pool; the general policies, then the r-IFD fixes.
+- ``noisy-replication``: a second noisy pool from other rows, other defects and another clean set,
+  on which the failure of IFD ranking and the fixes designed on the first draw are measured once.
+
+Each table leads with the NLL per token (rows weighted by their response tokens) and gives the NLL
+per row beside it (``curate.evaluate``; why per token: the recovery guide).
 
 Every scenario prints its table and one JSON line per model; ``--only NAME`` runs one. All data is
 written under ``runs/bench-recovery/`` (each evaluation's tables as ``SCENARIO/eval-*.md``) (``--quick``: ``runs/bench-recovery-quick/``, a smoke run of
