@@ -52,7 +52,7 @@ def selected_columns(folder: str) -> list[str]:
         return listed
     try:
         return parquet_columns(folder, "selected")
-    except (IndexError, OSError):
+    except (RunError, OSError):  # no selected/ Parquet files
         from curate.schema import SELECTED
 
         return SELECTED.names

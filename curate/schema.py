@@ -126,8 +126,8 @@ SELECTED_NOTE = ("annotated/'s columns less drop_reason, the dedup columns and t
 
 
 def _ran(stage, job) -> bool:
-    if stage.stage == "cluster" and job.cluster.enabled and job.cluster.column:
-        return True  # cluster ids read from an input field: no embeddings needed
+    if stage.stage == "cluster" and job.cluster.column:
+        return True  # cluster ids read from an input field, whatever cluster.enabled says (as config checks)
     return stage.enabled(job)
 
 

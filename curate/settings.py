@@ -42,6 +42,20 @@ def opt(default: Any = None, *, types: tuple | None = None, choices: tuple | Non
     return field(default=default, metadata={"opt": spec, "doc": doc})
 
 
+def device_opt():
+    return opt("auto", choices=DEVICES, doc="auto (CUDA when torch sees one), cpu or cuda")
+
+
+def dtype_opt(on_gpu: str):
+    """``on_gpu``: the dtype ``auto`` picks on a GPU (float16 for the embedder, bfloat16 for LMs)."""
+    return opt("auto", choices=DTYPES, doc=f"auto ({on_gpu} on a GPU, float32 on a CPU), float32, bfloat16 or float16")
+
+
+def cpu_linear_opt():
+    return opt("auto", choices=LINEAR_KERNELS,
+               doc="auto (measured on this CPU), torch or onednn: the float32 CPU kernel of linear layers")
+
+
 def free_map(doc: str = ""):
     """A mapping whose keys are not checked here (Beam options, policy parameters)."""
     return field(default_factory=dict, metadata={"opt": FreeMap(), "doc": doc})
@@ -205,11 +219,9 @@ class Embed:
         doc="whole (prompt + response), instruction or response")
     max_seq_length: int = opt(256, minimum=8, doc="tokens embedded per row (pinned, recorded in the manifest)")
     batch_size: int = opt(64, minimum=1, doc="rows per inference batch")
-    device: str = opt("auto", choices=DEVICES, doc="auto (CUDA when torch sees one), cpu or cuda")
-    dtype: str = opt("auto", choices=DTYPES,
-        doc="auto (float16 on a GPU, float32 on a CPU), float32, bfloat16 or float16")
-    cpu_linear: str = opt("auto", choices=LINEAR_KERNELS,
-        doc="auto (measured on this CPU), torch or onednn: the float32 CPU kernel of linear layers")
+    device: str = device_opt()
+    dtype: str = dtype_opt("float16")
+    cpu_linear: str = cpu_linear_opt()
     reuse: str | None = opt(None, types=(str,), doc="a previous run's output folder whose vectors are reused")
     cache: bool = opt(True, doc="reuse vectors of identical texts from earlier runs")
     cache_dir: str | None = opt(None, types=(str,),
@@ -229,12 +241,10 @@ class IFD:
     batch_size: int = opt(256, minimum=1, doc="rows per forward pass, at most (length-sorted, right-padded)")
     batch_tokens: int | None = opt(None, types=(int,), minimum=1,
         doc="padded tokens per forward pass, at most; none: 1024 on a CPU, 16384 on a GPU")
-    cpu_linear: str = opt("auto", choices=LINEAR_KERNELS,
-        doc="auto (measured on this CPU), torch or onednn: the float32 CPU kernel of linear layers")
+    cpu_linear: str = cpu_linear_opt()
     bucket_rows: int = opt(128, minimum=1, doc="rows handed to the scorer at once and sorted by length into batches")
-    device: str = opt("auto", choices=DEVICES, doc="auto (CUDA when torch sees one), cpu or cuda")
-    dtype: str = opt("auto", choices=DTYPES,
-        doc="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16 or float16")
+    device: str = device_opt()
+    dtype: str = dtype_opt("bfloat16")
     cache: bool = opt(True, doc="reuse scores of identical rows from earlier runs")
     cache_dir: str | None = opt(None, types=(str,),
         doc="score cache; none: ~/.cache/curate/scores (or $CURATE_CACHE/scores)")
@@ -248,13 +258,11 @@ class Degradation:
     model: str = opt("SmolLM2-135M-Instruct", doc="the dense model")
     compressed: str | None = opt(None, types=(str,), doc="the compressed model: a curate compress folder or any model")
     cutoff: int = opt(256, minimum=8, doc="tokens of prompt + response scored")
-    cpu_linear: str = opt("auto", choices=LINEAR_KERNELS,
-        doc="auto (measured on this CPU), torch or onednn: the float32 CPU kernel of linear layers")
+    cpu_linear: str = cpu_linear_opt()
     batch_size: int = opt(8, minimum=1, doc="rows per forward pass")
     bucket_rows: int = opt(64, minimum=1, doc="rows handed to the scorer at once")
-    device: str = opt("auto", choices=DEVICES, doc="auto (CUDA when torch sees one), cpu or cuda")
-    dtype: str = opt("auto", choices=DTYPES,
-        doc="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16 or float16")
+    device: str = device_opt()
+    dtype: str = dtype_opt("bfloat16")
     cache: bool = opt(True, doc="reuse scores of identical rows from earlier runs")
     cache_dir: str | None = opt(None, types=(str,), doc="score cache; none: under ~/.cache/curate (or $CURATE_CACHE)")
 
@@ -269,11 +277,9 @@ class RDS:
     max_length: int = opt(512, minimum=8, doc="tokens of the chat-rendered prompt + response")
     batch_size: int = opt(16, minimum=1, doc="rows per forward pass")
     bucket_rows: int = opt(64, minimum=1, doc="rows handed to the model at once, sorted by length")
-    cpu_linear: str = opt("auto", choices=LINEAR_KERNELS,
-        doc="auto (measured on this CPU), torch or onednn: the float32 CPU kernel of linear layers")
-    device: str = opt("auto", choices=DEVICES, doc="auto (CUDA when torch sees one), cpu or cuda")
-    dtype: str = opt("auto", choices=DTYPES,
-        doc="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16 or float16")
+    cpu_linear: str = cpu_linear_opt()
+    device: str = device_opt()
+    dtype: str = dtype_opt("bfloat16")
     cache: bool = opt(True, doc="reuse vectors of identical rows from earlier runs")
     cache_dir: str | None = opt(None, types=(str,), doc="vector cache; none: under ~/.cache/curate (or $CURATE_CACHE)")
 
@@ -301,9 +307,8 @@ class LESS:
     lora_r: int = opt(8, minimum=1, doc="LoRA rank")
     lora_alpha: int = opt(32, minimum=1, doc="LoRA alpha")
     lora_dropout: float = opt(0.1, minimum=0.0, maximum=1.0, doc="LoRA dropout")
-    device: str = opt("auto", choices=DEVICES, doc="auto (CUDA when torch sees one), cpu or cuda")
-    dtype: str = opt("auto", choices=DTYPES,
-        doc="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16 or float16")
+    device: str = device_opt()
+    dtype: str = dtype_opt("bfloat16")
     cache: bool = opt(True, doc="reuse warm-ups and gradient features from earlier runs")
     cache_dir: str | None = opt(None, types=(str,),
         doc="warm-up and feature cache; none: ~/.cache/curate/less (or $CURATE_CACHE/less)")
