@@ -109,10 +109,13 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_json_default)
+
+
 def canonical_json(row: Any) -> str:
-    """JSON text of a row with sorted keys: the same row always gives the same text."""
-    return json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-                      default=_json_default)
+    """JSON text of a row with sorted keys: the same row always gives the same text (one
+    encoder for all rows: ``json.dumps`` with options builds a new one per call)."""
+    return _CANONICAL.encode(row)
 
 
 def content_id(source: str, canonical: str) -> str:

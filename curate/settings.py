@@ -455,4 +455,7 @@ class Job:
     cluster: Cluster = section(Cluster)
     select: Select = section(Select)
     batch_size: int = opt(512, minimum=1, doc="rows per batch in per-record stages (never changes results)")
+    path: str = opt("batch", choices=("batch", "row"),
+        doc="batch: rows move in Arrow batches when no model stage is on (pipelines.batched); row: one "
+            "element per row everywhere (the older path, kept to compare)")
     beam: dict = free_map("Beam pipeline options, e.g. runner: DaskRunner (command-line flags win)")

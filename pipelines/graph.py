@@ -6,29 +6,47 @@ of all stages end in two JSON files the driver reads after the run (``pipelines.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import apache_beam as beam
 
 from curate.schema import selected_schema
 from curate.settings import Job
+from pipelines import batched
 from pipelines import transforms as T
-from pipelines.degradation import DegradationStage
-from pipelines.embed_cluster import EmbedClusterDedup
-from pipelines.less import LESSStage
-from pipelines.near_dedup import NearDedup
-from pipelines.rds import RDSStage
-from pipelines.realign import ReAlignStage
-from pipelines.rewrite import FAILURES, Reflection
-from pipelines.score import Score
-from pipelines.select import Select
 
 STATS_FILE, REPORTS_FILE = "_stats.json", "_reports.json"
+log = logging.getLogger("curate")
 
 
 def build(p: beam.Pipeline, cfg: Job, folder: str, rt: dict, run_id: str = "run") -> None:
     """Add the job's stages to ``p``, writing outputs under ``folder``; ``rt`` from
-    ``pipelines.runtime.resolve_runtime``; ``run_id`` names this run's cache shards."""
+    ``pipelines.runtime.resolve_runtime``; ``run_id`` names this run's cache shards. A job the
+    batch path can run (``pipelines.batched.eligible``) runs there."""
+    why = batched.eligible(cfg, rt)
+    if why is None:
+        log.info("pipeline: the batch path (rows in Arrow batches)")
+        out = batched.build(p, cfg, folder)
+        _write_json(out["stats"], out["reports"], folder)
+        return
+    log.info("pipeline: the row path (%s)", why)
+    _build_rows(p, cfg, folder, rt, run_id)
+
+
+def _build_rows(p: beam.Pipeline, cfg: Job, folder: str, rt: dict, run_id: str) -> None:
+    """The row path: one element per row through every stage (imported here: the model stages
+    bring Beam's RunInference, which a batch-path job never loads)."""
+    from pipelines.degradation import DegradationStage
+    from pipelines.embed_cluster import EmbedClusterDedup
+    from pipelines.less import LESSStage
+    from pipelines.near_dedup import NearDedup
+    from pipelines.rds import RDSStage
+    from pipelines.realign import ReAlignStage
+    from pipelines.rewrite import FAILURES, Reflection
+    from pipelines.score import Score
+    from pipelines.select import Select
+
     read = p | "Read" >> T.Read(cfg)
     valid = read["records"] | "Validate" >> T.Validate(cfg)
     ids = valid["records"] | "UniqueIds" >> T.UniqueIds(cfg)
@@ -64,6 +82,10 @@ def build(p: beam.Pipeline, cfg: Job, folder: str, rt: dict, run_id: str = "run"
     stats = (read["stats"], valid["stats"], ids["stats"], exact["stats"], reflected["stats"], realigned["stats"],
              *([rewritten["stats"]] if rewriting else []), near["stats"], ec["stats"],
              scored["stats"], targeted["stats"], less["stats"], degraded["stats"], written["stats"])
-    stats | "FlattenStats" >> beam.Flatten() | "Stats" >> T.WriteStats(os.path.join(folder, STATS_FILE))
-    reports = (near["reports"], ec["reports"], selection["reports"]) | "FlattenReports" >> beam.Flatten()
-    reports | "Reports" >> T.WriteJson(os.path.join(folder, REPORTS_FILE))
+    _write_json(stats, (near["reports"], ec["reports"], selection["reports"]), folder)
+
+
+def _write_json(stats, reports, folder: str) -> None:
+    """Every stage's stats and reports into the two files the driver reads after the run."""
+    tuple(stats) | "FlattenStats" >> beam.Flatten() | "Stats" >> T.WriteStats(os.path.join(folder, STATS_FILE))
+    tuple(reports) | "FlattenReports" >> beam.Flatten() | "Reports" >> T.WriteJson(os.path.join(folder, REPORTS_FILE))

@@ -1,0 +1,177 @@
+"""The batch path (``pipelines.batched``) gives the row path's outputs, row for row.
+
+The pool takes every branch: rejects of every reason the reader and validator give, repeated
+user ids with other content (``duplicate_id``) and byte-identical rows (renumbered), exact and
+near duplicates inside a batch, across batches, files and sources, a file of one row, a file of
+rejects only (a batch with no records), and units cut into several pieces of one file."""
+import json
+import random
+
+import pandas as pd
+import pytest
+
+from curate import io
+from pipelines import batched
+from pipelines import transforms as T
+from tests.conftest import load_manifest, run_cli, without_models, write_job
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega red green blue black white river stone cloud fire water").split()
+
+
+def _text(rng, n=40):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def _pool(folder):
+    rng = random.Random(7)
+    base = [{"instruction": _text(rng, 12), "output": _text(rng, 60)} for _ in range(60)]
+    a = []
+    for i, row in enumerate(base):
+        a.append(row)
+        if i % 5 == 0:
+            a.append(dict(row))  # byte-identical: same content id, renumbered, then an exact duplicate
+        if i % 7 == 0:
+            a.append({"instruction": row["instruction"].upper(), "output": row["output"] + "  "})  # exact after normalizing
+        if i % 4 == 0:
+            words = row["output"].split()
+            words[len(words) // 2] = "changed"
+            a.append({"instruction": row["instruction"], "output": " ".join(words)})  # near duplicate
+    rng.shuffle(a)
+    lines = [json.dumps(r) for r in a]
+    lines[3:3] = ["{not json", "[1, 2]", json.dumps({"foo": "bar"}), json.dumps({"instruction": "x"}),
+                  json.dumps({"instruction": 3, "output": "y"}), json.dumps({"messages": "nope"}),
+                  json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+                  json.dumps({"instruction": "q", "output": "   "}), json.dumps({"instruction": " ", "output": "a"}),
+                  json.dumps({"instruction": "long " * 400, "output": "b"})]
+    (folder / "a.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"instruction": "\xff", "output": "z"}\n')
+    b = []
+    for i, row in enumerate(base[:30]):
+        b.append({"uid": i, **row} if i % 3 else {"uid": i, "messages": [
+            {"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]})
+    b.append({"uid": 1, "instruction": "another row", "output": "with the same id"})  # duplicate_id
+    b.append(dict(b[2]))  # the same id and content: renumbered
+    b.append({"instruction": "no id", "output": "here"})  # missing_id
+    words = base[40]["output"].split()
+    words[5] = "other"
+    b.append({"uid": 99, "instruction": base[40]["instruction"], "output": " ".join(words)})  # near, across sources
+    (folder / "b.jsonl").write_text("\n".join(json.dumps(r) for r in b) + "\n")
+    (folder / "c.jsonl").write_text(json.dumps(base[50]) + "\n")  # one row, an exact duplicate of a's
+    (folder / "d.jsonl").write_text("{broken\n" + json.dumps({"output": "no prompt"}) + "\n")
+
+
+def _job(folder, out, path, **over):
+    cfg = without_models({
+        "output": out, "path": path, "seed": 3,
+        "inputs": [{"source": "a", "path": "a.jsonl"}, {"source": "b", "path": "b.jsonl", "id_field": "uid"},
+                   {"source": "c", "path": "c.jsonl"}, {"source": "d", "path": "d.jsonl"}],
+        "validate": {"max_chars": 1000},
+        "dedup": {"exact": {"enabled": True}, "near": {"enabled": True, "threshold": 0.7}},
+        "select": {"policy": "random", "budget": {"fraction": 0.5}}})
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            merged = {**cfg[key]}
+            for k, v in value.items():
+                deep = key == "dedup" and isinstance(merged.get(k), dict)
+                merged[k] = {**merged[k], **v} if deep else v
+            cfg[key] = merged
+        else:
+            cfg[key] = value
+    return write_job(folder, cfg, f"{out}.yaml")
+
+
+def _outputs(out):
+    ann = pd.read_parquet(f"{out}/annotated").sort_values("id").reset_index(drop=True)
+    sel = pd.read_parquet(f"{out}/selected").sort_values("id").reset_index(drop=True)
+    rej = pd.read_parquet(f"{out}/rejects").sort_values(["source", "row_number", "reason"]).reset_index(drop=True)
+    man = load_manifest(out)
+    return ann, sel, rej, man
+
+
+@pytest.fixture
+def small_batches(monkeypatch):
+    """Batches of 8 rows and files cut into pieces of about 4 KB, so duplicates cross batches
+    and units (the defaults would put this pool in one batch)."""
+    monkeypatch.setattr(batched, "SIGNATURE_BATCH", 8)
+    monkeypatch.setattr(T, "jsonl_chunks", lambda path: io.jsonl_chunks(path, 4096))
+
+
+VARIANTS = {
+    "default": {},
+    "source_scopes_unverified": {"dedup": {"exact": {"scope": "source"}, "near": {"scope": "source", "verify": False}}},
+    "no_exact": {"dedup": {"exact": {"enabled": False}}},
+    "no_near": {"dedup": {"near": {"enabled": False}}},
+    "mixture_rows": {"select": {"policy": "mixture", "params": {"shares": {"a": 0.5, "b": 0.3, "c": 0.2}},
+                                "budget": {"rows": 40}}},
+    "random_sample": {"sample": {"mode": "random", "n": 50, "seed": 1}},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_batch_path_gives_the_row_paths_outputs(job_dir, small_batches, variant, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="curate")
+    _pool(job_dir)
+    assert run_cli("run", _job(job_dir, "row", "row", **VARIANTS[variant])) == 0
+    assert "the row path (path: row)" in caplog.text
+    assert run_cli("run", _job(job_dir, "batch", "batch", **VARIANTS[variant])) == 0
+    assert "the batch path" in caplog.text
+    row, batch = _outputs("row"), _outputs("batch")
+    for name, a, b in zip(("annotated", "selected", "rejects"), row[:3], batch[:3]):
+        assert list(a.columns) == list(b.columns), name
+        pd.testing.assert_frame_equal(a, b, obj=name)
+    ann, _, rej, man = batch
+    assert man["accounting"]["holds"]
+    for key in ("rows_in", "selected", "dropped", "rejected", "by_source"):
+        assert man["counts"][key] == row[3]["counts"][key], key
+    if variant == "default":  # the pool took the branches it was built for
+        reasons = set(rej.reason)
+        assert {"malformed_json", "not_an_object", "unknown_form", "missing_field", "wrong_type", "bad_messages",
+                "no_response", "empty_response", "empty_prompt", "too_long", "undecodable_bytes", "missing_id",
+                "duplicate_id"} <= reasons
+        dropped = ann.drop_reason.value_counts()
+        assert dropped["exact_duplicate"] > 10 and dropped["near_duplicate"] > 5
+        assert ann.id.str.contains("#").any()  # renumbered identical rows
+        assert man["stages"]["read"]["rows"] == man["counts"]["rows_in"]
+        assert ann[ann.near_dup_of.notna()].source.nunique() >= 1 and ann.near_dup_cluster.notna().sum() > 10
+        assert (ann.source == "c").sum() == 1 and ann.set_index("source").loc["c", "drop_reason"] == "exact_duplicate"
+
+
+def test_batch_size_and_pieces_do_not_change_the_batch_paths_outputs(job_dir, monkeypatch):
+    _pool(job_dir)
+    assert run_cli("run", _job(job_dir, "whole", "batch")) == 0
+    monkeypatch.setattr(batched, "SIGNATURE_BATCH", 3)
+    monkeypatch.setattr(T, "jsonl_chunks", lambda path: io.jsonl_chunks(path, 2048))
+    assert run_cli("run", _job(job_dir, "pieces", "batch")) == 0
+    for a, b in zip(_outputs("whole")[:3], _outputs("pieces")[:3]):
+        pd.testing.assert_frame_equal(a, b)
+
+
+def test_jobs_the_batch_path_cannot_run_take_the_row_path(job_dir, caplog):
+    import logging
+
+    from curate.config import load
+    from pipelines.runtime import resolve_runtime
+
+    caplog.set_level(logging.INFO, logger="curate")
+    _pool(job_dir)
+    cfg = load(_job(job_dir, "o", "batch"))
+    assert batched.eligible(cfg, resolve_runtime(cfg)) is None
+    assert "not keyed" in batched.eligible(load(_job(job_dir, "o2", "batch", select={
+        "policy": "random", "scope": "cluster", "budget": {"fraction": 0.5}}, cluster={"column": "uid"})), {}) \
+        or "cluster.column" in batched.eligible(load(_job(job_dir, "o2", "batch", cluster={"column": "uid"})), {})
+    assert "model or rewrite stages on (embed)" == batched.eligible(cfg, {"embed": {}})
+    assert batched.eligible(load(_job(job_dir, "o3", "row")), {}) == "path: row"
+
+
+@pytest.mark.parametrize("flags", [["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+                                   ["--runner=DaskRunner", "--dask_workers=2"]], ids=["fnapi_2_processes", "dask_2"])
+def test_the_batch_path_gives_the_same_outputs_on_other_runners(job_dir, small_batches, flags):
+    pytest.importorskip("distributed")
+    _pool(job_dir)
+    assert run_cli("run", _job(job_dir, "one", "batch")) == 0
+    assert run_cli("run", _job(job_dir, "other", "batch"), *flags) == 0
+    for a, b in zip(_outputs("one")[:3], _outputs("other")[:3]):
+        pd.testing.assert_frame_equal(a, b)
+    assert _outputs("other")[3]["counts"] == _outputs("one")[3]["counts"]
