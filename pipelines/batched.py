@@ -34,14 +34,14 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from curate.dedup import bloom, minhash
+from curate.dedup import minhash
 from curate.dedup.exact import dedup_key
 from curate.dedup.near import UnionFind, band_keys, bucket_edges, source_salt
 from curate.io import SourceReadError, iter_file, sample_rows
 from curate.records import convert, make_reject
 from curate.select import keyed as K
 from curate.select import scope as S
-from curate.select.features import cluster_name, features_batch
+from curate.select.features import FEATURES, cluster_name, features_batch
 from curate.settings import Job
 from curate.stats import stat_key
 from pipelines import transforms as T
@@ -52,8 +52,8 @@ from pipelines.stage import STATS, StageFn
 SHIFT = 32  # a locator is unit << SHIFT | the row's place among the unit's rows
 KEY_SHARDS = 64  # id and exact-key arrays are grouped in this many parts
 MODEL_STAGES = ("embed", "cluster", "score", "rds", "less", "degradation", "rewrite")
-IDS, EXACT, BANDS, NEAR_ROWS, FEATS, REJECTS, ROWS = "ids", "exact", "bands", "near_rows", "feats", "rejects", "rows"
-# the columns a row has before any decision (the record's own), carried from Scan to Apply
+IDS, EXACT, BANDS, NEAR_ROWS, FEATS, REJECTS = "ids", "exact", "bands", "near_rows", "feats", "rejects"
+# the columns a row has before any decision (the record's own)
 BASE_COLUMNS = ("id", "source", "prompt", "response", "instruction", "input", "messages", "original")
 
 
@@ -183,8 +183,9 @@ class ScanFn(StageFn):
             yield beam.pvalue.TaggedOutput(NEAR_ROWS, (source, pack(pa.table({
                 "id": pa.array(ids, pa.string()), "loc": locs, "text": pa.array(texts, pa.large_string()),
                 "length": pa.array([len(r["response"]) for r in recs], pa.int64())}))))
-        yield beam.pvalue.TaggedOutput(FEATS, (locs, features_batch(recs)))
-        yield beam.pvalue.TaggedOutput(ROWS, (batch_of(int(locs[0]), self.size), pack(base_table(locs, recs))))
+        feats = features_batch(recs)  # only the columns with a value travel (no score in this path)
+        yield beam.pvalue.TaggedOutput(FEATS, (locs, feats.select(
+            [c for c in feats.column_names if feats.column(c).null_count < feats.num_rows])))
 
 
 def _split(shards):
@@ -195,16 +196,11 @@ def _split(shards):
     return [(int(s), part) for s, part in zip(present, np.split(order, starts[1:]))]
 
 
-def batch_of(loc: int, size: int) -> tuple[int, int]:
-    """The Scan batch a row left in: (unit, place // size); Apply joins decisions by it."""
-    return loc >> SHIFT, (loc & ((1 << SHIFT) - 1)) // size
-
-
-def _by_batch(pairs, size: int) -> list[tuple[tuple, list]]:
-    """(loc, value) pairs -> (batch, [(loc, value), ...]) elements, one per batch."""
+def _by_unit(pairs) -> list[tuple[int, list]]:
+    """(loc, value) pairs -> (unit, [(loc, value), ...]) elements, one per unit: Apply joins by unit."""
     out = defaultdict(list)
     for loc, value in pairs:
-        out[batch_of(int(loc), size)].append((int(loc), value))
+        out[int(loc) >> SHIFT].append((int(loc), value))
     return list(out.items())
 
 
@@ -298,8 +294,8 @@ def _by_vshard(items, key):
 
 class BucketsFn(StageFn):
     """One band-key shard: live rows only, star edges (smallest id, other) per bucket, as lists
-    keyed by the verify shard of their first id; the edges' ids also go out (``ends``) for the
-    candidates' Bloom filter."""
+    keyed by the verify shard of their first id; the locators of the rows on an edge also go out
+    (``ends``): the candidates whose signatures are computed again."""
 
     stage = "near_dedup"
     metrics = ("big_buckets",)
@@ -311,7 +307,7 @@ class BucketsFn(StageFn):
     def handle(self, element, changes, gone):
         shard, parts = element
         gone = _as_set(self, gone)
-        keys, ids = [], []
+        keys, ids, kept_locs = [], [], []
         for k, locs, rids in parts:
             keep = []
             for j, (loc, rid) in enumerate(zip(locs.tolist(), rids)):
@@ -319,6 +315,7 @@ class BucketsFn(StageFn):
                 if rid is not None:
                     keep.append(j)
                     ids.append(rid)
+                    kept_locs.append(loc)
             keys.append(k[keep])
         flat = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
         edges, big = bucket_edges(flat, ids, self.max_bucket)
@@ -326,12 +323,10 @@ class BucketsFn(StageFn):
             self.count("big_buckets", len(big))
         for vs, part in sorted(_by_vshard(edges, lambda e: e[0]).items()):
             yield vs, sorted(part)
-        ends = defaultdict(set)
-        for a, b in edges:
-            ends[bloom.shard_of(a)].add(a)
-            ends[bloom.shard_of(b)].add(b)
-        for bs, part in ends.items():
-            yield beam.pvalue.TaggedOutput("ends", (bs, sorted(part)))
+        ends = {rid for e in edges for rid in e}
+        if ends:
+            yield beam.pvalue.TaggedOutput("ends", np.unique(np.array(
+                [loc for loc, rid in zip(kept_locs, ids) if rid in ends], np.int64)))
 
 
 def _as_set(fn, values) -> frozenset:
@@ -343,9 +338,9 @@ def _as_set(fn, values) -> frozenset:
 
 
 class NearRowsFn(StageFn):
-    """The rows on a candidate edge (as far as the Bloom filter tells): their signatures (when
-    verifying, by verify shard) and what the keep rule reads (``info``: id, locator, response
-    length, source)."""
+    """The rows on a candidate edge (``candidates``: their sorted locators, 8 bytes a row on an
+    edge, about 1.6 MB at a million rows): their signatures (when verifying, by verify shard) and
+    what the keep rule reads (``info``: id, locator, response length, source)."""
 
     stage = "near_dedup"
     metrics = ("rows", "signatures_recomputed")
@@ -361,12 +356,13 @@ class NearRowsFn(StageFn):
         locs, lengths = locs.to_numpy(), lengths.to_numpy()
         gone = _as_set(self, gone)
         pick, live = [], 0
+        on_edge = _member(locs, candidates)
         for j, (loc, rid) in enumerate(zip(locs.tolist(), ids.to_pylist())):
             rid = _live_id(loc, rid, changes, gone)
             if rid is None:
                 continue
             live += 1
-            if bloom.might_contain(candidates, rid):
+            if on_edge[j]:
                 pick.append((j, rid, loc))
         self.count("rows", live)
         if not pick:
@@ -379,6 +375,19 @@ class NearRowsFn(StageFn):
             self.count("signatures_recomputed", len(pick))
             for vs, part in _by_vshard(range(len(pick)), lambda i: pick[i][1]).items():
                 yield vs, ([pick[i][1] for i in part], sigs[part])
+
+
+def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Which of ``values`` are in ``sorted_set`` (sorted, distinct)."""
+    if len(sorted_set) == 0:
+        return np.zeros(len(values), bool)
+    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[at] == values
+
+
+def _sorted_union(parts) -> np.ndarray:
+    parts = list(parts)
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
 
 def _sig_lookup(sig_parts) -> tuple[dict, np.ndarray | None]:
@@ -394,7 +403,7 @@ def _first_half(element):
     _, joined = element
     where, sigs = _sig_lookup(joined["sig"])
     edges = sorted({tuple(e) for part in joined["edges"] for e in part})
-    edges = [e for e in edges if e[0] in where]  # a Bloom filter has no false negatives: all of them
+    edges = [e for e in edges if e[0] in where]  # every edge's ends are candidates: all of them
     for vs, part in _by_vshard(edges, lambda e: e[1]).items():
         yield vs, (part, sigs[[where[a] for a, _ in part]])
 
@@ -482,11 +491,9 @@ class Near(beam.PTransform):
         bucket = (bands | "GroupShards" >> beam.GroupByKey()
                   | "StarEdges" >> beam.ParDo(BucketsFn(p.max_bucket_size), changes, gone)
                   .with_outputs(STATS, "ends", main="edges"))
-        candidates = (bucket.ends | "GroupFilterShards" >> beam.GroupByKey()
-                      | "ShardFilters" >> beam.MapTuple(
-                          lambda shard, parts: (shard, bloom.shard_filter(sorted({i for x in parts for i in x})))))
+        candidates = bucket.ends | "Candidates" >> beam.CombineGlobally(_sorted_union)
         rows = self.near_rows | "CandidateRows" >> beam.ParDo(
-            NearRowsFn(p, p.verify), beam.pvalue.AsDict(candidates), changes, gone).with_outputs(
+            NearRowsFn(p, p.verify), beam.pvalue.AsSingleton(candidates), changes, gone).with_outputs(
             STATS, "info", main="sigs")
         stats = [bucket[STATS], rows[STATS]]
         if p.verify:
@@ -543,10 +550,11 @@ class KeyedSelect(beam.PTransform):
         name = lambda why: K.reason(policy, why)  # noqa: E731
         per_range = S.RANK_BUCKET_ROWS
         required = tuple(policy.required_columns())
+        absent = {f.name: None for f in FEATURES}
 
         def row_keys(element):
             locs, table = element
-            rows = table.to_pylist()
+            rows = [{**absent, **r} for r in table.to_pylist()]
             out = {"n": len(rows), "drops": [], "eligible": [], "sizes": Counter(), "present": set(), "samples": []}
             for loc, r in zip(locs.tolist(), rows):
                 about = (r["source"], cluster_name(r))
@@ -660,8 +668,8 @@ def base_table(locs: np.ndarray, records: list[dict]) -> pa.Table:
 
 
 def pack(table: pa.Table) -> bytes:
-    """A table as zstd-compressed Arrow IPC: what a runner holds between Scan and Apply is about
-    a third of the rows' text (the in-process runner keeps it in memory until Apply reads it)."""
+    """A table as zstd-compressed Arrow IPC: the near text waits in the runner's memory from Scan
+    until the candidates' signatures are computed, at about a third of its size."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
         w.write_table(table)
@@ -673,24 +681,33 @@ def unpack(data: bytes) -> pa.Table:
 
 
 class ApplyFn(StageFn):
-    """A batch gets its decisions and leaves as Arrow tables (annotated on the main
-    output, the selected rows' columns on ``selected``)."""
+    """A unit read again (the same rows in the same order, ``unit_rows``); its rows get their
+    decisions and leave as Arrow tables (annotated on the main output, the selected rows' columns
+    on ``selected``). Reading twice costs a tenth of the path; carrying the rows from Scan to here
+    would hold them all in the runner's memory meanwhile (about 1 KB a row compressed)."""
 
     stage = "write"
     metrics = ("selected", "dropped")
 
-    def __init__(self, selected_schema: pa.Schema):
+    def __init__(self, cfg: Job, selected_schema: pa.Schema):
         from curate import schema
 
+        self.specs, self.sample = T.row_specs(cfg), cfg.sample
+        self.size = max(cfg.batch_size, SIGNATURE_BATCH)
         self.annotated, self.selected_schema = schema.ANNOTATED, selected_schema
 
     def handle(self, element):
         _, joined = element
+        unit = joined["unit"][0]
         dec = defaultdict(dict)
         for kind, pairs in joined["dec"]:
             dec[kind].update(pairs)
-        for data in joined["rows"]:
-            table = self._decide(unpack(data), dec)
+        base = unit["index"] << SHIFT
+        records = ((base | i, rec) for i, kind, rec in unit_rows(unit, self.specs[unit["source"]], self.sample)
+                   if kind == "record")
+        for chunk in _chunks(records, self.size):
+            table = self._decide(base_table(np.array([loc for loc, _ in chunk], np.int64),
+                                            [rec for _, rec in chunk]), dec)
             if table.num_rows == 0:
                 continue
             yield table
@@ -754,8 +771,8 @@ def output_table(records: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def _kind(kind, size):
-    return lambda pairs: [(batch, (kind, part)) for batch, part in _by_batch(pairs, size)]
+def _kind(kind):
+    return lambda pairs: [(unit, (kind, part)) for unit, part in _by_unit(pairs)]
 
 
 def build(p: beam.Pipeline, cfg: Job, folder: str) -> dict:
@@ -765,20 +782,19 @@ def build(p: beam.Pipeline, cfg: Job, folder: str) -> dict:
 
     units = [{**u, "index": i} for i, u in enumerate(T.read_units(cfg))]
     scan = (p | "Units" >> beam.Create(units, reshuffle=True)
-            | "Scan" >> beam.ParDo(ScanFn(cfg)).with_outputs(STATS, REJECTS, IDS, EXACT, BANDS, NEAR_ROWS, FEATS, ROWS))
+            | "Scan" >> beam.ParDo(ScanFn(cfg)).with_outputs(STATS, REJECTS, IDS, EXACT, BANDS, NEAR_ROWS, FEATS))
     ids = (scan[IDS] | "GroupIds" >> beam.GroupByKey()
            | "UniqueIds" >> beam.ParDo(IdsFn()).with_outputs(STATS, REJECTS, main="changes"))
     changes = ids.changes
     stats = [scan[STATS], ids[STATS]]
-    size = max(cfg.batch_size, SIGNATURE_BATCH)
-    decisions = [changes | "IdDecisions" >> beam.Map(lambda kv: (batch_of(kv[0], size), ("id", [kv])))]
+    decisions = [changes | "IdDecisions" >> beam.Map(lambda kv: (kv[0] >> SHIFT, ("id", [kv])))]
     gone = [changes | "Rejected" >> beam.FlatMap(lambda kv: [kv[0]] if kv[1] is None else [])]
     if cfg.dedup.exact.enabled:
         exact = (scan[EXACT] | "GroupKeys" >> beam.GroupByKey()
                  | "ExactDedup" >> beam.ParDo(ExactFn([s.source for s in cfg.inputs]), beam.pvalue.AsDict(changes))
                  .with_outputs(STATS, main="dups"))
         stats.append(exact[STATS])
-        decisions.append(exact.dups | "ExactDecisions" >> beam.Map(lambda kv: (batch_of(kv[0], size), ("exact", [kv]))))
+        decisions.append(exact.dups | "ExactDecisions" >> beam.Map(lambda kv: (kv[0] >> SHIFT, ("exact", [kv]))))
         gone.append(exact.dups | "ExactGone" >> beam.Map(lambda kv: kv[0]))
     gone_before_near = gone | "GoneBeforeNear" >> beam.Flatten()
     reports = []
@@ -786,17 +802,18 @@ def build(p: beam.Pipeline, cfg: Job, folder: str) -> dict:
         near = scan[BANDS] | "NearDedup" >> Near(cfg.dedup.near, changes, gone_before_near, scan[NEAR_ROWS])
         stats.append(near["stats"])
         reports.append(near["reports"])
-        decisions.append(near["decisions"] | "NearDecisions" >> beam.FlatMap(_kind("near", size)))
+        decisions.append(near["decisions"] | "NearDecisions" >> beam.FlatMap(_kind("near")))
         gone.append(near["decisions"] | "NearGone" >> beam.FlatMap(lambda d: [loc for loc, v in d if v[1] is not None]))
     gone_all = gone | "GoneBeforeSelect" >> beam.Flatten()
     live = scan[FEATS] | "Candidates" >> beam.ParDo(LiveFeaturesFn(), beam.pvalue.AsDict(changes),
                                                      beam.pvalue.AsList(gone_all))
     selection = live | "Select" >> KeyedSelect(cfg)
     reports.append(selection["report"])
-    decisions.append(selection["decisions"] | "SelectDecisions" >> beam.FlatMap(_kind("select", size)))
-    applied = ({"rows": scan[ROWS], "dec": decisions | "AllDecisions" >> beam.Flatten()}
+    decisions.append(selection["decisions"] | "SelectDecisions" >> beam.FlatMap(_kind("select")))
+    applied = ({"unit": p | "ApplyUnits" >> beam.Create([(u["index"], u) for u in units]),
+                "dec": decisions | "AllDecisions" >> beam.Flatten()}
                | "ByUnit" >> beam.CoGroupByKey()
-               | "Apply" >> beam.ParDo(ApplyFn(schema.selected_schema(cfg))).with_outputs(
+               | "Apply" >> beam.ParDo(ApplyFn(cfg, schema.selected_schema(cfg))).with_outputs(
                    STATS, "selected", main="annotated"))
     stats.append(applied[STATS])
     batched = dict(file_name_suffix=".parquet", codec="zstd")
