@@ -27,6 +27,7 @@ rewrite stage is on and the policy is keyed (``eligible``), else the row path ru
 """
 from __future__ import annotations
 
+import logging
 import zlib
 from collections import Counter, defaultdict
 
@@ -36,7 +37,7 @@ import pyarrow as pa
 
 from curate.dedup import minhash
 from curate.dedup.exact import dedup_key
-from curate.dedup.near import UnionFind, band_keys, bucket_edges, source_salt
+from curate.dedup.near import UnionFind, band_keys, source_salt
 from curate.io import SourceReadError, iter_file, sample_rows
 from curate.records import convert, make_reject
 from curate.select import keyed as K
@@ -49,6 +50,7 @@ from pipelines.near_dedup import N_SHARDS, SIGNATURE_BATCH
 from pipelines.select import _Report, policy_from
 from pipelines.stage import STATS, StageFn
 
+log = logging.getLogger("curate")
 SHIFT = 32  # a locator is unit << SHIFT | the row's place among the unit's rows
 KEY_SHARDS = 64  # id and exact-key arrays are grouped in this many parts
 MODEL_STAGES = ("embed", "cluster", "score", "rds", "less", "degradation", "rewrite")
@@ -144,7 +146,11 @@ class ScanFn(StageFn):
                 seen[0] += 1
                 yield (i, item, None) if kind == "record" else (i, None, item)
 
+        pending = None  # the previous batch's band keys, computed in a thread while this batch is read
         for chunk in _chunks(rows(), self.size):
+            if pending is not None:
+                yield from pending()
+                pending = None
             self.count("rows", len(chunk), source=source, progress=True)
             for _, _, rej in chunk:
                 if rej is not None:
@@ -153,39 +159,63 @@ class ScanFn(StageFn):
             recs = [(base | i, rec) for i, rec, _ in chunk if rec is not None]
             self._other("validate", "records", len(recs), source=source)
             if recs:
-                yield from self._arrays(source, [loc for loc, _ in recs], [rec for _, rec in recs])
+                out, pending = self._arrays(source, [loc for loc, _ in recs], [rec for _, rec in recs])
+                yield from out
+        if pending is not None:
+            yield from pending()
         self.count("rows_seen", seen[0], source=source)
 
-    def _arrays(self, source, locs, recs):
-        ids = [r["id"] for r in recs]
+    def _bands(self, source, locs, texts):
+        """Start the batch's signatures in a thread (numpy lets go of the GIL for most of the work,
+        so the next batch's reading and validation go on beside it); the returned function gives
+        the band-key entries by shard once they are done."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        p = self.near
+        if getattr(self, "_pool", None) is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="curate-signatures")
+        future = self._pool.submit(minhash.signatures, texts, p.num_perm, p.seed, p.ngram, p.unit)
+
+        def entries():
+            salts = np.full(len(texts), source_salt(source), dtype=np.uint64) if p.scope == "source" else None
+            keys = band_keys(future.result(), p.bands, p.rows, salts)
+            flat = keys.ravel()
+            owner = np.repeat(np.arange(len(texts)), keys.shape[1])
+            for shard, part in _split((flat % np.uint64(N_SHARDS)).astype(np.int64)):
+                yield beam.pvalue.TaggedOutput(BANDS, (shard, (flat[part], locs[owner[part]])))
+
+        return entries
+
+    def teardown(self):
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False)
+
+    def _arrays(self, source, locs, recs) -> tuple[list, object]:
+        """A batch's compact outputs, and the function that gives its band keys (or None)."""
+        out, ids = [], [r["id"] for r in recs]
         locs = np.array(locs, dtype=np.int64)
         user = source in self.user_ids
         extra = ([r["original"] for r in recs], [r["_file"] for r in recs], [r["_row"] for r in recs]) if user else None
         for shard, part in _split([stable_shard(i, KEY_SHARDS) for i in ids]):
-            yield beam.pvalue.TaggedOutput(IDS, (shard, (source, [ids[j] for j in part], locs[part],
-                                                         extra and tuple([col[j] for j in part] for col in extra))))
+            out.append(beam.pvalue.TaggedOutput(IDS, (shard, (source, [ids[j] for j in part], locs[part],
+                                                              extra and tuple([col[j] for j in part] for col in extra)))))
         if self.exact.enabled:
-            keys = [dedup_key(r["prompt"], r["response"], source, self.exact.scope) for r in recs]
-            for shard, part in _split([int(k[:8], 16) % KEY_SHARDS for k in keys]):
-                yield beam.pvalue.TaggedOutput(EXACT, (shard, (self.rank[source], [keys[j] for j in part],
-                                                               [ids[j] for j in part], locs[part])))
+            keys = np.array([bytes.fromhex(dedup_key(r["prompt"], r["response"], source, self.exact.scope))
+                             for r in recs], dtype="S16")
+            for shard, part in _split(keys.view(">u8")[::2] % np.uint64(KEY_SHARDS)):
+                out.append(beam.pvalue.TaggedOutput(EXACT, (shard, (self.rank[source], keys[part],
+                                                                    [ids[j] for j in part], locs[part]))))
+        bands = None
         if self.near.enabled:
-            p = self.near
-            texts = [near_text(r, p.text) for r in recs]
-            sigs = minhash.signatures(texts, p.num_perm, p.seed, p.ngram, p.unit)
-            salts = np.full(len(recs), source_salt(source), dtype=np.uint64) if p.scope == "source" else None
-            keys = band_keys(sigs, p.bands, p.rows, salts)
-            flat = keys.ravel()
-            owner = np.repeat(np.arange(len(ids)), keys.shape[1])
-            for shard, part in _split((flat % np.uint64(N_SHARDS)).astype(np.int64)):
-                yield beam.pvalue.TaggedOutput(BANDS, (shard, (flat[part], locs[owner[part]],
-                                                               [ids[j] for j in owner[part]])))
-            yield beam.pvalue.TaggedOutput(NEAR_ROWS, (source, pack(pa.table({
+            texts = [near_text(r, self.near.text) for r in recs]
+            bands = self._bands(source, locs, texts)
+            out.append(beam.pvalue.TaggedOutput(NEAR_ROWS, (source, pack(pa.table({
                 "id": pa.array(ids, pa.string()), "loc": locs, "text": pa.array(texts, pa.large_string()),
-                "length": pa.array([len(r["response"]) for r in recs], pa.int64())}))))
+                "length": pa.array([len(r["response"]) for r in recs], pa.int64())})))))
         feats = features_batch(recs)  # only the columns with a value travel (no score in this path)
-        yield beam.pvalue.TaggedOutput(FEATS, (locs, feats.select(
-            [c for c in feats.column_names if feats.column(c).null_count < feats.num_rows])))
+        out.append(beam.pvalue.TaggedOutput(FEATS, (locs, feats.select(
+            [c for c in feats.column_names if feats.column(c).null_count < feats.num_rows]))))
+        return out, bands
 
 
 def _split(shards):
@@ -250,31 +280,29 @@ class ExactFn(StageFn):
 
     def handle(self, element, changes):
         _, parts = element
+        parts = list(parts)
+        keys = np.concatenate([k for _, k, _, _ in parts])
+        locs = np.concatenate([loc for _, _, _, loc in parts])
+        ranks = np.concatenate([np.full(len(k), r, np.int64) for r, k, _, _ in parts])
+        ids = [rid for _, _, part_ids, _ in parts for rid in part_ids]
+        rejected = np.array(sorted(loc for loc, new in changes.items() if new is None), np.int64)
+        live = np.flatnonzero(~_member(locs, rejected))
+        keys, locs, ranks = keys[live], locs[live], ranks[live]
+        uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        self.count("rows", len(keys))
+        self.count("groups", len(uniq))
         groups = defaultdict(list)
-        for rank, keys, ids, locs in parts:
-            for key, rid, loc in zip(keys, ids, locs):
-                loc = int(loc)
-                new = changes.get(loc, rid)
-                if new is not None:
-                    groups[key].append((rank, new, loc))
+        for j in np.flatnonzero(counts[inverse] > 1):  # only the rows of a key seen twice or more
+            loc = int(locs[j])
+            groups[inverse[j]].append((int(ranks[j]), changes.get(loc, ids[live[j]]), loc))
         out = []
         for members in groups.values():
-            self.count("rows", len(members))
-            self.count("groups")
-            if len(members) > 1:
-                members.sort()
-                keeper = members[0][1]
-                for rank, _, loc in members[1:]:
-                    self.count("dropped", source=self.sources[rank])
-                    out.append((loc, keeper))
+            members.sort()
+            keeper = members[0][1]
+            for rank, _, loc in members[1:]:
+                self.count("dropped", source=self.sources[rank])
+                out.append((loc, keeper))
         yield from out
-
-
-def _live_id(loc, rid, changes, gone):
-    """The row's id now, or None when it is rejected or already dropped."""
-    if loc in gone:
-        return None
-    return changes.get(loc, rid)
 
 
 VERIFY_SHARDS = 16  # edges and candidate signatures meet in this many parts
@@ -293,48 +321,68 @@ def _by_vshard(items, key):
 
 
 class BucketsFn(StageFn):
-    """One band-key shard: live rows only, star edges (smallest id, other) per bucket, as lists
-    keyed by the verify shard of their first id; the locators of the rows on an edge also go out
-    (``ends``): the candidates whose signatures are computed again."""
+    """One band-key shard, in arrays: the rows still live (not rejected, not an exact duplicate),
+    and for each bucket of two or more of them its members' locators (``buckets``, one list per
+    shard) and all those locators (``ends``: the candidates whose signatures are computed again).
+    No id travels with a band key; the star edges are drawn once the candidates' ids are known
+    (``StarEdgesFn``)."""
 
     stage = "near_dedup"
     metrics = ("big_buckets",)
 
     def __init__(self, max_bucket):
         self.max_bucket = max_bucket
-        self._gone = (None, frozenset())
+        self._gone = (None, None)
 
-    def handle(self, element, changes, gone):
-        shard, parts = element
-        gone = _as_set(self, gone)
-        keys, ids, kept_locs = [], [], []
-        for k, locs, rids in parts:
-            keep = []
-            for j, (loc, rid) in enumerate(zip(locs.tolist(), rids)):
-                rid = _live_id(loc, rid, changes, gone)
-                if rid is not None:
-                    keep.append(j)
-                    ids.append(rid)
-                    kept_locs.append(loc)
-            keys.append(k[keep])
-        flat = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
-        edges, big = bucket_edges(flat, ids, self.max_bucket)
+    def handle(self, element, gone):
+        _, parts = element
+        parts = list(parts)
+        keys = np.concatenate([k for k, _ in parts]) if parts else np.zeros(0, np.uint64)
+        locs = np.concatenate([loc for _, loc in parts]) if parts else np.zeros(0, np.int64)
+        keep = ~_member(locs, _sorted(self, gone)) & (keys != minhash.EMPTY)
+        keys, locs = keys[keep], locs[keep]
+        order = np.lexsort((locs, keys))
+        keys, locs = keys[order], locs[order]
+        starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]])) if len(keys) else np.zeros(0, int)
+        sizes = np.diff(np.append(starts, len(keys)))
+        buckets = [np.unique(locs[s:s + n]) for s, n in zip(starts[sizes >= 2], sizes[sizes >= 2])]
+        buckets = [m for m in buckets if len(m) >= 2]
+        big = [len(m) for m in buckets if self.max_bucket and len(m) > self.max_bucket]
+        for size in big:
+            log.warning("near_dedup: a bucket of %d documents (above max_bucket_size %d)", size, self.max_bucket)
         if big:
             self.count("big_buckets", len(big))
+        if buckets:
+            yield buckets
+            yield beam.pvalue.TaggedOutput("ends", np.unique(np.concatenate(buckets)))
+
+
+def _sorted(fn, values) -> np.ndarray:
+    """A side input's list of locators as a sorted array, built once per list (the runner hands
+    the same list to each element of a bundle)."""
+    if fn._gone[0] is not values:
+        fn._gone = (values, np.unique(np.asarray(values, dtype=np.int64)))
+    return fn._gone[1]
+
+
+class StarEdgesFn(StageFn):
+    """Every bucket's members by id on one worker (the buckets and the candidates' ids are the
+    near-duplicate candidates only): star edges (smallest id, other), as
+    ``curate.dedup.near.bucket_edges`` draws them, as lists keyed by the verify shard of the
+    first id."""
+
+    stage = "near_dedup"
+    metrics = ()
+
+    def handle(self, buckets, infos):
+        id_of = {loc: rid for part in infos for rid, loc, _, _ in part}
+        edges = set()
+        for shard in buckets:
+            for members in shard:
+                ids = sorted({id_of[int(loc)] for loc in members})
+                edges.update((ids[0], m) for m in ids[1:])
         for vs, part in sorted(_by_vshard(edges, lambda e: e[0]).items()):
             yield vs, sorted(part)
-        ends = {rid for e in edges for rid in e}
-        if ends:
-            yield beam.pvalue.TaggedOutput("ends", np.unique(np.array(
-                [loc for loc, rid in zip(kept_locs, ids) if rid in ends], np.int64)))
-
-
-def _as_set(fn, values) -> frozenset:
-    """A side input's list as a set, built once per list (the runner hands the same list to a bundle)."""
-    cached = fn._gone
-    if cached[0] is not values:
-        fn._gone = (values, frozenset(values))
-    return fn._gone[1]
 
 
 class NearRowsFn(StageFn):
@@ -347,31 +395,24 @@ class NearRowsFn(StageFn):
 
     def __init__(self, p, verify: bool):
         self.p, self.verify = p, verify
-        self._gone = (None, frozenset())
+        self._gone = (None, None)
 
     def handle(self, element, candidates, changes, gone):
         source, data = element
         rows = unpack(data)
-        ids, locs, texts, lengths = (rows.column(c) for c in ("id", "loc", "text", "length"))
-        locs, lengths = locs.to_numpy(), lengths.to_numpy()
-        gone = _as_set(self, gone)
-        pick, live = [], 0
-        on_edge = _member(locs, candidates)
-        for j, (loc, rid) in enumerate(zip(locs.tolist(), ids.to_pylist())):
-            rid = _live_id(loc, rid, changes, gone)
-            if rid is None:
-                continue
-            live += 1
-            if on_edge[j]:
-                pick.append((j, rid, loc))
-        self.count("rows", live)
-        if not pick:
+        locs = rows.column("loc").to_numpy()
+        live = ~_member(locs, _sorted(self, gone))
+        self.count("rows", int(live.sum()))
+        chosen = np.flatnonzero(live & _member(locs, candidates))
+        if not len(chosen):
             return
+        ids, lengths = rows.column("id").to_pylist(), rows.column("length").to_numpy()
+        pick = [(int(j), changes.get(int(locs[j]), ids[j]), int(locs[j])) for j in chosen]
         yield beam.pvalue.TaggedOutput("info", [(rid, loc, int(lengths[j]), source) for j, rid, loc in pick])
         if self.verify:
             p = self.p
-            chosen = texts.take(pa.array([j for j, _, _ in pick], pa.int64())).to_pylist()
-            sigs = minhash.signatures(chosen, p.num_perm, p.seed, p.ngram, p.unit)
+            texts = rows.column("text").take(pa.array(chosen, pa.int64())).to_pylist()
+            sigs = minhash.signatures(texts, p.num_perm, p.seed, p.ngram, p.unit)
             self.count("signatures_recomputed", len(pick))
             for vs, part in _by_vshard(range(len(pick)), lambda i: pick[i][1]).items():
                 yield vs, ([pick[i][1] for i in part], sigs[part])
@@ -399,13 +440,17 @@ def _sig_lookup(sig_parts) -> tuple[dict, np.ndarray | None]:
 
 
 def _first_half(element):
-    """One verify shard: each distinct edge (a, b) with a's signature, sent to b's shard."""
-    _, joined = element
+    """One verify shard: each distinct edge (a, b) with a's signature, sent to b's shard; the
+    shard's own signatures go on beside them, so the second step reads them from here rather
+    than from a second copy the runner would keep of the signatures."""
+    shard, joined = element
     where, sigs = _sig_lookup(joined["sig"])
     edges = sorted({tuple(e) for part in joined["edges"] for e in part})
     edges = [e for e in edges if e[0] in where]  # every edge's ends are candidates: all of them
     for vs, part in _by_vshard(edges, lambda e: e[1]).items():
-        yield vs, (part, sigs[[where[a] for a, _ in part]])
+        yield vs, ("half", part, sigs[[where[a] for a, _ in part]])
+    if sigs is not None:
+        yield shard, ("sig", list(where), sigs)
 
 
 class VerifyEdgesFn(StageFn):
@@ -419,10 +464,11 @@ class VerifyEdgesFn(StageFn):
         self.threshold = threshold
 
     def handle(self, element):
-        _, joined = element
-        where, sigs = _sig_lookup(joined["sig"])
+        _, items = element
+        items = list(items)
+        where, sigs = _sig_lookup([(ids, mat) for kind, ids, mat in items if kind == "sig"])
         out = []
-        for edges, sig_a in joined["half"]:
+        for edges, sig_a in ((e, m) for kind, e, m in items if kind == "half"):
             sig_b = sigs[[where[b] for _, b in edges]]
             j = np.mean(sig_a == sig_b, axis=1)
             empty = np.all(sig_a == minhash.EMPTY, axis=1) | np.all(sig_b == minhash.EMPTY, axis=1)
@@ -489,22 +535,25 @@ class Near(beam.PTransform):
     def expand(self, bands):
         p, changes, gone = self.p, beam.pvalue.AsDict(self.changes), beam.pvalue.AsList(self.gone)
         bucket = (bands | "GroupShards" >> beam.GroupByKey()
-                  | "StarEdges" >> beam.ParDo(BucketsFn(p.max_bucket_size), changes, gone)
-                  .with_outputs(STATS, "ends", main="edges"))
+                  | "Buckets" >> beam.ParDo(BucketsFn(p.max_bucket_size), gone).with_outputs(
+                      STATS, "ends", main="buckets"))
         candidates = bucket.ends | "Candidates" >> beam.CombineGlobally(_sorted_union)
         rows = self.near_rows | "CandidateRows" >> beam.ParDo(
             NearRowsFn(p, p.verify), beam.pvalue.AsSingleton(candidates), changes, gone).with_outputs(
             STATS, "info", main="sigs")
-        stats = [bucket[STATS], rows[STATS]]
+        star = (bucket.buckets | "AllBuckets" >> beam.combiners.ToList()
+                | "StarEdges" >> beam.ParDo(StarEdgesFn(), beam.pvalue.AsList(rows.info)).with_outputs(
+                    STATS, main="edges"))
+        stats = [bucket[STATS], rows[STATS], star[STATS]]
         if p.verify:
-            half = ({"edges": bucket.edges, "sig": rows.sigs} | "JoinFirst" >> beam.CoGroupByKey()
+            half = ({"edges": star.edges, "sig": rows.sigs} | "JoinFirst" >> beam.CoGroupByKey()
                     | "FirstHalf" >> beam.FlatMap(_first_half))
-            verified = ({"half": half, "sig": rows.sigs} | "JoinSecond" >> beam.CoGroupByKey()
+            verified = (half | "JoinSecond" >> beam.GroupByKey()
                         | "Verify" >> beam.ParDo(VerifyEdgesFn(p.threshold)).with_outputs(STATS, main="edges"))
             stats.append(verified[STATS])
             kept = verified.edges
         else:
-            kept = (bucket.edges | "EdgesByShard" >> beam.GroupByKey()
+            kept = (star.edges | "EdgesByShard" >> beam.GroupByKey()
                     | "Unverified" >> beam.MapTuple(
                         lambda _, parts: [(a, b, None) for a, b in sorted({tuple(e) for x in parts for e in x})]))
         all_edges = kept | "AllEdges" >> beam.combiners.ToList()
@@ -519,20 +568,16 @@ class LiveFeaturesFn(beam.DoFn):
     """A batch's features without the rows gone earlier, with the ids as renumbered."""
 
     def __init__(self):
-        self._gone = (None, frozenset())
+        self._gone = (None, None)
 
     def process(self, element, changes, gone):
         locs, feats = element
-        gone = _as_set(self, gone)
-        keep, ids = [], []
-        for j, (loc, rid) in enumerate(zip(locs.tolist(), feats.column("id").to_pylist())):
-            rid = _live_id(loc, rid, changes, gone)
-            if rid is not None:
-                keep.append(j)
-                ids.append(rid)
-        if keep:
-            t = feats.take(pa.array(keep, pa.int64()))
-            yield locs[keep], t.set_column(t.schema.get_field_index("id"), t.schema.field("id"), pa.array(ids, pa.string()))
+        keep = np.flatnonzero(~_member(locs, _sorted(self, gone)))
+        if not len(keep):
+            return
+        t = feats.take(pa.array(keep, pa.int64()))
+        ids = [changes.get(int(loc), rid) for loc, rid in zip(locs[keep], t.column("id").to_pylist())]
+        yield locs[keep], t.set_column(t.schema.get_field_index("id"), t.schema.field("id"), pa.array(ids, pa.string()))
 
 
 class KeyedSelect(beam.PTransform):
