@@ -456,6 +456,6 @@ class Job:
     select: Select = section(Select)
     batch_size: int = opt(512, minimum=1, doc="rows per batch in per-record stages (never changes results)")
     path: str = opt("batch", choices=("batch", "row"),
-        doc="batch: rows move in Arrow batches when no model stage is on (pipelines.batched); row: one "
-            "element per row everywhere (the older path, kept to compare)")
+        doc="batch: a job with no model or rewrite stage and a keyed policy runs on batches of rows "
+            "(pipelines.batched), other jobs on the row path; row: one element per row everywhere (kept to compare)")
     beam: dict = free_map("Beam pipeline options, e.g. runner: DaskRunner (command-line flags win)")

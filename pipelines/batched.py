@@ -59,6 +59,15 @@ IDS, EXACT, BANDS, NEAR_ROWS, FEATS, REJECTS = "ids", "exact", "bands", "near_ro
 BASE_COLUMNS = ("id", "source", "prompt", "response", "instruction", "input", "messages", "original")
 
 
+def _base_schema() -> pa.Schema:
+    from curate.schema import ANNOTATED
+
+    return pa.schema([pa.field("_loc", pa.int64()), *(ANNOTATED.field(c) for c in BASE_COLUMNS)])
+
+
+_BASE_SCHEMA = _base_schema()
+
+
 def eligible(cfg: Job, rt: dict) -> str | None:
     """None when the batch path can run the job, else why not (the row path runs it)."""
     if cfg.path == "row":
@@ -146,11 +155,8 @@ class ScanFn(StageFn):
                 seen[0] += 1
                 yield (i, item, None) if kind == "record" else (i, None, item)
 
-        pending = None  # the previous batch's band keys, computed in a thread while this batch is read
         for chunk in _chunks(rows(), self.size):
-            if pending is not None:
-                yield from pending()
-                pending = None
+            yield from self._flush()
             self.count("rows", len(chunk), source=source, progress=True)
             for _, _, rej in chunk:
                 if rej is not None:
@@ -159,11 +165,23 @@ class ScanFn(StageFn):
             recs = [(base | i, rec) for i, rec, _ in chunk if rec is not None]
             self._other("validate", "records", len(recs), source=source)
             if recs:
-                out, pending = self._arrays(source, [loc for loc, _ in recs], [rec for _, rec in recs])
+                out, self._pending = self._arrays(source, [loc for loc, _ in recs], [rec for _, rec in recs])
                 yield from out
+        self.count("rows_seen", seen[0], source=source)
+
+    def _flush(self):
+        """The previous batch's band keys (its signatures ran in a thread while this batch, or the
+        next unit, was read): kept across units, given out at the latest in ``finish_bundle``."""
+        pending, self._pending = getattr(self, "_pending", None), None
         if pending is not None:
             yield from pending()
-        self.count("rows_seen", seen[0], source=source)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        for out in self._flush():
+            yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+        yield from super().finish_bundle()
 
     def _bands(self, source, locs, texts):
         """Start the batch's signatures in a thread (numpy lets go of the GIL for most of the work,
@@ -353,8 +371,9 @@ class BucketsFn(StageFn):
         if big:
             self.count("big_buckets", len(big))
         if buckets:
-            yield buckets
-            yield beam.pvalue.TaggedOutput("ends", np.unique(np.concatenate(buckets)))
+            members = np.concatenate(buckets)
+            yield members, np.array([len(m) for m in buckets], np.int64)  # two arrays, not one per bucket
+            yield beam.pvalue.TaggedOutput("ends", np.unique(members))
 
 
 def _sorted(fn, values) -> np.ndarray:
@@ -377,9 +396,9 @@ class StarEdgesFn(StageFn):
     def handle(self, buckets, infos):
         id_of = {loc: rid for part in infos for rid, loc, _, _ in part}
         edges = set()
-        for shard in buckets:
-            for members in shard:
-                ids = sorted({id_of[int(loc)] for loc in members})
+        for members, sizes in buckets:
+            for bucket in np.split(members, np.cumsum(sizes)[:-1]):
+                ids = sorted({id_of[loc] for loc in bucket.tolist()})
                 edges.update((ids[0], m) for m in ids[1:])
         for vs, part in sorted(_by_vshard(edges, lambda e: e[0]).items()):
             yield vs, sorted(part)
@@ -705,11 +724,15 @@ class _NumberBatches(beam.PTransform):
 
 
 def base_table(locs: np.ndarray, records: list[dict]) -> pa.Table:
-    """A batch's rows as they leave Scan: their locators and the record's own output columns."""
+    """A batch's rows as read: their locators and the record's own output columns
+    (``instruction``/``input`` from the record's ``_`` fields), built column by column."""
     from curate.schema import ANNOTATED
 
-    schema = pa.schema([pa.field("_loc", pa.int64()), *(ANNOTATED.field(c) for c in BASE_COLUMNS)])
-    return output_table([{**r, "_loc": int(loc)} for loc, r in zip(locs, records)], schema)
+    arrays = [pa.array(locs, pa.int64())]
+    for name in BASE_COLUMNS:
+        key = name if name in records[0] else "_" + name
+        arrays.append(pa.array([r[key] for r in records], ANNOTATED.field(name).type))
+    return pa.Table.from_arrays(arrays, schema=_BASE_SCHEMA)
 
 
 def pack(table: pa.Table) -> bytes:
@@ -800,20 +823,6 @@ class ApplyFn(StageFn):
             else:
                 arrays.append(pa.nulls(base.num_rows, f.type))
         return pa.Table.from_arrays(arrays, schema=self.annotated)
-
-
-def output_table(records: list[dict], schema: pa.Schema) -> pa.Table:
-    """Records to a table of ``schema`` column by column (``transforms.to_output_row``'s names:
-    ``instruction``/``input`` from the ``_`` fields); a column no record has is all null."""
-    present = set().union(*(r.keys() for r in records))
-    cols = []
-    for f in schema:
-        name = f.name if f.name in present else "_" + f.name
-        if name in present:
-            cols.append(pa.array([r.get(name) for r in records], f.type))
-        else:
-            cols.append(pa.nulls(len(records), f.type))
-    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def _kind(kind):

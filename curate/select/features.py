@@ -32,7 +32,8 @@ def feature_row(record: dict) -> dict:
 
 
 def features_batch(records: list[dict]) -> pa.Table:
-    """``feature_row`` for a batch of records, as a features table built column by column."""
+    """``feature_row`` for a batch of records (all with the same keys, as ``records.to_record``
+    makes them), as a features table built column by column."""
     prompt = pa.array([len(r["prompt"]) for r in records], pa.int64())
     response = pa.array([len(r["response"]) for r in records], pa.int64())
     tokens = pa.array(approx_tokens(pc.add(prompt, response).to_numpy()), pa.int64())
@@ -41,7 +42,7 @@ def features_batch(records: list[dict]) -> pa.Table:
     for f in FEATURES:
         if f.name in made:
             cols.append(made[f.name])
-        elif any(f.name in r for r in records) or f.name in ("id", "source"):
+        elif f.name in records[0] or f.name in ("id", "source"):
             cols.append(pa.array([r.get(f.name) for r in records], f.type))
         else:
             cols.append(pa.nulls(len(records), f.type))
