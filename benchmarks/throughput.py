@@ -76,7 +76,7 @@ def run(quick: bool):
             for name in (r for r in runners if r in RUNNERS):
                 need = n * ROW_PATH_BYTES_PER_ROW
                 if name == "row" and need > psutil.virtual_memory().total:
-                    print(f"throughput: default/{n} skipped: the row path holds about {need / 2**30:.0f} GB at "
+                    print(f"throughput: {name}/{n} skipped: the row path holds about {need / 2**30:.0f} GB at "
                           f"{n:,} rows, this machine has {psutil.virtual_memory().total / 2**30:.0f} GB",
                           file=sys.stderr, flush=True)
                     continue

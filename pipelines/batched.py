@@ -1,25 +1,24 @@
 """The non-model path with batches as elements: decisions are shuffled, rows are not.
 
 Why: the row path (``pipelines.graph`` with ``path: row``) moves one Python dict per row through
-every shuffle and keeps each materialized collection in memory, about 32 KB a row on the
+every shuffle and keeps each materialized collection in memory, about 30 KB a row on the
 in-process runner. Here a row never crosses a shuffle:
 
-    units (pieces of the input files)
-      Scan: read + validate each unit in batches; per batch, compact arrays only:
-            ids, exact keys, LSH band keys (with a 64-bit locator, unit << 32 | row),
-            the near text of the rows (for the candidates' signatures), selection features
-      Ids:   (id, locator) arrays by id shard -> repeated ids numbered / rejected
+    units (pieces of the input files, numbered)
+      Scan:  read + validate each unit in batches; per batch, compact arrays only: ids, 16-byte
+             exact keys, LSH band keys with each row's locator (``pipelines.locators``), the near
+             text (compressed), the selection features
+      Ids:   (id, locator) arrays by id shard -> repeated ids numbered or rejected
       Exact: (key, id, locator) arrays by key shard -> one kept per key
-      Near:  band keys by bucket shard -> star edges -> verified (signatures again for the
-             candidates only) -> components (``pipelines.near_dedup.Components``) -> keep rule
-      Select (keyed policies): row keys per batch -> quotas, cut points, ranges -> ranks
+      Near:  ``pipelines.batched_near`` (buckets, candidates, edges, clusters in arrays)
+      Select: ``pipelines.batched_select`` (a keyed policy, per batch and per range)
       Apply: every decision grouped by unit; each unit is read again, its rows get their
              decisions and leave as Arrow tables for ``WriteToParquetBatched``.
 
-A unit is read twice (reading and validating cost about a tenth of the path); in exchange no
-collection holds the rows' text, only a few numbers a row and the near text of the batch.
-Decisions that later steps need (renamed or rejected ids, rows already dropped) reach them as
-side inputs keyed by locator: they cover the rows that changed, a small share of the pool.
+A unit is read twice (reading and validating is about a third of the path's work); in exchange
+no collection holds the rows, only a few numbers a row and the near text until the candidates'
+signatures are made. Decisions that later steps need (renamed or rejected ids, rows already
+dropped) reach them as side inputs: they cover the rows that changed, a small share of the pool.
 
 The rules are the row path's (``curate.ids``, ``curate.dedup``, ``curate.select.keyed``), so the
 outputs are the same (tests/test_batched.py compares the two); the path runs when no model or
@@ -28,7 +27,6 @@ rewrite stage is on and the policy is keyed (``eligible``), else the row path ru
 from __future__ import annotations
 
 import logging
-import zlib
 from collections import Counter, defaultdict
 
 import apache_beam as beam
@@ -37,21 +35,22 @@ import pyarrow as pa
 
 from curate.dedup import minhash
 from curate.dedup.exact import dedup_key
-from curate.dedup.near import UnionFind, band_keys, source_salt
+from curate.dedup.near import band_keys, source_salt
 from curate.io import SourceReadError, iter_file, sample_rows
 from curate.records import convert, make_reject
 from curate.select import keyed as K
-from curate.select import scope as S
-from curate.select.features import FEATURES, cluster_name, features_batch
+from curate.select.features import features_batch
 from curate.settings import Job
 from curate.stats import stat_key
 from pipelines import transforms as T
+from pipelines.batched_near import Near
+from pipelines.batched_select import KeyedSelect, LiveFeaturesFn
+from pipelines.locators import SHIFT, by_unit, chunks, member, pack, stable_shard
 from pipelines.near_dedup import N_SHARDS, SIGNATURE_BATCH
-from pipelines.select import _Report, policy_from
+from pipelines.select import policy_from
 from pipelines.stage import STATS, StageFn
 
 log = logging.getLogger("curate")
-SHIFT = 32  # a locator is unit << SHIFT | the row's place among the unit's rows
 KEY_SHARDS = 64  # id and exact-key arrays are grouped in this many parts
 MODEL_STAGES = ("embed", "cluster", "score", "rds", "less", "degradation", "rewrite")
 IDS, EXACT, BANDS, NEAR_ROWS, FEATS, REJECTS = "ids", "exact", "bands", "near_rows", "feats", "rejects"
@@ -83,11 +82,6 @@ def eligible(cfg: Job, rt: dict) -> str | None:
     return None
 
 
-def stable_shard(text: str, shards: int) -> int:
-    """A shard from the text alone (Python's ``hash`` is salted per process)."""
-    return zlib.crc32(text.encode("utf-8")) % shards
-
-
 def unit_rows(unit: dict, spec, sample, on_file=None):
     """(place, kind, item) for each row of a unit, in the same order on every read: ``kind`` is
     ``record`` (with ``_file``/``_row``) or ``reject``. ``on_file(file)`` is told each file started."""
@@ -112,17 +106,6 @@ def unit_rows(unit: dict, spec, sample, on_file=None):
             yield i, kind, item
     except SourceReadError as err:
         raise SourceReadError(T.INPUT_ERROR + str(err)) from None
-
-
-def _chunks(items, size):
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def near_text(rec: dict, which: str) -> str:
@@ -155,7 +138,7 @@ class ScanFn(StageFn):
                 seen[0] += 1
                 yield (i, item, None) if kind == "record" else (i, None, item)
 
-        for chunk in _chunks(rows(), self.size):
+        for chunk in chunks(rows(), self.size):
             yield from self._flush()
             self.count("rows", len(chunk), source=source, progress=True)
             for _, _, rej in chunk:
@@ -244,14 +227,6 @@ def _split(shards):
     return [(int(s), part) for s, part in zip(present, np.split(order, starts[1:]))]
 
 
-def _by_unit(pairs) -> list[tuple[int, list]]:
-    """(loc, value) pairs -> (unit, [(loc, value), ...]) elements, one per unit: Apply joins by unit."""
-    out = defaultdict(list)
-    for loc, value in pairs:
-        out[int(loc) >> SHIFT].append((int(loc), value))
-    return list(out.items())
-
-
 class IdsFn(StageFn):
     """One id shard: rows sharing an id numbered or rejected as ``curate.ids.resolve_ids`` does."""
 
@@ -304,7 +279,7 @@ class ExactFn(StageFn):
         ranks = np.concatenate([np.full(len(k), r, np.int64) for r, k, _, _ in parts])
         ids = [rid for _, _, part_ids, _ in parts for rid in part_ids]
         rejected = np.array(sorted(loc for loc, new in changes.items() if new is None), np.int64)
-        live = np.flatnonzero(~_member(locs, rejected))
+        live = np.flatnonzero(~member(locs, rejected))
         keys, locs, ranks = keys[live], locs[live], ranks[live]
         uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
         self.count("rows", len(keys))
@@ -323,406 +298,6 @@ class ExactFn(StageFn):
         yield from out
 
 
-VERIFY_SHARDS = 16  # edges and candidate signatures meet in this many parts
-
-
-def _vshard(rid: str) -> int:
-    return stable_shard(rid, VERIFY_SHARDS)
-
-
-def _by_vshard(items, key):
-    """{shard: [item, ...]} by ``key(item)``'s id."""
-    out = defaultdict(list)
-    for item in items:
-        out[_vshard(key(item))].append(item)
-    return out
-
-
-class BucketsFn(StageFn):
-    """One band-key shard, in arrays: the rows still live (not rejected, not an exact duplicate),
-    and for each bucket of two or more of them its members' locators (``buckets``, one list per
-    shard) and all those locators (``ends``: the candidates whose signatures are computed again).
-    No id travels with a band key; the star edges are drawn once the candidates' ids are known
-    (``StarEdgesFn``)."""
-
-    stage = "near_dedup"
-    metrics = ("big_buckets",)
-
-    def __init__(self, max_bucket):
-        self.max_bucket = max_bucket
-        self._gone = (None, None)
-
-    def handle(self, element, gone):
-        _, parts = element
-        parts = list(parts)
-        keys = np.concatenate([k for k, _ in parts]) if parts else np.zeros(0, np.uint64)
-        locs = np.concatenate([loc for _, loc in parts]) if parts else np.zeros(0, np.int64)
-        keep = ~_member(locs, _sorted(self, gone)) & (keys != minhash.EMPTY)
-        keys, locs = keys[keep], locs[keep]
-        order = np.lexsort((locs, keys))
-        keys, locs = keys[order], locs[order]
-        starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]])) if len(keys) else np.zeros(0, int)
-        sizes = np.diff(np.append(starts, len(keys)))
-        buckets = [np.unique(locs[s:s + n]) for s, n in zip(starts[sizes >= 2], sizes[sizes >= 2])]
-        buckets = [m for m in buckets if len(m) >= 2]
-        big = [len(m) for m in buckets if self.max_bucket and len(m) > self.max_bucket]
-        for size in big:
-            log.warning("near_dedup: a bucket of %d documents (above max_bucket_size %d)", size, self.max_bucket)
-        if big:
-            self.count("big_buckets", len(big))
-        if buckets:
-            members = np.concatenate(buckets)
-            yield members, np.array([len(m) for m in buckets], np.int64)  # two arrays, not one per bucket
-            yield beam.pvalue.TaggedOutput("ends", np.unique(members))
-
-
-def _sorted(fn, values) -> np.ndarray:
-    """A side input's list of locators as a sorted array, built once per list (the runner hands
-    the same list to each element of a bundle)."""
-    if fn._gone[0] is not values:
-        fn._gone = (values, np.unique(np.asarray(values, dtype=np.int64)))
-    return fn._gone[1]
-
-
-class StarEdgesFn(StageFn):
-    """Every bucket's members by id on one worker (the buckets and the candidates' ids are the
-    near-duplicate candidates only): star edges (smallest id, other), as
-    ``curate.dedup.near.bucket_edges`` draws them, as lists keyed by the verify shard of the
-    first id."""
-
-    stage = "near_dedup"
-    metrics = ()
-
-    def handle(self, buckets, infos):
-        id_of = {loc: rid for part in infos for rid, loc, _, _ in part}
-        edges = set()
-        for members, sizes in buckets:
-            for bucket in np.split(members, np.cumsum(sizes)[:-1]):
-                ids = sorted({id_of[loc] for loc in bucket.tolist()})
-                edges.update((ids[0], m) for m in ids[1:])
-        for vs, part in sorted(_by_vshard(edges, lambda e: e[0]).items()):
-            yield vs, sorted(part)
-
-
-class NearRowsFn(StageFn):
-    """The rows on a candidate edge (``candidates``: their sorted locators, 8 bytes a row on an
-    edge, about 1.6 MB at a million rows): their signatures (when verifying, by verify shard) and
-    what the keep rule reads (``info``: id, locator, response length, source)."""
-
-    stage = "near_dedup"
-    metrics = ("rows", "signatures_recomputed")
-
-    def __init__(self, p, verify: bool):
-        self.p, self.verify = p, verify
-        self._gone = (None, None)
-
-    def handle(self, element, candidates, changes, gone):
-        source, data = element
-        rows = unpack(data)
-        locs = rows.column("loc").to_numpy()
-        live = ~_member(locs, _sorted(self, gone))
-        self.count("rows", int(live.sum()))
-        chosen = np.flatnonzero(live & _member(locs, candidates))
-        if not len(chosen):
-            return
-        ids, lengths = rows.column("id").to_pylist(), rows.column("length").to_numpy()
-        pick = [(int(j), changes.get(int(locs[j]), ids[j]), int(locs[j])) for j in chosen]
-        yield beam.pvalue.TaggedOutput("info", [(rid, loc, int(lengths[j]), source) for j, rid, loc in pick])
-        if self.verify:
-            p = self.p
-            texts = rows.column("text").take(pa.array(chosen, pa.int64())).to_pylist()
-            sigs = minhash.signatures(texts, p.num_perm, p.seed, p.ngram, p.unit)
-            self.count("signatures_recomputed", len(pick))
-            for vs, part in _by_vshard(range(len(pick)), lambda i: pick[i][1]).items():
-                yield vs, ([pick[i][1] for i in part], sigs[part])
-
-
-def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Which of ``values`` are in ``sorted_set`` (sorted, distinct)."""
-    if len(sorted_set) == 0:
-        return np.zeros(len(values), bool)
-    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
-    return sorted_set[at] == values
-
-
-def _sorted_union(parts) -> np.ndarray:
-    parts = list(parts)
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
-
-
-def _sig_lookup(sig_parts) -> tuple[dict, np.ndarray | None]:
-    ids, mats = [], []
-    for part_ids, mat in sig_parts:
-        ids += part_ids
-        mats.append(mat)
-    return {rid: i for i, rid in enumerate(ids)}, (np.concatenate(mats) if mats else None)
-
-
-def _first_half(element):
-    """One verify shard: each distinct edge (a, b) with a's signature, sent to b's shard; the
-    shard's own signatures go on beside them, so the second step reads them from here rather
-    than from a second copy the runner would keep of the signatures."""
-    shard, joined = element
-    where, sigs = _sig_lookup(joined["sig"])
-    edges = sorted({tuple(e) for part in joined["edges"] for e in part})
-    edges = [e for e in edges if e[0] in where]  # every edge's ends are candidates: all of them
-    for vs, part in _by_vshard(edges, lambda e: e[1]).items():
-        yield vs, ("half", part, sigs[[where[a] for a, _ in part]])
-    if sigs is not None:
-        yield shard, ("sig", list(where), sigs)
-
-
-class VerifyEdgesFn(StageFn):
-    """One verify shard: the estimated Jaccard of each edge whose second id lives here
-    (``minhash.estimate_jaccard``, in vectors); edges at or above the threshold go on."""
-
-    stage = "near_dedup"
-    metrics = ("edges_verified", "edges_rejected")
-
-    def __init__(self, threshold: float):
-        self.threshold = threshold
-
-    def handle(self, element):
-        _, items = element
-        items = list(items)
-        where, sigs = _sig_lookup([(ids, mat) for kind, ids, mat in items if kind == "sig"])
-        out = []
-        for edges, sig_a in ((e, m) for kind, e, m in items if kind == "half"):
-            sig_b = sigs[[where[b] for _, b in edges]]
-            j = np.mean(sig_a == sig_b, axis=1)
-            empty = np.all(sig_a == minhash.EMPTY, axis=1) | np.all(sig_b == minhash.EMPTY, axis=1)
-            j[empty] = 0.0
-            ok = j >= self.threshold
-            self.count("edges_verified", int(ok.sum()))
-            self.count("edges_rejected", int((~ok).sum()))
-            out += [(a, b, float(x)) for (a, b), x, keep in zip(edges, j, ok) if keep]
-        if out:
-            yield out
-
-
-class ClustersFn(StageFn):
-    """Every verified edge and the candidates' keep-rule facts on one worker: components by
-    union-find (``curate.dedup.near.UnionFind``: a cluster is named by its smallest id), then in
-    each cluster the longest response kept, then the smallest id (``curate.dedup.near.keep_key``).
-    Why one worker: the edges are the near-duplicate pairs only (about a tenth of the rows at
-    most, 16 bytes of ids each); the row path's label rounds spread a pool of hundreds of
-    millions of rows."""
-
-    stage = "near_dedup"
-    metrics = ("dropped", "clusters")
-
-    def handle(self, edges, infos):
-        uf = UnionFind()
-        for part in edges:
-            for a, b, _ in part:
-                uf.union(a, b)
-        clusters = uf.clusters()
-        members = defaultdict(list)
-        for part in infos:
-            for rid, loc, length, source in part:
-                if rid in clusters:
-                    members[clusters[rid]].append((-length, rid, loc, source))
-        sizes = Counter(len(m) for m in members.values())
-        for size, n in sorted(sizes.items()):
-            self.count("clusters", n, reason=f"size_{size}")
-        out = []
-        for cluster, group in members.items():
-            group.sort()
-            keeper = group[0][1]
-            for _, rid, loc, source in group:
-                if rid != keeper:
-                    self.count("dropped", source=source)
-                out.append((loc, (cluster, None if rid == keeper else keeper)))
-        yield out
-
-
-def _examples(edges) -> tuple:
-    smallest = sorted((j if j is not None else -1.0, a, b) for part in edges for a, b, j in part)[:5]
-    return ("near_dedup.examples", [{"a": a, "b": b, "estimated_jaccard": round(j, 4) if j >= 0 else None}
-                                    for j, a, b in smallest])
-
-
-class Near(beam.PTransform):
-    """Band-key arrays -> lists of (loc, (cluster, near_dup_of)) for every row in a cluster, the
-    stats and the examples report; ids are the renumbered ones, rows gone earlier take no part.
-    Every element is a list or an array of many rows, edges or signatures."""
-
-    def __init__(self, p, changes, gone, near_rows):
-        super().__init__()
-        self.p, self.changes, self.gone, self.near_rows = p, changes, gone, near_rows
-
-    def expand(self, bands):
-        p, changes, gone = self.p, beam.pvalue.AsDict(self.changes), beam.pvalue.AsList(self.gone)
-        bucket = (bands | "GroupShards" >> beam.GroupByKey()
-                  | "Buckets" >> beam.ParDo(BucketsFn(p.max_bucket_size), gone).with_outputs(
-                      STATS, "ends", main="buckets"))
-        candidates = bucket.ends | "Candidates" >> beam.CombineGlobally(_sorted_union)
-        rows = self.near_rows | "CandidateRows" >> beam.ParDo(
-            NearRowsFn(p, p.verify), beam.pvalue.AsSingleton(candidates), changes, gone).with_outputs(
-            STATS, "info", main="sigs")
-        star = (bucket.buckets | "AllBuckets" >> beam.combiners.ToList()
-                | "StarEdges" >> beam.ParDo(StarEdgesFn(), beam.pvalue.AsList(rows.info)).with_outputs(
-                    STATS, main="edges"))
-        stats = [bucket[STATS], rows[STATS], star[STATS]]
-        if p.verify:
-            half = ({"edges": star.edges, "sig": rows.sigs} | "JoinFirst" >> beam.CoGroupByKey()
-                    | "FirstHalf" >> beam.FlatMap(_first_half))
-            verified = (half | "JoinSecond" >> beam.GroupByKey()
-                        | "Verify" >> beam.ParDo(VerifyEdgesFn(p.threshold)).with_outputs(STATS, main="edges"))
-            stats.append(verified[STATS])
-            kept = verified.edges
-        else:
-            kept = (star.edges | "EdgesByShard" >> beam.GroupByKey()
-                    | "Unverified" >> beam.MapTuple(
-                        lambda _, parts: [(a, b, None) for a, b in sorted({tuple(e) for x in parts for e in x})]))
-        all_edges = kept | "AllEdges" >> beam.combiners.ToList()
-        resolved = all_edges | "Clusters" >> beam.ParDo(
-            ClustersFn(), beam.pvalue.AsList(rows.info)).with_outputs(STATS, main="decisions")
-        stats.append(resolved[STATS])
-        examples = all_edges | "Examples" >> beam.Map(_examples)
-        return {"decisions": resolved.decisions, "stats": stats | "NearStats" >> beam.Flatten(), "reports": examples}
-
-
-class LiveFeaturesFn(beam.DoFn):
-    """A batch's features without the rows gone earlier, with the ids as renumbered."""
-
-    def __init__(self):
-        self._gone = (None, None)
-
-    def process(self, element, changes, gone):
-        locs, feats = element
-        keep = np.flatnonzero(~_member(locs, _sorted(self, gone)))
-        if not len(keep):
-            return
-        t = feats.take(pa.array(keep, pa.int64()))
-        ids = [changes.get(int(loc), rid) for loc, rid in zip(locs[keep], t.column("id").to_pylist())]
-        yield locs[keep], t.set_column(t.schema.get_field_index("id"), t.schema.field("id"), pa.array(ids, pa.string()))
-
-
-class KeyedSelect(beam.PTransform):
-    """``pipelines.select._KeyedCut`` and ``_NumberInOrder`` on batches: the same keys, quotas, cut
-    points, ranges and numbering (``curate.select.keyed``), with one element per batch or range
-    instead of one per row. Live feature batches -> {"decisions": (loc, (rank, reason)) lists,
-    "report": ("select", report)}."""
-
-    def __init__(self, cfg: Job):
-        super().__init__()
-        self.cfg = cfg
-
-    def expand(self, feats):
-        policy, budget, seed = policy_from(self.cfg)
-        name = lambda why: K.reason(policy, why)  # noqa: E731
-        per_range = S.RANK_BUCKET_ROWS
-        required = tuple(policy.required_columns())
-        absent = {f.name: None for f in FEATURES}
-
-        def row_keys(element):
-            locs, table = element
-            rows = [{**absent, **r} for r in table.to_pylist()]
-            out = {"n": len(rows), "drops": [], "eligible": [], "sizes": Counter(), "present": set(), "samples": []}
-            for loc, r in zip(locs.tolist(), rows):
-                about = (r["source"], cluster_name(r))
-                got = policy.row_key(r, seed)
-                if isinstance(got, str):
-                    out["drops"].append((loc, name(got), about))
-                else:
-                    key = (got[1], r["id"])
-                    out["eligible"].append((got[0], key, loc, about))
-                    out["sizes"][got[0]] += 1
-                    if K.sampled(r["id"], per_range):
-                        out["samples"].append((got[0], key))
-                out["present"].update(c for c in required if r.get(c) is not None)
-            return out
-
-        def quotas(n, sizes, present):
-            K.missing_columns(policy, n, set(present))
-            q = policy.quotas(n, dict(sizes), budget)
-            return {"quota": q, "index": K.group_order(q)}
-
-        def to_ranges(k, cuts):
-            ranges = defaultdict(list)
-            for group, key, loc, about in k["eligible"]:
-                ranges[(group, K.range_of(group, key, cuts))].append((key, loc, about))
-            return list(ranges.items())
-
-        def decide(kv, offsets, q):
-            (group, r), parts = kv
-            items = [item for part in parts for item in part]
-            where = {key[1]: (loc, about) for key, loc, about in items}
-            kept, over = K.decide_range([key for key, _, _ in items], offsets[(group, r)], q["quota"].get(group, 0))
-            why = name(policy.over_reason)
-            outcomes = Counter()
-            kept_keys = []
-            for rid, pos in kept:
-                loc, about = where[rid]
-                kept_keys.append((K.order_key(q["index"][group], pos), loc))
-                outcomes[(*about, None)] += 1
-            dropped = []
-            for rid in over:
-                loc, about = where[rid]
-                dropped.append((loc, (None, why)))
-                outcomes[(*about, why)] += 1
-            yield beam.pvalue.TaggedOutput("kept", kept_keys)
-            yield beam.pvalue.TaggedOutput("over", dropped)
-            yield from outcomes.items()
-
-        keys = feats | "RowKeys" >> beam.Map(row_keys)
-        count = keys | "CountCandidates" >> beam.Map(lambda k: k["n"]) | "Count" >> beam.CombineGlobally(sum)
-        sizes = (keys | "GroupCounts" >> beam.FlatMap(lambda k: k["sizes"].items())
-                 | "GroupSizes" >> beam.CombinePerKey(sum) | "AllGroups" >> beam.combiners.ToList())
-        present = (keys | "NonNull" >> beam.FlatMap(lambda k: k["present"]) | "Present" >> beam.Distinct()
-                   | "AllPresent" >> beam.combiners.ToList())
-        quota = count | "Quotas" >> beam.Map(quotas, beam.pvalue.AsSingleton(sizes), beam.pvalue.AsSingleton(present))
-        cuts = (keys | "Sample" >> beam.FlatMap(lambda k: k["samples"]) | "AllSamples" >> beam.combiners.ToList()
-                | "CutPoints" >> beam.Map(lambda sample, sz: K.cut_points(sample, dict(sz), per_range),
-                                          beam.pvalue.AsSingleton(sizes)))
-        ranged = keys | "ToRanges" >> beam.FlatMap(to_ranges, beam.pvalue.AsSingleton(cuts))
-        offsets = (ranged | "RangeCounts" >> beam.MapTuple(lambda gr, items: (gr, len(items)))
-                   | "RangeSizes" >> beam.CombinePerKey(sum) | "AllRanges" >> beam.combiners.ToList()
-                   | "RangeOffsets" >> beam.Map(K.range_offsets))
-        decided = (ranged | "ByRange" >> beam.GroupByKey()
-                   | "DecideRange" >> beam.FlatMap(decide, beam.pvalue.AsSingleton(offsets),
-                                                   beam.pvalue.AsSingleton(quota)).with_outputs("kept", "over",
-                                                                                                  main="outcomes"))
-        ranks = decided.kept | "Number" >> _NumberBatches(quota)
-        drops = keys | "Drops" >> beam.Map(lambda k: [(loc, (None, why)) for loc, why, _ in k["drops"]])
-        drop_outcomes = keys | "DropOutcomes" >> beam.FlatMap(
-            lambda k: Counter((*about, why) for _, why, about in k["drops"]).items())
-        report = ((decided.outcomes, drop_outcomes) | "Outcomes" >> beam.Flatten()
-                  | _Report(policy, budget, seed))
-        decisions = (ranks, drops, decided.over) | "AllDecisions" >> beam.Flatten()
-        return {"decisions": decisions, "report": report}
-
-
-class _NumberBatches(beam.PTransform):
-    """Lists of (order key, loc) of selected rows -> lists of (loc, (global rank, None)), numbered
-    range by range as ``pipelines.select._NumberInOrder`` numbers single rows."""
-
-    def __init__(self, quota):
-        super().__init__()
-        self.quota = quota
-
-    def expand(self, kept):
-        bounds = self.quota | "Boundaries" >> beam.Map(
-            lambda q: S.rank_boundaries(K.rank_shapes(q["quota"]), S.RANK_BUCKET_ROWS))
-
-        def split(items, b):
-            parts = defaultdict(list)
-            for item in items:
-                parts[S.bucket_of(item[0], b)].append(item)
-            return list(parts.items())
-
-        keyed = kept | "ToBuckets" >> beam.FlatMap(split, beam.pvalue.AsSingleton(bounds))
-        offsets = (keyed | "BucketCounts" >> beam.MapTuple(lambda b, items: (b, len(items)))
-                   | "BucketSizes" >> beam.CombinePerKey(sum) | "AllBuckets" >> beam.combiners.ToList()
-                   | "BucketOffsets" >> beam.Map(S.bucket_offsets))
-        return (keyed | "GroupBuckets" >> beam.GroupByKey()
-                | "Ranks" >> beam.FlatMap(lambda kv, off: _chunks(
-                    [(loc, (rank, None)) for loc, rank in S.ranks_in_bucket(
-                        [item for part in kv[1] for item in part], off[kv[0]])], 65536),
-                    beam.pvalue.AsSingleton(offsets)))
-
-
 def base_table(locs: np.ndarray, records: list[dict]) -> pa.Table:
     """A batch's rows as read: their locators and the record's own output columns
     (``instruction``/``input`` from the record's ``_`` fields), built column by column."""
@@ -733,19 +308,6 @@ def base_table(locs: np.ndarray, records: list[dict]) -> pa.Table:
         key = name if name in records[0] else "_" + name
         arrays.append(pa.array([r[key] for r in records], ANNOTATED.field(name).type))
     return pa.Table.from_arrays(arrays, schema=_BASE_SCHEMA)
-
-
-def pack(table: pa.Table) -> bytes:
-    """A table as zstd-compressed Arrow IPC: the near text waits in the runner's memory from Scan
-    until the candidates' signatures are computed, at about a third of its size."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def unpack(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(data).read_all()
 
 
 class ApplyFn(StageFn):
@@ -773,7 +335,7 @@ class ApplyFn(StageFn):
         base = unit["index"] << SHIFT
         records = ((base | i, rec) for i, kind, rec in unit_rows(unit, self.specs[unit["source"]], self.sample)
                    if kind == "record")
-        for chunk in _chunks(records, self.size):
+        for chunk in chunks(records, self.size):
             table = self._decide(base_table(np.array([loc for loc, _ in chunk], np.int64),
                                             [rec for _, rec in chunk]), dec)
             if table.num_rows == 0:
@@ -826,7 +388,7 @@ class ApplyFn(StageFn):
 
 
 def _kind(kind):
-    return lambda pairs: [(unit, (kind, part)) for unit, part in _by_unit(pairs)]
+    return lambda pairs: [(unit, (kind, part)) for unit, part in by_unit(pairs)]
 
 
 def build(p: beam.Pipeline, cfg: Job, folder: str) -> dict:

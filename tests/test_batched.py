@@ -175,3 +175,27 @@ def test_the_batch_path_gives_the_same_outputs_on_other_runners(job_dir, small_b
     for a, b in zip(_outputs("one")[:3], _outputs("other")[:3]):
         pd.testing.assert_frame_equal(a, b)
     assert _outputs("other")[3]["counts"] == _outputs("one")[3]["counts"]
+
+
+def test_locator_helpers():
+    import numpy as np
+    import pyarrow as pa
+
+    from pipelines import locators as L
+
+    values = np.array([5, 1, 9, 7, 1 << 40], np.int64)
+    assert L.member(values, np.array([1, 7, 1 << 40], np.int64)).tolist() == [False, True, False, True, True]
+    assert L.member(values, np.zeros(0, np.int64)).tolist() == [False] * 5
+    assert [len(c) for c in L.chunks(range(7), 3)] == [3, 3, 1] and list(L.chunks([], 3)) == []
+    assert sorted(L.by_unit([((2 << L.SHIFT) | 5, "a"), (3, "b"), ((2 << L.SHIFT) | 1, "c")])) == [
+        (0, [(3, "b")]), (2, [((2 << L.SHIFT) | 5, "a"), ((2 << L.SHIFT) | 1, "c")])]
+    t = pa.table({"id": ["x", "y"], "text": pa.array(["é" * 1000, ""], pa.large_string())})
+    assert L.unpack(L.pack(t)).equals(t) and len(L.pack(t)) < 1000
+    assert L.stable_shard("abc", 64) == L.stable_shard("abc", 64) < 64
+
+    class Holder:
+        _sorted_cache = (None, None)
+
+    listed = [9, 3, 3]
+    first = L.sorted_side_input(Holder, listed)
+    assert first.tolist() == [3, 9] and L.sorted_side_input(Holder, listed) is first  # built once per list
