@@ -78,16 +78,13 @@ class BucketsFn(StageFn):
             yield beam.pvalue.TaggedOutput("ends", np.unique(members))
 
 
-class StarEdgesFn(StageFn):
+class StarEdgesFn(beam.DoFn):
     """Every bucket's members by id on one worker (the buckets and the candidates' ids are the
     near-duplicate candidates only): star edges (smallest id, other), as
     ``curate.dedup.near.bucket_edges`` draws them, as lists keyed by the verify shard of the
     first id."""
 
-    stage = "near_dedup"
-    metrics = ()
-
-    def handle(self, buckets, infos):
+    def process(self, buckets, infos):
         id_of = {loc: rid for part in infos for rid, loc, _, _ in part}
         edges = set()
         for members, sizes in buckets:
@@ -247,18 +244,17 @@ class Near(beam.PTransform):
             NearRowsFn(p, p.verify), beam.pvalue.AsSingleton(candidates), changes, gone).with_outputs(
             STATS, "info", main="sigs")
         star = (bucket.buckets | "AllBuckets" >> beam.combiners.ToList()
-                | "StarEdges" >> beam.ParDo(StarEdgesFn(), beam.pvalue.AsList(rows.info)).with_outputs(
-                    STATS, main="edges"))
-        stats = [bucket[STATS], rows[STATS], star[STATS]]
+                | "StarEdges" >> beam.ParDo(StarEdgesFn(), beam.pvalue.AsList(rows.info)))
+        stats = [bucket[STATS], rows[STATS]]
         if p.verify:
-            half = ({"edges": star.edges, "sig": rows.sigs} | "JoinFirst" >> beam.CoGroupByKey()
+            half = ({"edges": star, "sig": rows.sigs} | "JoinFirst" >> beam.CoGroupByKey()
                     | "FirstHalf" >> beam.FlatMap(_first_half))
             verified = (half | "JoinSecond" >> beam.GroupByKey()
                         | "Verify" >> beam.ParDo(VerifyEdgesFn(p.threshold)).with_outputs(STATS, main="edges"))
             stats.append(verified[STATS])
             kept = verified.edges
         else:
-            kept = (star.edges | "EdgesByShard" >> beam.GroupByKey()
+            kept = (star | "EdgesByShard" >> beam.GroupByKey()
                     | "Unverified" >> beam.MapTuple(
                         lambda _, parts: [(a, b, None) for a, b in sorted({tuple(e) for x in parts for e in x})]))
         all_edges = kept | "AllEdges" >> beam.combiners.ToList()

@@ -123,6 +123,7 @@ def test_the_batch_path_gives_the_row_paths_outputs(job_dir, small_batches, vari
         pd.testing.assert_frame_equal(a, b, obj=name)
     ann, _, rej, man = batch
     assert man["accounting"]["holds"]
+    assert sorted(p.name for p in (job_dir / "batch").iterdir()) == sorted(p.name for p in (job_dir / "row").iterdir())
     for key in ("rows_in", "selected", "dropped", "rejected", "by_source"):
         assert man["counts"][key] == row[3]["counts"][key], key
     if variant == "default":  # the pool took the branches it was built for

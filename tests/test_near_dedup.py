@@ -291,6 +291,7 @@ def test_near_dedup_is_runner_and_order_independent(job_dir, monkeypatch):
             for constant in ("SHARDS", "BITS_PER_ID", "MIN_BITS"):
                 monkeypatch.setattr(bloom, constant, 1)
         job = write_job(job_dir, without_models({"output": name, "batch_size": 16 if name == "a" else 64,
+                                  "path": "row",  # the row path's Bloom filter (the batch path's: test_batched)
                                   "inputs": [{"source": "s", "path": path, "id_field": "id"}]}), f"{name}.yaml")
         assert run_cli("run", job, *flags) == 0
     a = pd.read_parquet("a/annotated").set_index("id").sort_index()
