@@ -29,7 +29,6 @@ from curate.schema import ANNOTATED, REJECTS, selected_schema
 from curate.io import fingerprint
 from curate.settings import Job
 from pipelines import transforms as T
-from pipelines.batched import ROWS_DIR
 from pipelines.graph import REPORTS_FILE, STATS_FILE, build
 from pipelines.runtime import beam_flags, resolve_runtime
 
@@ -147,9 +146,6 @@ def run(cfg: Job, beam_args: list[str] | None = None, overwrite: bool = False) -
         if state not in (None, "DONE", beam.runners.runner.PipelineState.DONE):
             raise RuntimeError(f"pipeline ended in state {state}")
         stats, reports = _read_and_remove(tmp, STATS_FILE), _read_and_remove(tmp, REPORTS_FILE)
-        rows = storage.join(tmp, ROWS_DIR)  # the batch path's rows between its two passes
-        if storage.exists(rows):
-            storage.rmtree(rows)
         man = manifest_mod.build(cfg, stats, inputs, beam_options=options.get_all_options(drop_default=True),
                                  started=started, finished=_now(), wall_s=time.monotonic() - t0,
                                  reports=reports, runtime=rt)
