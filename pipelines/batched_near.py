@@ -141,6 +141,15 @@ def _sig_lookup(sig_parts) -> tuple[dict, np.ndarray | None]:
     return {rid: i for i, rid in enumerate(ids)}, (np.concatenate(mats) if mats else None)
 
 
+def _check_signed(where: dict, ids) -> None:
+    """Every id on an edge is a candidate, so its signature is here; a missing one is a bug, said
+    in one line rather than an edge lost without a trace."""
+    missing = [rid for rid in ids if rid not in where]
+    if missing:
+        raise RuntimeError(f"near_dedup: no signature for {len(missing)} row(s) on a candidate edge "
+                           f"(first: {missing[0]!r}); please report this with the job file")
+
+
 def _first_half(element):
     """One verify shard: each distinct edge (a, b) with a's signature, sent to b's shard; the
     shard's own signatures go on beside them, so the second step reads them from here rather
@@ -148,7 +157,7 @@ def _first_half(element):
     shard, joined = element
     where, sigs = _sig_lookup(joined["sig"])
     edges = sorted({tuple(e) for part in joined["edges"] for e in part})
-    edges = [e for e in edges if e[0] in where]  # every edge's ends are candidates: all of them
+    _check_signed(where, (a for a, _ in edges))
     for vs, part in _by_vshard(edges, lambda e: e[1]).items():
         yield vs, ("half", part, sigs[[where[a] for a, _ in part]])
     if sigs is not None:
@@ -171,6 +180,7 @@ class VerifyEdgesFn(StageFn):
         where, sigs = _sig_lookup([(ids, mat) for kind, ids, mat in items if kind == "sig"])
         out = []
         for edges, sig_a in ((e, m) for kind, e, m in items if kind == "half"):
+            _check_signed(where, (b for _, b in edges))
             sig_b = sigs[[where[b] for _, b in edges]]
             j = np.mean(sig_a == sig_b, axis=1)
             empty = np.all(sig_a == minhash.EMPTY, axis=1) | np.all(sig_b == minhash.EMPTY, axis=1)
@@ -187,8 +197,8 @@ class ClustersFn(StageFn):
     """Every verified edge and the candidates' keep-rule facts on one worker: components by
     union-find (``curate.dedup.near.UnionFind``: a cluster is named by its smallest id), then in
     each cluster the longest response kept, then the smallest id (``curate.dedup.near.keep_key``).
-    Why one worker: the edges are the near-duplicate pairs only (about a tenth of the rows at
-    most, 16 bytes of ids each); the row path's label rounds spread a pool of hundreds of
+    Why one worker: the edges are the near-duplicate pairs only (two ids each, about one edge for
+    every ten rows in the scale pools); the row path's label rounds spread a pool of hundreds of
     millions of rows."""
 
     stage = "near_dedup"

@@ -15,6 +15,7 @@ from curate.settings import Job
 from pipelines.locators import chunks, member, sorted_side_input
 from pipelines.select import _Report, policy_from
 
+
 class LiveFeaturesFn(beam.DoFn):
     """A batch's features without the rows gone earlier, with the ids as renumbered."""
 

@@ -200,3 +200,19 @@ def test_locator_helpers():
     listed = [9, 3, 3]
     first = L.sorted_side_input(Holder, listed)
     assert first.tolist() == [3, 9] and L.sorted_side_input(Holder, listed) is first  # built once per list
+
+
+def test_a_pool_of_rejects_and_an_empty_file_gives_the_row_paths_empty_outputs(job_dir):
+    (job_dir / "r.jsonl").write_text('{bad\n{"output": "x"}\n')
+    (job_dir / "e.jsonl").write_text("")
+    for path in ("row", "batch"):
+        cfg = without_models({"output": path, "path": path, "inputs": [{"source": "r", "path": "r.jsonl"},
+                                                                       {"source": "e", "path": "e.jsonl"}],
+                              "dedup": {"exact": {"enabled": True}, "near": {"enabled": True}},
+                              "select": {"policy": "random", "budget": {"fraction": 0.5}}})
+        assert run_cli("run", write_job(job_dir, cfg, f"{path}.yaml")) == 0
+    row, batch = _outputs("row"), _outputs("batch")
+    for a, b in zip(row[:3], batch[:3]):
+        pd.testing.assert_frame_equal(a, b, check_dtype=False, check_index_type=False)
+    assert len(batch[0]) == 0 and sorted(batch[2].reason) == ["malformed_json", "missing_field"]
+    assert batch[3]["counts"]["rejected"] == row[3]["counts"]["rejected"] and batch[3]["accounting"]["holds"]
