@@ -4,8 +4,8 @@ read -> exact dedup -> near dedup -> select (``random`` 25%) -> write, on the sc
 pools (``benchmarks.scale.make_pool``: real Alpaca and GSM8K text, 10% exact and 10% near
 copies, four sources), by
 
-- ``default``: ``curate run`` as a user first runs it (the FnApiRunner; the batch path,
-  ``pipelines.batched``, with one worker process per core from 32 MB of input),
+- ``default``: ``curate run`` as a user first runs it (the in-process FnApiRunner; a job like
+  this one, with no model stage and a keyed policy, runs on the batch path, ``pipelines.batched``),
 - ``dask_2``: ``curate run --runner=DaskRunner --dask_workers=2``,
 - ``row``: the default runner on the row path (``path: row``), while it exists: its line's
   baseline is the row path and its ``ratio`` the batch path's rows/s over the row path's,

@@ -216,3 +216,13 @@ def test_a_pool_of_rejects_and_an_empty_file_gives_the_row_paths_empty_outputs(j
         pd.testing.assert_frame_equal(a, b, check_dtype=False, check_index_type=False)
     assert len(batch[0]) == 0 and sorted(batch[2].reason) == ["malformed_json", "missing_field"]
     assert batch[3]["counts"]["rejected"] == row[3]["counts"]["rejected"] and batch[3]["accounting"]["holds"]
+
+
+def test_features_of_a_batch_are_each_rows_features():
+    from curate.records import RowSpec, FieldMap, to_record
+    from curate.select.features import FEATURES, feature_row, features_batch
+
+    spec = RowSpec(source="s", form="auto", fields=FieldMap(), id_field=None, max_chars=10_000)
+    recs = [to_record(r, spec) for r in ({"instruction": "é" * 7, "output": "a b c"},
+                                         {"instruction": "Say hi.", "input": "twice", "output": "hi " * 300})]
+    assert features_batch(recs).to_pylist() == [{f.name: feature_row(r).get(f.name) for f in FEATURES} for r in recs]
