@@ -16,7 +16,7 @@ in-process runner. Here a row never crosses a shuffle:
              decisions and leave as Arrow tables for ``WriteToParquetBatched``.
 
 A unit is read twice (Apply, its second reading included, took 42 of the 168 s at a million
-rows); in exchange no collection holds the rows, only a few numbers a row and the near text until
+rows on 2 cores of an AMD EPYC with AVX-512); in exchange no collection holds the rows, only a few numbers a row and the near text until
 the candidates' signatures are made. Decisions that later steps need (renamed or rejected ids,
 rows already dropped) reach them as side inputs: they cover the rows that changed, a small share
 of the pool.
@@ -46,8 +46,8 @@ from curate.stats import stat_key
 from pipelines import transforms as T
 from pipelines.batched_near import Near
 from pipelines.batched_select import KeyedSelect, LiveFeaturesFn
-from pipelines.locators import SHIFT, by_unit, chunks, member, pack, stable_shard
-from pipelines.near_dedup import N_SHARDS, SIGNATURE_BATCH
+from pipelines.locators import SHIFT, by_unit, chunks, member, pack, positions_by_shard, stable_shard
+from pipelines.near_dedup import N_SHARDS, SIGNATURE_BATCH, near_text
 from pipelines.select import policy_from
 from pipelines.stage import STATS, StageFn
 
@@ -107,10 +107,6 @@ def unit_rows(unit: dict, spec, sample, on_file=None):
             yield i, kind, item
     except SourceReadError as err:
         raise SourceReadError(T.INPUT_ERROR + str(err)) from None
-
-
-def near_text(rec: dict, which: str) -> str:
-    return rec["response"] if which == "response" else rec["prompt"] + "\n" + rec["response"]
 
 
 class ScanFn(StageFn):
@@ -183,7 +179,7 @@ class ScanFn(StageFn):
             keys = band_keys(future.result(), p.bands, p.rows, salts)
             flat = keys.ravel()
             owner = np.repeat(np.arange(len(texts)), keys.shape[1])
-            for shard, part in _split((flat % np.uint64(N_SHARDS)).astype(np.int64)):
+            for shard, part in positions_by_shard((flat % np.uint64(N_SHARDS)).astype(np.int64)):
                 yield beam.pvalue.TaggedOutput(BANDS, (shard, (flat[part], locs[owner[part]])))
 
         return entries
@@ -198,13 +194,13 @@ class ScanFn(StageFn):
         locs = np.array(locs, dtype=np.int64)
         user = source in self.user_ids
         extra = ([r["original"] for r in recs], [r["_file"] for r in recs], [r["_row"] for r in recs]) if user else None
-        for shard, part in _split([stable_shard(i, KEY_SHARDS) for i in ids]):
+        for shard, part in positions_by_shard([stable_shard(i, KEY_SHARDS) for i in ids]):
             out.append(beam.pvalue.TaggedOutput(IDS, (shard, (source, [ids[j] for j in part], locs[part],
                                                               extra and tuple([col[j] for j in part] for col in extra)))))
         if self.exact.enabled:
             keys = np.array([bytes.fromhex(dedup_key(r["prompt"], r["response"], source, self.exact.scope))
                              for r in recs], dtype="S16")
-            for shard, part in _split(keys.view(">u8")[::2] % np.uint64(KEY_SHARDS)):
+            for shard, part in positions_by_shard(keys.view(">u8")[::2] % np.uint64(KEY_SHARDS)):
                 out.append(beam.pvalue.TaggedOutput(EXACT, (shard, (self.rank[source], keys[part],
                                                                     [ids[j] for j in part], locs[part]))))
         bands = None
@@ -218,14 +214,6 @@ class ScanFn(StageFn):
         out.append(beam.pvalue.TaggedOutput(FEATS, (locs, feats.select(
             [c for c in feats.column_names if feats.column(c).null_count < feats.num_rows]))))
         return out, bands
-
-
-def _split(shards):
-    """(shard, positions) for each shard present, positions in their order."""
-    shards = np.asarray(shards, dtype=np.int64)
-    order = np.argsort(shards, kind="stable")
-    present, starts = np.unique(shards[order], return_index=True)
-    return [(int(s), part) for s, part in zip(present, np.split(order, starts[1:]))]
 
 
 class IdsFn(StageFn):
@@ -316,7 +304,8 @@ class ApplyFn(StageFn):
     decisions and leave as Arrow tables (annotated on the main output, the selected rows' columns
     on ``selected``). Why read again: carrying the rows from Scan to here held them in the
     runner's memory (9.1 GB peak at a million rows, against 3.4 GB), and writing them beside the
-    output for Apply measured no faster (both tried, ``CHANGELOG.md``)."""
+    output for Apply measured no faster (both tried on 2 cores of an AMD EPYC with AVX-512,
+    ``CHANGELOG.md``)."""
 
     stage = "write"
     metrics = ("selected", "dropped")

@@ -27,6 +27,15 @@ def chunks(items, size: int):
         yield chunk
 
 
+def positions_by_shard(shards) -> list[tuple[int, np.ndarray]]:
+    """(shard, positions) for each shard present in ``shards`` (one shard number per item), the
+    positions in their order: how a batch's arrays are cut into one element per shard."""
+    shards = np.asarray(shards, dtype=np.int64)
+    order = np.argsort(shards, kind="stable")
+    present, starts = np.unique(shards[order], return_index=True)
+    return [(int(s), part) for s, part in zip(present, np.split(order, starts[1:]))]
+
+
 def stable_shard(text: str, shards: int) -> int:
     """A shard from the text alone (Python's ``hash`` is salted per process)."""
     return zlib.crc32(text.encode("utf-8")) % shards

@@ -34,6 +34,7 @@ from curate.dedup.near import (UnionFind, band_keys, bucket_edges, resolve_clust
 from curate.settings import Job
 from curate.settings import NearDedup as NearDedupSettings
 from curate.stats import stat_key
+from pipelines.locators import positions_by_shard
 from pipelines.stage import STATS, LiveStage, StageFn
 
 log = logging.getLogger("curate")
@@ -79,11 +80,8 @@ def shard_entries(keys: np.ndarray, ids: list[str], shards: int = N_SHARDS):
     reach; a bucket's keys all land in one shard (the key decides it)."""
     flat = keys.ravel()
     owner = np.repeat(np.arange(len(ids)), keys.shape[1])
-    shard = (flat % np.uint64(shards)).astype(np.int64)
-    order = np.argsort(shard, kind="stable")
-    present, starts = np.unique(shard[order], return_index=True)
-    for s, part in zip(present, np.split(order, starts[1:])):
-        yield int(s), (flat[part], [ids[i] for i in owner[part]])
+    for s, part in positions_by_shard((flat % np.uint64(shards)).astype(np.int64)):
+        yield s, (flat[part], [ids[i] for i in owner[part]])
 
 
 class CandidateSignatureFn(StageFn):

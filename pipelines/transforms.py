@@ -16,21 +16,11 @@ from curate.io import SourceReadError, iter_file, jsonl_chunks, sample_rows
 from curate.records import FieldMap, RowSpec, convert, make_reject
 from curate.settings import Job, Sample
 from curate.stats import merge
+from pipelines.locators import chunks
 from pipelines.stage import STATS, StageFn, is_live
 
 REJECTS = "rejects"
 INPUT_ERROR = "curate-input-error: "
-
-
-def _batches(items, size):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def read_units(cfg: Job) -> list[dict]:
@@ -75,7 +65,7 @@ class ReadFn(StageFn):
         s = self.sample
         try:
             chosen = sample_rows(rows(), source, s.mode, s.n, s.fraction, s.seed)
-            for batch in _batches(chosen, self.batch_size):
+            for batch in chunks(chosen, self.batch_size):
                 self.count("rows", len(batch), source=source, progress=True)
                 yield source, batch
         except SourceReadError as err:

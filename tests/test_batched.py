@@ -37,6 +37,9 @@ def _pool(folder):
             words = row["output"].split()
             words[len(words) // 2] = "changed"
             a.append({"instruction": row["instruction"], "output": " ".join(words)})  # near duplicate
+            if i % 8 == 0:  # and a second one: buckets of three
+                words[len(words) // 3] = "other"
+                a.append({"instruction": row["instruction"], "output": " ".join(words)})
     rng.shuffle(a)
     lines = [json.dumps(r) for r in a]
     lines[3:3] = ["{not json", "[1, 2]", json.dumps({"foo": "bar"}), json.dumps({"instruction": "x"}),
@@ -100,6 +103,7 @@ VARIANTS = {
     "default": {},
     "source_scopes_unverified": {"dedup": {"exact": {"scope": "source"}, "near": {"scope": "source", "verify": False}}},
     "no_exact": {"dedup": {"exact": {"enabled": False}}},
+    "big_buckets": {"dedup": {"near": {"max_bucket_size": 2}}},  # buckets above it are logged and counted
     "no_near": {"dedup": {"near": {"enabled": False}}},
     "mixture_rows": {"select": {"policy": "mixture", "params": {"shares": {"a": 0.5, "b": 0.3, "c": 0.2}},
                                 "budget": {"rows": 40}}},
@@ -126,6 +130,9 @@ def test_the_batch_path_gives_the_row_paths_outputs(job_dir, small_batches, vari
     assert sorted(p.name for p in (job_dir / "batch").iterdir()) == sorted(p.name for p in (job_dir / "row").iterdir())
     for key in ("rows_in", "selected", "dropped", "rejected", "by_source"):
         assert man["counts"][key] == row[3]["counts"][key], key
+    if variant == "big_buckets":
+        big = man["stages"]["near_dedup"]["big_buckets"]
+        assert big > 0 and big == row[3]["stages"]["near_dedup"]["big_buckets"]
     if variant == "default":  # the pool took the branches it was built for
         reasons = set(rej.reason)
         assert {"malformed_json", "not_an_object", "unknown_form", "missing_field", "wrong_type", "bad_messages",
@@ -159,9 +166,9 @@ def test_jobs_the_batch_path_cannot_run_take_the_row_path(job_dir, caplog):
     _pool(job_dir)
     cfg = load(_job(job_dir, "o", "batch"))
     assert batched.eligible(cfg, resolve_runtime(cfg)) is None
-    assert "not keyed" in batched.eligible(load(_job(job_dir, "o2", "batch", select={
-        "policy": "random", "scope": "cluster", "budget": {"fraction": 0.5}}, cluster={"column": "uid"})), {}) \
-        or "cluster.column" in batched.eligible(load(_job(job_dir, "o2", "batch", cluster={"column": "uid"})), {})
+    tokens = load(_job(job_dir, "o2", "batch", select={"policy": "random", "budget": {"tokens": 5000}}))
+    assert batched.eligible(tokens, {}) == "policy random with scope global is not keyed"  # a token budget
+    assert batched.eligible(load(_job(job_dir, "o4", "batch", cluster={"column": "uid"})), {}) == "cluster.column is set"
     assert "model or rewrite stages on (embed)" == batched.eligible(cfg, {"embed": {}})
     assert batched.eligible(load(_job(job_dir, "o3", "row")), {}) == "path: row"
 

@@ -42,7 +42,7 @@ def features_batch(records: list[dict]) -> pa.Table:
     for f in FEATURES:
         if f.name in made:
             cols.append(made[f.name])
-        elif f.name in records[0] or f.name in ("id", "source"):
+        elif f.name in records[0]:
             cols.append(pa.array([r.get(f.name) for r in records], f.type))
         else:
             cols.append(pa.nulls(len(records), f.type))
