@@ -78,8 +78,9 @@ def test_the_crash_log_of_a_run_with_an_output_on_a_store_is_written_on_this_dis
 
 
 def test_a_recovery_prints_curates_lines_not_library_noise(job_dir, monkeypatch):
-    """transformers' "Loading weights" bar and peft's FutureWarning about a deprecated property
-    came twice per recovery; they are hidden, and -v shows them again."""
+    """transformers' "Loading weights" bar and (peft < 0.22) a FutureWarning about a deprecated
+    property came twice per recovery; they are hidden, and -v shows the bar again. peft 0.22 no
+    longer warns, so only the bar is asked of -v."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -102,4 +103,4 @@ def test_a_recovery_prints_curates_lines_not_library_noise(job_dir, monkeypatch)
     assert "recover" in quiet.stderr + quiet.stdout
     loud = _run("-v", *args, "--out", "b", cwd=job_dir)
     assert loud.returncode == 0, loud.stderr[-2000:]
-    assert "Loading weights" in loud.stderr and "is_gradient_checkpointing" in loud.stderr
+    assert "Loading weights" in loud.stderr, loud.stderr
