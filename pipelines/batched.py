@@ -284,7 +284,8 @@ class ExactFn(StageFn):
             for rank, _, loc in members[1:]:
                 self.count("dropped", source=self.sources[rank])
                 out.append((loc, keeper))
-        yield from out
+        if out:
+            yield out  # one element per shard: (loc, kept id) pairs
 
 
 def base_table(locs: np.ndarray, records: list[dict]) -> pa.Table:
@@ -395,14 +396,15 @@ def build(p: beam.Pipeline, cfg: Job, folder: str) -> dict:
     changes = ids.changes
     stats = [scan[STATS], ids[STATS]]
     decisions = [changes | "IdDecisions" >> beam.Map(lambda kv: (kv[0] >> SHIFT, ("id", [kv])))]
-    gone = [changes | "Rejected" >> beam.FlatMap(lambda kv: [kv[0]] if kv[1] is None else [])]
+    # rows gone before a step, as locator arrays (``sorted_side_input``)
+    gone = [changes | "Rejected" >> beam.FlatMap(lambda kv: [np.array([kv[0]], np.int64)] if kv[1] is None else [])]
     if cfg.dedup.exact.enabled:
         exact = (scan[EXACT] | "GroupKeys" >> beam.GroupByKey()
                  | "ExactDedup" >> beam.ParDo(ExactFn([s.source for s in cfg.inputs]), beam.pvalue.AsDict(changes))
                  .with_outputs(STATS, main="dups"))
         stats.append(exact[STATS])
-        decisions.append(exact.dups | "ExactDecisions" >> beam.Map(lambda kv: (kv[0] >> SHIFT, ("exact", [kv]))))
-        gone.append(exact.dups | "ExactGone" >> beam.Map(lambda kv: kv[0]))
+        decisions.append(exact.dups | "ExactDecisions" >> beam.FlatMap(_kind("exact")))
+        gone.append(exact.dups | "ExactGone" >> beam.Map(lambda pairs: np.array([loc for loc, _ in pairs], np.int64)))
     gone_before_near = gone | "GoneBeforeNear" >> beam.Flatten()
     reports = []
     if cfg.dedup.near.enabled:
@@ -410,7 +412,8 @@ def build(p: beam.Pipeline, cfg: Job, folder: str) -> dict:
         stats.append(near["stats"])
         reports.append(near["reports"])
         decisions.append(near["decisions"] | "NearDecisions" >> beam.FlatMap(_kind("near")))
-        gone.append(near["decisions"] | "NearGone" >> beam.FlatMap(lambda d: [loc for loc, v in d if v[1] is not None]))
+        gone.append(near["decisions"] | "NearGone" >> beam.Map(
+            lambda d: np.array([loc for loc, v in d if v[1] is not None], np.int64)))
     gone_all = gone | "GoneBeforeSelect" >> beam.Flatten()
     live = scan[FEATS] | "Candidates" >> beam.ParDo(LiveFeaturesFn(), beam.pvalue.AsDict(changes),
                                                      beam.pvalue.AsList(gone_all))

@@ -58,10 +58,12 @@ def member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
 
 
 def sorted_side_input(fn, values) -> np.ndarray:
-    """A side input's list of locators as a sorted array, built once per list (the runner hands
-    the same list to each element of a bundle)."""
+    """A side input's list of locator arrays as one sorted array, built once per list (the runner
+    hands the same list to each element of a bundle). Arrays, not one locator per element: the
+    in-process runner encodes, and measures the size of, a side input element by element."""
     if fn._sorted_cache[0] is not values:
-        fn._sorted_cache = (values, np.unique(np.asarray(values, dtype=np.int64)))
+        parts = [np.asarray(v, dtype=np.int64).ravel() for v in values]
+        fn._sorted_cache = (values, np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64))
     return fn._sorted_cache[1]
 
 

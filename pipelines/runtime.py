@@ -79,7 +79,16 @@ def _weak_lm_stage(settings, kind: str, key_fn) -> dict:
 def resolve_runtime(cfg: Job) -> dict:
     """``{stage: choices}`` for the stages that are on (see the module docstring)."""
     from curate import device, kernel_choice, models
-    from pipelines.score import default_batch_tokens, settings_key
+
+    def settings_key(*args):  # pipelines.score imports Beam's ML modules (1.5 s): only where a stage needs it
+        from pipelines.score import settings_key as key
+
+        return key(*args)
+
+    def default_batch_tokens(dev):
+        from pipelines.score import default_batch_tokens as tokens
+
+        return tokens(dev)
 
     rt = {}
     e = cfg.embed
@@ -103,8 +112,6 @@ def resolve_runtime(cfg: Job) -> dict:
             rt["embed"]["cache_files"] = files + reuse.get("files", [])
     if cfg.cluster.enabled:
         rt["cluster"] = {"faiss_gpu": device.faiss_use_gpu(cfg.cluster.device)}
-    from pipelines.degradation import settings_key as degradation_key
-    from pipelines.rds import settings_key as rds_key
 
     s = cfg.score.ifd
     if s.enabled:
@@ -112,6 +119,8 @@ def resolve_runtime(cfg: Job) -> dict:
         rt["score"]["batch_tokens"] = s.batch_tokens or default_batch_tokens(rt["score"]["device"])
     r = cfg.score.rds
     if r.enabled:
+        from pipelines.rds import settings_key as rds_key
+
         rt["rds"] = {**_weak_lm_stage(r, "rds", rds_key), "targets": {t.source: len(t.files) for t in cfg.targets}}
     x = cfg.score.less
     if x.enabled:
@@ -139,6 +148,8 @@ def resolve_runtime(cfg: Job) -> dict:
             rt["rewrite"]["realign"] = prepare_realign(w.realign, cfg.embed.model)
     d = cfg.score.degradation
     if d.enabled:
+        from pipelines.degradation import settings_key as degradation_key
+
         rt["degradation"] = {**_weak_lm_stage(d, "degradation", degradation_key),
                              "compressed": os.path.abspath(d.compressed)}
     return rt
