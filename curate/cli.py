@@ -63,11 +63,15 @@ def _fail(message: str) -> int:
     return USAGE_ERROR
 
 
-def _table(rows: list[tuple], header: tuple) -> str:
+def _table(rows: list[tuple], header: tuple, text_last: bool = False) -> str:
+    """Numbers right-aligned, the first column (and with ``text_last`` the last, free text that
+    can be long) left-aligned, without trailing blanks."""
     rows = [tuple(str(c) for c in r) for r in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
               for i, h in enumerate(header)]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    left = {0, len(header) - 1} if text_last else {0}
+    line = lambda r: "  ".join(c.ljust(w) if i in left else c.rjust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     return "\n".join([line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
 
 
@@ -91,7 +95,7 @@ def summary(man: dict) -> str:
         main = {k: v for k, v in m.items() if k not in ("busy_s", "rows_per_busy_s")}
         desc = ", ".join(f"{k}={v:,}" for k, v in main.items())
         st.append((name, m.get("busy_s", ""), m.get("rows_per_busy_s", ""), desc))
-    parts.append(_table(st, ("stage", "busy s", "rows/busy s", "counts")))
+    parts.append(_table(st, ("stage", "busy s", "rows/busy s", "counts"), text_last=True))
     return "\n\n".join(parts)
 
 

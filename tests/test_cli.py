@@ -104,3 +104,23 @@ def test_a_recovery_prints_curates_lines_not_library_noise(job_dir, monkeypatch)
     loud = _run("-v", *args, "--out", "b", cwd=job_dir)
     assert loud.returncode == 0, loud.stderr[-2000:]
     assert "Loading weights" in loud.stderr, loud.stderr
+
+
+def test_the_stage_table_keeps_long_counts_left_aligned_without_trailing_blanks():
+    """near_dedup's counts (one per cluster size) are long; right-aligned, they pushed every other
+    stage's counts a screen to the right."""
+    from curate.cli import summary
+
+    stages = {"read": {"busy_s": 7.0, "rows_per_busy_s": 14192.4, "rows": 100000},
+              "near_dedup": {"busy_s": 1.0, "rows_per_busy_s": 89314.5, "dropped": 9052,
+                             **{f"clusters:size_{k}": 10 * k for k in range(2, 30)}}}
+    man = {"job": {"name": "t"}, "timing": {"wall_s": 1.0},
+           "accounting": {"rows_in": 1, "selected": 1, "dropped": 0, "rejected": 0, "holds": True},
+           "counts": {"dropped": {}, "rejected": {}, "by_source": {"s": {"rows_in": 1, "selected": 1, "dropped": {},
+                                                                         "rejected": {}}}},
+           "stages": stages}
+    lines = summary(man).splitlines()
+    read = next(line for line in lines if line.startswith("read "))
+    near = next(line for line in lines if line.startswith("near_dedup "))
+    assert read.endswith("rows=100,000") and read.index("rows=") == near.index("dropped=")
+    assert all(line == line.rstrip() for line in lines)
