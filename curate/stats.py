@@ -98,12 +98,12 @@ class Progress:
         text = f"{self.stage}: {done} {self.unit} so far ({rate:.2f} {self.unit}/s)"
         if self.total:
             left = max(self.total - self.n, 0)
-            eta = f", ETA {_duration(left / rate)}" if rate > 0 else ""
+            eta = f", ETA {duration(left / rate)}" if rate > 0 else ""
             text = f"{self.stage}: {done} of {self.total:,} {self.unit} ({rate:.2f} {self.unit}/s{eta})"
         return text
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"

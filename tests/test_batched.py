@@ -5,7 +5,9 @@ user ids with other content (``duplicate_id``) and byte-identical rows (renumber
 near duplicates inside a batch, across batches, files and sources, a file of one row, a file of
 rejects only (a batch with no records), and units cut into several pieces of one file."""
 import json
+import logging
 import random
+import re
 
 import pandas as pd
 import pytest
@@ -175,14 +177,24 @@ def test_jobs_the_batch_path_cannot_run_take_the_row_path(job_dir, caplog):
 
 @pytest.mark.parametrize("flags", [["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
                                    ["--runner=DaskRunner", "--dask_workers=2"]], ids=["fnapi_2_processes", "dask_2"])
-def test_the_batch_path_gives_the_same_outputs_on_other_runners(job_dir, small_batches, flags):
+def test_the_batch_path_gives_the_same_outputs_on_other_runners(job_dir, small_batches, flags, monkeypatch, caplog):
     pytest.importorskip("distributed")
     _pool(job_dir)
     assert run_cli("run", _job(job_dir, "one", "batch")) == 0
-    assert run_cli("run", _job(job_dir, "other", "batch"), *flags) == 0
+    if "--runner=DaskRunner" in flags:  # the driver says how many tasks have run while it waits
+        from pipelines import dask_runner
+
+        monkeypatch.setattr(dask_runner, "PROGRESS_EVERY", 0.05)
+    with caplog.at_level(logging.INFO, logger="curate"):
+        assert run_cli("run", _job(job_dir, "other", "batch"), *flags) == 0
     for a, b in zip(_outputs("one")[:3], _outputs("other")[:3]):
         pd.testing.assert_frame_equal(a, b)
     assert _outputs("other")[3]["counts"] == _outputs("one")[3]["counts"]
+    if "--runner=DaskRunner" in flags:
+        lines = [r.getMessage() for r in caplog.records if re.match(r"dask: [\d,]+ of [\d,]+ tasks", r.getMessage())]
+        assert lines, [r.getMessage() for r in caplog.records]
+        done = [tuple(int(x.replace(",", "")) for x in re.findall(r"([\d,]+) of ([\d,]+)", line)[0]) for line in lines]
+        assert all(0 <= n <= total for n, total in done)
 
 
 def test_locator_helpers():
