@@ -419,12 +419,11 @@ class DaskRunner(beam_dask.DaskRunner):
         fuse = ours.dask_shuffle != "p2p"
         sinks = list(dask.optimize(*sinks)) if fuse else sinks
         # at 1M rows the graph is ~68,000 tasks and takes about a minute to build and send: say so
-        tasks = len(set().union(*(s.__dask_graph__().keys() for s in sinks)))
-        log.info(GRAPH_LINE, tasks)
+        keys = list(set().union(*(s.__dask_graph__().keys() for s in sinks)))
+        log.info(GRAPH_LINE, len(keys))
         futures = client.compute(sinks, optimize_graph=False)
-        result = Result(client, futures, cluster, visitor.run, ours.dask_memory_limit if cluster is not None else None)
-        result.keys = list(set().union(*(s.__dask_graph__().keys() for s in sinks)))
-        return result
+        return Result(client, futures, cluster, visitor.run, ours.dask_memory_limit if cluster is not None else None,
+                      keys)
 
 
 def memory_marks(target: float) -> dict:
@@ -562,9 +561,10 @@ def _pending(dask_scheduler, keys) -> tuple[int, int]:
 
 
 class Result(beam_dask.DaskRunnerResult):
-    def __init__(self, client, futures, cluster=None, run: str = "", memory_limit: str | None = None):
+    def __init__(self, client, futures, cluster=None, run: str = "", memory_limit: str | None = None,
+                 keys: list | None = None):
         self.cluster, self.run, self.memory_limit = cluster, run, memory_limit
-        self.keys: list = []
+        self.keys = keys or []  # the graph's tasks, for the progress lines
         super().__init__(client, futures)
 
     def _wait_with_progress(self) -> None:

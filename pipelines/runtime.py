@@ -80,16 +80,6 @@ def resolve_runtime(cfg: Job) -> dict:
     """``{stage: choices}`` for the stages that are on (see the module docstring)."""
     from curate import device, kernel_choice, models
 
-    def settings_key(*args):  # pipelines.score imports Beam's ML modules (1.5 s): only where a stage needs it
-        from pipelines.score import settings_key as key
-
-        return key(*args)
-
-    def default_batch_tokens(dev):
-        from pipelines.score import default_batch_tokens as tokens
-
-        return tokens(dev)
-
     rt = {}
     e = cfg.embed
     if e.enabled:
@@ -114,7 +104,10 @@ def resolve_runtime(cfg: Job) -> dict:
         rt["cluster"] = {"faiss_gpu": device.faiss_use_gpu(cfg.cluster.device)}
 
     s = cfg.score.ifd
+    # pipelines.score (and rds, degradation) import Beam's ML modules, 1.5 s: only for a stage that runs
     if s.enabled:
+        from pipelines.score import default_batch_tokens, settings_key
+
         rt["score"] = _weak_lm_stage(s, "scores", settings_key)
         rt["score"]["batch_tokens"] = s.batch_tokens or default_batch_tokens(rt["score"]["device"])
     r = cfg.score.rds
@@ -139,6 +132,8 @@ def resolve_runtime(cfg: Job) -> dict:
         folder, files = _cache(w.cache, w.cache_dir, "teacher", cache_store.fingerprint({"format": 1}))
         rt["rewrite"] = {"teacher": dataclasses.asdict(w.teacher), "cache": folder, "cache_files": files}
         if w.reflection.enabled:
+            from pipelines.score import default_batch_tokens, settings_key
+
             student = _weak_lm_stage(s, "scores", settings_key)  # the student is score.ifd's model and settings
             student["batch_tokens"] = s.batch_tokens or default_batch_tokens(student["device"])
             rt["rewrite"]["student"] = student
