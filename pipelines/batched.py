@@ -46,7 +46,8 @@ from curate.stats import stat_key
 from pipelines import transforms as T
 from pipelines.batched_near import Near
 from pipelines.batched_select import KeyedSelect, LiveFeaturesFn
-from pipelines.locators import SHIFT, by_unit, chunks, member, pack, positions_by_shard, stable_shard
+from pipelines.locators import (SHIFT, by_unit, chunks, member, pack, positions_by_shard, sorted_side_input,
+                                stable_shard)
 from pipelines.near_dedup import N_SHARDS, SIGNATURE_BATCH, near_text
 from pipelines.select import policy_from
 from pipelines.stage import STATS, StageFn
@@ -121,6 +122,8 @@ class ScanFn(StageFn):
         self.exact, self.near = cfg.dedup.exact, cfg.dedup.near
         self.rank = {s.source: i for i, s in enumerate(cfg.inputs)}
         self.user_ids = frozenset(s.source for s in cfg.inputs if s.id_field)
+        self._pending = None  # the previous batch's band keys, once its signatures are done
+        self._pool = None  # the signatures' thread, started with the first batch
 
     def _other(self, stage, metric, n=1, reason=None, source=None):
         self._stats[stat_key(stage, metric, reason, source)] += n
@@ -152,7 +155,7 @@ class ScanFn(StageFn):
     def _flush(self):
         """The previous batch's band keys (its signatures ran in a thread while this batch, or the
         next unit, was read): kept across units, given out at the latest in ``finish_bundle``."""
-        pending, self._pending = getattr(self, "_pending", None), None
+        pending, self._pending = self._pending, None
         if pending is not None:
             yield from pending()
 
@@ -170,7 +173,7 @@ class ScanFn(StageFn):
         from concurrent.futures import ThreadPoolExecutor
 
         p = self.near
-        if getattr(self, "_pool", None) is None:
+        if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="curate-signatures")
         future = self._pool.submit(minhash.signatures, texts, p.num_perm, p.seed, p.ngram, p.unit)
 
@@ -185,7 +188,7 @@ class ScanFn(StageFn):
         return entries
 
     def teardown(self):
-        if getattr(self, "_pool", None) is not None:
+        if self._pool is not None:
             self._pool.shutdown(wait=False)
 
     def _arrays(self, source, locs, recs) -> tuple[list, object]:
@@ -259,16 +262,16 @@ class ExactFn(StageFn):
 
     def __init__(self, sources: list[str]):
         self.sources = sources
+        self._sorted_cache = (None, None)
 
-    def handle(self, element, changes):
+    def handle(self, element, changes, rejected):
         _, parts = element
         parts = list(parts)
         keys = np.concatenate([k for _, k, _, _ in parts])
         locs = np.concatenate([loc for _, _, _, loc in parts])
         ranks = np.concatenate([np.full(len(k), r, np.int64) for r, k, _, _ in parts])
         ids = [rid for _, _, part_ids, _ in parts for rid in part_ids]
-        rejected = np.array(sorted(loc for loc, new in changes.items() if new is None), np.int64)
-        live = np.flatnonzero(~member(locs, rejected))
+        live = np.flatnonzero(~member(locs, sorted_side_input(self, rejected)))
         keys, locs, ranks = keys[live], locs[live], ranks[live]
         uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
         self.count("rows", len(keys))
@@ -400,7 +403,8 @@ def build(p: beam.Pipeline, cfg: Job, folder: str) -> dict:
     gone = [changes | "Rejected" >> beam.FlatMap(lambda kv: [np.array([kv[0]], np.int64)] if kv[1] is None else [])]
     if cfg.dedup.exact.enabled:
         exact = (scan[EXACT] | "GroupKeys" >> beam.GroupByKey()
-                 | "ExactDedup" >> beam.ParDo(ExactFn([s.source for s in cfg.inputs]), beam.pvalue.AsDict(changes))
+                 | "ExactDedup" >> beam.ParDo(ExactFn([s.source for s in cfg.inputs]), beam.pvalue.AsDict(changes),
+                                              beam.pvalue.AsList(gone[0]))
                  .with_outputs(STATS, main="dups"))
         stats.append(exact[STATS])
         decisions.append(exact.dups | "ExactDecisions" >> beam.FlatMap(_kind("exact")))

@@ -12,15 +12,15 @@ response kept), on elements that each carry many rows:
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
 from curate.dedup import minhash
-from curate.dedup.near import UnionFind
-from pipelines.locators import member, sorted_side_input, stable_shard, unpack
+from curate.dedup.near import UnionFind, bucket_edges, keep_order, size_histogram
+from pipelines.locators import member, sorted_side_input, sorted_union, stable_shard, unpack
 from pipelines.stage import STATS, StageFn
 
 log = logging.getLogger("curate")
@@ -87,10 +87,9 @@ class StarEdgesFn(beam.DoFn):
     def process(self, buckets, infos):
         id_of = {loc: rid for part in infos for rid, loc, _, _ in part}
         edges = set()
-        for members, sizes in buckets:
-            for bucket in np.split(members, np.cumsum(sizes)[:-1]):
-                ids = sorted({id_of[loc] for loc in bucket.tolist()})
-                edges.update((ids[0], m) for m in ids[1:])
+        for members, sizes in buckets:  # a bucket's key here is its place in the list
+            keys = np.repeat(np.arange(len(sizes), dtype=np.uint64), sizes)
+            edges |= bucket_edges(keys, [id_of[loc] for loc in members.tolist()])[0]
         for vs, part in sorted(_by_vshard(edges, lambda e: e[0]).items()):
             yield vs, sorted(part)
 
@@ -126,11 +125,6 @@ class NearRowsFn(StageFn):
             self.count("signatures_recomputed", len(pick))
             for vs, part in _by_vshard(range(len(pick)), lambda i: pick[i][1]).items():
                 yield vs, ([pick[i][1] for i in part], sigs[part])
-
-
-def _sorted_union(parts) -> np.ndarray:
-    parts = list(parts)
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
 
 def _sig_lookup(sig_parts) -> tuple[dict, np.ndarray | None]:
@@ -214,15 +208,14 @@ class ClustersFn(StageFn):
         for part in infos:
             for rid, loc, length, source in part:
                 if rid in clusters:
-                    members[clusters[rid]].append((-length, rid, loc, source))
-        sizes = Counter(len(m) for m in members.values())
-        for size, n in sorted(sizes.items()):
+                    members[clusters[rid]].append((keep_order(length, rid), loc, source))
+        for size, n in sorted(size_histogram(clusters).items()):
             self.count("clusters", n, reason=f"size_{size}")
         out = []
         for cluster, group in members.items():
             group.sort()
-            keeper = group[0][1]
-            for _, rid, loc, source in group:
+            keeper = group[0][0][1]
+            for (_, rid), loc, source in group:
                 if rid != keeper:
                     self.count("dropped", source=source)
                 out.append((loc, (cluster, None if rid == keeper else keeper)))
@@ -249,7 +242,7 @@ class Near(beam.PTransform):
         bucket = (bands | "GroupShards" >> beam.GroupByKey()
                   | "Buckets" >> beam.ParDo(BucketsFn(p.max_bucket_size), gone).with_outputs(
                       STATS, "ends", main="buckets"))
-        candidates = bucket.ends | "Candidates" >> beam.CombineGlobally(_sorted_union)
+        candidates = bucket.ends | "Candidates" >> beam.CombineGlobally(sorted_union)
         rows = self.near_rows | "CandidateRows" >> beam.ParDo(
             NearRowsFn(p, p.verify), beam.pvalue.AsSingleton(candidates), changes, gone).with_outputs(
             STATS, "info", main="sigs")

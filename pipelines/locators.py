@@ -62,9 +62,14 @@ def sorted_side_input(fn, values) -> np.ndarray:
     hands the same list to each element of a bundle). Arrays, not one locator per element: the
     in-process runner encodes, and measures the size of, a side input element by element."""
     if fn._sorted_cache[0] is not values:
-        parts = [np.asarray(v, dtype=np.int64).ravel() for v in values]
-        fn._sorted_cache = (values, np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64))
+        fn._sorted_cache = (values, sorted_union(values))
     return fn._sorted_cache[1]
+
+
+def sorted_union(parts) -> np.ndarray:
+    """The distinct locators of some locator arrays, sorted (``member``'s set)."""
+    parts = [np.asarray(v, dtype=np.int64).ravel() for v in parts]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
 
 def pack(table: pa.Table) -> bytes:

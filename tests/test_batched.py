@@ -219,6 +219,8 @@ def test_locator_helpers():
     listed = [9, 3, 3]
     first = L.sorted_side_input(Holder, listed)
     assert first.tolist() == [3, 9] and L.sorted_side_input(Holder, listed) is first  # built once per list
+    arrays = [np.array([7, 1 << 40], np.int64), np.zeros(0, np.int64), np.array([7, 2], np.int64)]
+    assert L.sorted_union(arrays).tolist() == [2, 7, 1 << 40] and L.sorted_union([]).dtype == np.int64
 
 
 def test_a_pool_of_rejects_and_an_empty_file_gives_the_row_paths_empty_outputs(job_dir):

@@ -310,7 +310,8 @@ def test_a_run_whose_task_kills_its_worker_ends_with_that_line_and_closes_its_cl
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         cluster = _local_cluster(1, "1GB")
         client = Client(cluster.scheduler_address)
-        result = Result(client, [client.submit(os._exit, 1, pure=False)], cluster, "r", "1GB")
+        future = client.submit(os._exit, 1, pure=False)
+        result = Result(client, [future], cluster, "r", "1GB", keys=[future.key])  # waits via the progress loop
         with pytest.raises(CurateError, match=r"^dask: one task \(_exit-.*\) killed its worker 1 time; .*"
                                               r"--dask_memory_limit=1GB"):
             result.wait_until_finish()
@@ -440,3 +441,44 @@ def test_a_shuffle_moves_each_record_pickled_once_and_gives_it_back_whole():
     key, back = _values(("k", packed))
     assert key == "k" and [b["id"] for b in back] == [r["id"] for r in records]
     assert back[3]["vector"] == records[3]["vector"] and back[3]["score"] != back[3]["score"]  # NaN kept
+
+
+def test_the_progress_lines_count_tasks_run_and_survive_a_scheduler_that_does_not_answer(monkeypatch, caplog):
+    """``Result``'s wait: no line while the scheduler does not know the keys yet or does not answer
+    (the run goes on), then "N of M tasks run" with N never going back (a task whose worker was
+    lost runs again)."""
+    import logging
+    from types import SimpleNamespace
+
+    import distributed
+
+    from pipelines.dask_runner import Result, _pending
+
+    tasks = {"a": SimpleNamespace(state="memory"), "b": SimpleNamespace(state="processing"),
+             "c": SimpleNamespace(state="released")}
+    assert _pending(SimpleNamespace(tasks=tasks), ["a", "b", "c", "d"]) == (3, 1)  # d: forgotten or not sent
+
+    answers = iter([RuntimeError("scheduler gone"), (0, 0), (4, 3), (4, 4), (4, 1)])
+
+    def run_on_scheduler(fn, keys):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    waits = iter([TimeoutError()] * 5 + [None])
+
+    def wait(futures, timeout):
+        outcome = next(waits)
+        if outcome is not None:
+            raise outcome
+
+    monkeypatch.setattr(distributed, "wait", wait)
+    result = Result.__new__(Result)
+    result.keys, result.futures = ["k1", "k2", "k3", "k4"], []
+    result.client = SimpleNamespace(run_on_scheduler=run_on_scheduler)
+    with caplog.at_level(logging.INFO, logger="curate"):
+        result._wait_with_progress()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dask: ")]
+    assert [line.split(" (")[0] for line in lines] == ["dask: 1 of 4 tasks run", "dask: 1 of 4 tasks run",
+                                                      "dask: 3 of 4 tasks run"]

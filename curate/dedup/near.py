@@ -219,7 +219,12 @@ def components_in_rounds(edges, rounds: int = 2) -> dict[str, str]:
 
 def keep_key(record: dict) -> tuple:
     """Smaller is kept: the longest response, then the smallest id."""
-    return (-len(record["response"]), record["id"])
+    return keep_order(len(record["response"]), record["id"])
+
+
+def keep_order(response_length: int, rid: str) -> tuple:
+    """``keep_key`` from a row's response length and id (the batch path carries no text)."""
+    return (-response_length, rid)
 
 
 def resolve_cluster(records: list[dict], cluster_id: str) -> list[dict]:
