@@ -198,40 +198,60 @@ def jsonl_chunks(path: str, target: int = CHUNK_BYTES) -> list[tuple[int, int, i
 
 def iter_jsonl(path: str, start: int = 0, end: int = -1, first_line: int = 1) -> Iterator[RawRow]:
     """Rows of a JSON lines file, or of its byte range ``[start, end)`` (see ``jsonl_chunks``)."""
+    for number, line in jsonl_lines(path, start, end, first_line):
+        yield parse_line(path, number, line)
+
+
+def jsonl_lines(path: str, start: int = 0, end: int = -1, first_line: int = 1) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of each row of a JSON lines file or byte range, not yet parsed: the
+    line as written, without its end of line; blank lines are not rows."""
     if start or end >= 0:
-        yield from _iter_lines(path, _lines_in_range(path, start, end), first_line)
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            yield from _numbered(_split_lines(fh, end - start), first_line)
         return
     with _open(path) as fh:
-        yield from _iter_lines(path, fh, first_line)
+        yield from _numbered(_split_lines(fh, None), first_line)
 
 
-def _lines_in_range(path: str, start: int, end: int):
-    with open(path, "rb") as fh:
-        fh.seek(start)
-        left = end - start
-        for line in fh:
-            if left <= 0:
-                return
-            left -= len(line)
-            yield line
+LINE_BLOCK = 4 << 20
 
 
-def _iter_lines(path: str, lines, first_line: int) -> Iterator[RawRow]:
+def _split_lines(fh, left: int | None):
+    """The lines of a binary file object (``left`` bytes of it, or all), read a block at a time:
+    splitting a block is several times faster than iterating the file line by line."""
+    rest = b""
+    while left is None or left > 0:
+        block = fh.read(LINE_BLOCK if left is None else min(LINE_BLOCK, left))
+        if not block:
+            break
+        if left is not None:
+            left -= len(block)
+        lines = (rest + block).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+def _numbered(lines, first_line: int) -> Iterator[tuple[int, bytes]]:
     for number, line in enumerate(lines, start=first_line):
         line = line.rstrip(b"\r\n")  # the raw row kept in rejects/ is the line as written
-        if not line.strip():
-            continue  # blank lines are not rows
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield RawRow(path, number, bad_reason="undecodable_bytes", bad_detail=_one_line(err),
-                         raw_text=line.decode("utf-8", "backslashreplace"))
-            continue
-        try:
-            yield RawRow(path, number, value=json.loads(text))
-        except json.JSONDecodeError as err:
-            yield RawRow(path, number, bad_reason="malformed_json", bad_detail=_one_line(err),
-                         raw_text=text)
+        if line.strip():
+            yield number, line
+
+
+def parse_line(path: str, number: int, line: bytes) -> RawRow:
+    """One JSON line to a row, or to a bad row with its reason."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return RawRow(path, number, bad_reason="undecodable_bytes", bad_detail=_one_line(err),
+                      raw_text=line.decode("utf-8", "backslashreplace"))
+    try:
+        return RawRow(path, number, value=json.loads(text))
+    except json.JSONDecodeError as err:
+        return RawRow(path, number, bad_reason="malformed_json", bad_detail=_one_line(err), raw_text=text)
 
 
 def iter_json(path: str) -> Iterator[RawRow]:
@@ -290,8 +310,13 @@ def iter_file(path: str, fmt: str, piece: tuple[int, int, int] | None = None) ->
     readers = {"jsonl": iter_jsonl, "json": iter_json, "parquet": iter_parquet, "arrow": iter_arrow}
     if fmt not in readers:
         raise SourceReadError(f"{path}: unknown format {fmt!r}")
+    yield from read_errors(path, iter_jsonl(path, *piece) if piece is not None else readers[fmt](path))
+
+
+def read_errors(path: str, items: Iterable):
+    """``items`` as they come; a broken file's error becomes one ``SourceReadError`` naming it."""
     try:
-        yield from (iter_jsonl(path, *piece) if piece is not None else readers[fmt](path))
+        yield from items
     except SourceReadError:
         raise
     except (OSError, EOFError, ValueError) as err:  # a truncated or corrupt file, compressed or Arrow

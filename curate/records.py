@@ -119,11 +119,8 @@ def canonical_json(row: Any) -> str:
 
 
 def content_id(source: str, canonical: str) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(source.encode("utf-8"))
-    h.update(b"\x00")
-    h.update(canonical.encode("utf-8", "surrogatepass"))
-    return h.hexdigest()
+    return hashlib.blake2b(source.encode("utf-8") + b"\x00" + canonical.encode("utf-8", "surrogatepass"),
+                           digest_size=16).hexdigest()
 
 
 def normalize_text(text: str) -> str:

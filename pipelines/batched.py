@@ -33,14 +33,16 @@ from collections import Counter, defaultdict
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate.dedup import minhash
-from curate.dedup.exact import dedup_key
+from curate.dedup.exact import dedup_keys
 from curate.dedup.near import band_keys, source_salt
-from curate.io import SourceReadError, iter_file, sample_rows
+from curate.io import SourceReadError, iter_file, jsonl_lines, parse_line, read_errors, sample_rows
+from curate.json_rows import convert_block
 from curate.records import convert, make_reject
 from curate.select import keyed as K
-from curate.select.features import features_batch
+from curate.select.features import features_of
 from curate.settings import Job
 from curate.stats import stat_key
 from pipelines import transforms as T
@@ -48,7 +50,7 @@ from pipelines.batched_near import Near
 from pipelines.batched_select import KeyedSelect, LiveFeaturesFn
 from pipelines.locators import (SHIFT, by_unit, chunks, member, pack, positions_by_shard, sorted_side_input,
                                 stable_shard)
-from pipelines.near_dedup import N_SHARDS, SIGNATURE_BATCH, near_text
+from pipelines.near_dedup import N_SHARDS, SIGNATURE_BATCH
 from pipelines.select import policy_from
 from pipelines.stage import STATS, StageFn
 
@@ -60,13 +62,15 @@ IDS, EXACT, BANDS, NEAR_ROWS, FEATS, REJECTS = "ids", "exact", "bands", "near_ro
 BASE_COLUMNS = ("id", "source", "prompt", "response", "instruction", "input", "messages", "original")
 
 
-def _base_schema() -> pa.Schema:
+def _batch_schema() -> pa.Schema:
+    """A batch as read: each row's locator, the record's own columns, and where it was read."""
     from curate.schema import ANNOTATED
 
-    return pa.schema([pa.field("_loc", pa.int64()), *(ANNOTATED.field(c) for c in BASE_COLUMNS)])
+    return pa.schema([pa.field("_loc", pa.int64()), *(ANNOTATED.field(c) for c in BASE_COLUMNS),
+                      pa.field("_file", pa.string()), pa.field("_row", pa.int64())])
 
 
-_BASE_SCHEMA = _base_schema()
+_BATCH_SCHEMA = _batch_schema()
 
 
 def eligible(cfg: Job, rt: dict) -> str | None:
@@ -84,9 +88,66 @@ def eligible(cfg: Job, rt: dict) -> str | None:
     return None
 
 
-def unit_rows(unit: dict, spec, sample, on_file=None):
-    """(place, kind, item) for each row of a unit, in the same order on every read: ``kind`` is
-    ``record`` (with ``_file``/``_row``) or ``reject``. ``on_file(file)`` is told each file started."""
+def unit_batches(unit: dict, spec, sample, size: int, on_file=None):
+    """A unit's rows in batches of up to ``size``, the same on every read: (table of its records,
+    ``_BATCH_SCHEMA``, in place order; [(place, reject), ...]), a row's place being its position
+    among the unit's rows. ``on_file(file)`` is told each file started.
+
+    JSON lines without sampling go through ``curate.json_rows`` (Arrow columns; the rows it
+    leaves, one by one through ``records.convert``); every other input row by row."""
+    if sample.mode != "none" or any(f.format != "jsonl" for f in unit["files"]):
+        yield from _row_batches(unit, spec, sample, size, on_file)
+        return
+    piece, place = unit.get("range") or (0, -1, 1), 0
+    for f in unit["files"]:
+        if on_file is not None and piece[0] == 0:
+            on_file(f)
+        try:
+            for block in chunks(read_errors(f.path, jsonl_lines(f.path, *piece)), size):
+                yield _lines_batch(block, f.path, spec, place)
+                place += len(block)
+        except SourceReadError as err:
+            raise SourceReadError(T.INPUT_ERROR + str(err)) from None
+
+
+def _lines_batch(block: list, path: str, spec, first: int) -> tuple[pa.Table, list]:
+    """One batch of (line number, line): the lines ``convert_block`` takes as columns, the rest
+    parsed and converted one by one, put together in line order."""
+    keep, cols = convert_block([line for _, line in block], spec)
+    places = np.arange(first, first + len(block), dtype=np.int64)
+    numbers = np.array([n for n, _ in block], np.int64)
+    tables, rejects, records, rec_pos = [], [], [], []
+    if cols is not None and len(keep):
+        n = len(keep)
+        tables.append(pa.Table.from_arrays(
+            [pa.array(places[keep]), *(cols[c] for c in BASE_COLUMNS), pa.array([path] * n, pa.string()),
+             pa.array(numbers[keep])], schema=_BATCH_SCHEMA))
+    done = np.zeros(len(block), bool)
+    done[keep] = True
+    for j in np.flatnonzero(~done):
+        number, line = block[j]
+        raw = parse_line(path, number, line)
+        if raw.bad_reason:
+            rejects.append((int(places[j]), make_reject(spec.source, path, number, raw.bad_reason, raw.bad_detail,
+                                                        raw.raw_text)))
+            continue
+        kind, item = convert(raw.value, spec, path, number)
+        if kind == "reject":
+            rejects.append((int(places[j]), item))
+        else:
+            item["_file"], item["_row"] = path, number
+            records.append(item)
+            rec_pos.append(places[j])
+    if records:
+        tables.append(records_table(np.array(rec_pos, np.int64), records))
+    table = pa.concat_tables(tables) if tables else _BATCH_SCHEMA.empty_table()
+    if len(tables) > 1:
+        table = table.take(pc.sort_indices(table.column("_loc")))
+    return table, rejects
+
+
+def _row_batches(unit: dict, spec, sample, size: int, on_file):
+    """``unit_batches`` row by row: sampling, and formats other than JSON lines."""
     piece = unit.get("range")
 
     def raws():
@@ -96,18 +157,39 @@ def unit_rows(unit: dict, spec, sample, on_file=None):
             yield from iter_file(f.path, f.format, piece)
 
     s = sample
-    try:
+
+    def rows():
         for i, raw in enumerate(sample_rows(raws(), unit["source"], s.mode, s.n, s.fraction, s.seed)):
             if raw.bad_reason:
-                yield i, "reject", make_reject(unit["source"], raw.file, raw.row_number, raw.bad_reason,
-                                               raw.bad_detail, raw.raw_text)
+                yield i, make_reject(unit["source"], raw.file, raw.row_number, raw.bad_reason, raw.bad_detail,
+                                     raw.raw_text), None
                 continue
             kind, item = convert(raw.value, spec, raw.file, raw.row_number)
             if kind == "record":
                 item["_file"], item["_row"] = raw.file, raw.row_number
-            yield i, kind, item
+                yield i, None, item
+            else:
+                yield i, item, None
+
+    try:
+        for chunk in chunks(rows(), size):
+            recs = [(i, rec) for i, _, rec in chunk if rec is not None]
+            table = (records_table(np.array([i for i, _ in recs], np.int64), [r for _, r in recs]) if recs
+                     else _BATCH_SCHEMA.empty_table())
+            yield table, [(i, rej) for i, rej, _ in chunk if rej is not None]
     except SourceReadError as err:
         raise SourceReadError(T.INPUT_ERROR + str(err)) from None
+
+
+def records_table(places: np.ndarray, records: list[dict]) -> pa.Table:
+    """Records made one by one (``records.to_record``, with ``_file``/``_row``) as a batch table:
+    ``instruction``/``input`` from the record's ``_`` fields."""
+    arrays = [pa.array(places, pa.int64())]
+    for f in _BATCH_SCHEMA:
+        if f.name != "_loc":
+            key = f.name if f.name in records[0] else "_" + f.name
+            arrays.append(pa.array([r[key] for r in records], f.type))
+    return pa.Table.from_arrays(arrays, schema=_BATCH_SCHEMA)
 
 
 class ScanFn(StageFn):
@@ -130,27 +212,21 @@ class ScanFn(StageFn):
 
     def handle(self, unit):
         source, base = unit["source"], unit["index"] << SHIFT
-        seen = [0]
-
-        def rows():
-            for i, kind, item in unit_rows(unit, self.specs[source], self.sample,
+        seen = 0
+        for table, rejects in unit_batches(unit, self.specs[source], self.sample, self.size,
                                            lambda f: self.count("files", source=source)):
-                seen[0] += 1
-                yield (i, item, None) if kind == "record" else (i, None, item)
-
-        for chunk in chunks(rows(), self.size):
             yield from self._flush()
-            self.count("rows", len(chunk), source=source, progress=True)
-            for _, _, rej in chunk:
-                if rej is not None:
-                    self._other("validate", "rejected", reason=rej["reason"], source=source)
-                    yield beam.pvalue.TaggedOutput(REJECTS, rej)
-            recs = [(base | i, rec) for i, rec, _ in chunk if rec is not None]
-            self._other("validate", "records", len(recs), source=source)
-            if recs:
-                out, self._pending = self._arrays(source, [loc for loc, _ in recs], [rec for _, rec in recs])
+            n = table.num_rows + len(rejects)
+            seen += n
+            self.count("rows", n, source=source, progress=True)
+            for _, rej in rejects:
+                self._other("validate", "rejected", reason=rej["reason"], source=source)
+                yield beam.pvalue.TaggedOutput(REJECTS, rej)
+            self._other("validate", "records", table.num_rows, source=source)
+            if table.num_rows:
+                out, self._pending = self._arrays(source, base | table.column("_loc").to_numpy(), table)
                 yield from out
-        self.count("rows_seen", seen[0], source=source)
+        self.count("rows_seen", seen, source=source)
 
     def _flush(self):
         """The previous batch's band keys (its signatures ran in a thread while this batch, or the
@@ -191,29 +267,29 @@ class ScanFn(StageFn):
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
-    def _arrays(self, source, locs, recs) -> tuple[list, object]:
+    def _arrays(self, source: str, locs: np.ndarray, table: pa.Table) -> tuple[list, object]:
         """A batch's compact outputs, and the function that gives its band keys (or None)."""
-        out, ids = [], [r["id"] for r in recs]
-        locs = np.array(locs, dtype=np.int64)
+        out, ids = [], table.column("id").to_pylist()
         user = source in self.user_ids
-        extra = ([r["original"] for r in recs], [r["_file"] for r in recs], [r["_row"] for r in recs]) if user else None
+        extra = tuple(table.column(c).to_pylist() for c in ("original", "_file", "_row")) if user else None
         for shard, part in positions_by_shard([stable_shard(i, KEY_SHARDS) for i in ids]):
             out.append(beam.pvalue.TaggedOutput(IDS, (shard, (source, [ids[j] for j in part], locs[part],
                                                               extra and tuple([col[j] for j in part] for col in extra)))))
+        prompt, response = table.column("prompt").combine_chunks(), table.column("response").combine_chunks()
         if self.exact.enabled:
-            keys = np.array([bytes.fromhex(dedup_key(r["prompt"], r["response"], source, self.exact.scope))
-                             for r in recs], dtype="S16")
+            keys = dedup_keys(prompt, response, source, self.exact.scope)
             for shard, part in positions_by_shard(keys.view(">u8")[::2] % np.uint64(KEY_SHARDS)):
                 out.append(beam.pvalue.TaggedOutput(EXACT, (shard, (self.rank[source], keys[part],
                                                                     [ids[j] for j in part], locs[part]))))
         bands = None
         if self.near.enabled:
-            texts = [near_text(r, self.near.text) for r in recs]
-            bands = self._bands(source, locs, texts)
+            text = response if self.near.text == "response" else pc.binary_join_element_wise(
+                prompt, response, "\n")
+            bands = self._bands(source, locs, text.to_pylist())
             out.append(beam.pvalue.TaggedOutput(NEAR_ROWS, (source, pack(pa.table({
-                "id": pa.array(ids, pa.string()), "loc": locs, "text": pa.array(texts, pa.large_string()),
-                "length": pa.array([len(r["response"]) for r in recs], pa.int64())})))))
-        feats = features_batch(recs)  # only the columns with a value travel (no score in this path)
+                "id": pa.array(ids, pa.string()), "loc": locs, "text": text.cast(pa.large_string()),
+                "length": pc.utf8_length(response).cast(pa.int64())})))))
+        feats = features_of(table)  # only the columns with a value travel (no score in this path)
         out.append(beam.pvalue.TaggedOutput(FEATS, (locs, feats.select(
             [c for c in feats.column_names if feats.column(c).null_count < feats.num_rows]))))
         return out, bands
@@ -291,20 +367,8 @@ class ExactFn(StageFn):
             yield out  # one element per shard: (loc, kept id) pairs
 
 
-def base_table(locs: np.ndarray, records: list[dict]) -> pa.Table:
-    """A batch's rows as read: their locators and the record's own output columns
-    (``instruction``/``input`` from the record's ``_`` fields), built column by column."""
-    from curate.schema import ANNOTATED
-
-    arrays = [pa.array(locs, pa.int64())]
-    for name in BASE_COLUMNS:
-        key = name if name in records[0] else "_" + name
-        arrays.append(pa.array([r[key] for r in records], ANNOTATED.field(name).type))
-    return pa.Table.from_arrays(arrays, schema=_BASE_SCHEMA)
-
-
 class ApplyFn(StageFn):
-    """A unit read again (the same rows in the same order, ``unit_rows``); its rows get their
+    """A unit read again (the same rows in the same order, ``unit_batches``); its rows get their
     decisions and leave as Arrow tables (annotated on the main output, the selected rows' columns
     on ``selected``). Why read again: carrying the rows from Scan to here held them in the
     runner's memory (9.1 GB peak at a million rows, against 3.4 GB), and writing them beside the
@@ -328,11 +392,11 @@ class ApplyFn(StageFn):
         for kind, pairs in joined["dec"]:
             dec[kind].update(pairs)
         base = unit["index"] << SHIFT
-        records = ((base | i, rec) for i, kind, rec in unit_rows(unit, self.specs[unit["source"]], self.sample)
-                   if kind == "record")
-        for chunk in chunks(records, self.size):
-            table = self._decide(base_table(np.array([loc for loc, _ in chunk], np.int64),
-                                            [rec for _, rec in chunk]), dec)
+        for table, _ in unit_batches(unit, self.specs[unit["source"]], self.sample, self.size):
+            if table.num_rows == 0:
+                continue
+            table = self._decide(table.drop_columns(["_file", "_row"]).set_column(
+                0, "_loc", pa.array(base | table.column("_loc").to_numpy())), dec)
             if table.num_rows == 0:
                 continue
             yield table

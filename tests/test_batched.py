@@ -9,7 +9,9 @@ import logging
 import random
 import re
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from curate import io
@@ -241,9 +243,38 @@ def test_a_pool_of_rejects_and_an_empty_file_gives_the_row_paths_empty_outputs(j
 
 def test_features_of_a_batch_are_each_rows_features():
     from curate.records import RowSpec, FieldMap, to_record
-    from curate.select.features import FEATURES, feature_row, features_batch
+    from curate.select.features import FEATURES, feature_row, features_of
 
     spec = RowSpec(source="s", form="auto", fields=FieldMap(), id_field=None, max_chars=10_000)
     recs = [to_record(r, spec) for r in ({"instruction": "é" * 7, "output": "a b c"},
                                          {"instruction": "Say hi.", "input": "twice", "output": "hi " * 300})]
-    assert features_batch(recs).to_pylist() == [{f.name: feature_row(r).get(f.name) for f in FEATURES} for r in recs]
+    table = pa.Table.from_pylist([{k: r[k] for k in ("id", "source", "prompt", "response")} for r in recs])
+    assert features_of(table).to_pylist() == [{f.name: feature_row(r).get(f.name) for f in FEATURES} for r in recs]
+
+
+def test_a_batch_of_lines_mixes_the_arrow_lane_and_the_per_row_path_in_line_order(tmp_path):
+    """Rows the Arrow lane takes, rows it leaves (no input field, a blank response: a record and
+    a reject of the per-row path) and a block it cannot read (malformed): the same table and
+    rejects as converting every line one by one."""
+    from curate.records import RowSpec, convert
+
+    spec = RowSpec("s")
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a {i}"} for i in range(6)]
+    rows[2] = {"instruction": "no input", "output": "kept by the per-row path"}
+    rows[4] = {"instruction": "q", "input": "", "output": "  "}
+    lines = [json.dumps(r).encode() for r in rows]
+    for block in (lines, lines + [b"{broken"]):
+        numbered = [(10 + j, line) for j, line in enumerate(block)]
+        table, rejects = batched._lines_batch(numbered, "f.jsonl", spec, 100)
+        want, want_rejects, places = [], [], []
+        for j, (number, line) in enumerate(numbered):
+            raw = io.parse_line("f.jsonl", number, line)
+            kind, item = ("reject", None) if raw.bad_reason else convert(raw.value, spec, "f.jsonl", number)
+            if kind == "record":
+                item["_file"], item["_row"] = "f.jsonl", number
+                want.append(item)
+                places.append(100 + j)
+            else:
+                want_rejects.append(100 + j)
+        assert table.equals(batched.records_table(np.array(places), want))
+        assert [p for p, _ in rejects] == want_rejects and rejects[0][1]["reason"] == "empty_response"

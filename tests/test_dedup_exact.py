@@ -1,3 +1,5 @@
+import pytest
+
 from curate.dedup.exact import dedup_key, resolve_group
 from curate.ids import resolve_ids
 
@@ -37,3 +39,25 @@ def test_user_id_collision_with_different_content_rejects_the_later_content():
     assert sorted(r["id"] for r in kept) == ["7", "7#2"]
     assert all(r["original"] == '{"x":1}' for r in kept)
     assert [r["reason"] for r in rejects] == ["duplicate_id"]
+
+
+@pytest.mark.parametrize("scope", ["global", "source"])
+def test_keys_of_a_batch_in_columns_are_each_rows_key(scope):
+    """ASCII rows take the column operations, the others normalize_text: every white space Python
+    splits on (\\x0b, \\x1c-\\x1f, \\x85, \\u3000), case folding beyond lowering (ß), NFKC (ﬁ)."""
+    import random
+
+    import pyarrow as pa
+
+    from curate.dedup.exact import dedup_keys
+
+    parts = ["A  b\tC\n", " x\x1cy ", "Straße ﬁ", "", "  ", "a\x0bb\x85c", "Ünï", "q\u3000r", "\x1f", "a b",
+             " \t ", "MiXeD\r\ncase"]
+    rng = random.Random(0)
+    prompts = [rng.choice(parts) + rng.choice(parts) for _ in range(600)]
+    responses = [rng.choice(parts) + rng.choice(parts) for _ in range(600)]
+    got = dedup_keys(pa.array(prompts), pa.array(responses), "src", scope)
+    assert got.dtype == "S16" and len(got) == 600
+    assert [bytes(k) for k in got.view("V16")] == [bytes.fromhex(dedup_key(p, r, "src", scope))
+                                                  for p, r in zip(prompts, responses)]
+    assert sum(p.isascii() and r.isascii() for p, r in zip(prompts, responses)) > 100

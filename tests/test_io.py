@@ -180,3 +180,20 @@ def test_a_large_json_lines_file_reads_in_pieces_with_its_line_numbers(tmp_path)
     parts = [(r.row_number, r.value, r.bad_reason) for piece in pieces for r in iter_file(str(p), "jsonl", piece)]
     assert parts == whole and len(whole) == 2999 and (1235, None, "malformed_json") in parts
     assert jsonl_chunks(str(p)) == [(0, -1, 1)]  # small: one piece
+
+
+@pytest.mark.parametrize("block", [7, 64, 1 << 20])
+def test_lines_read_in_blocks_are_the_files_lines(tmp_path, monkeypatch, block):
+    """Blocks that cut lines anywhere, CRLF ends, blank lines, no final newline: the same numbered
+    lines as reading the file line by line."""
+    from curate import io as cio
+
+    monkeypatch.setattr(cio, "LINE_BLOCK", block)
+    text = b'{"a": 1}\r\n\n  \n{"b": "x\xc3\xa9"}\n' + b"".join(b'{"c": %d}\n' % i for i in range(40)) + b'{"end": 0}'
+    p = tmp_path / "f.jsonl"
+    p.write_bytes(text)
+    want = [(n, line.rstrip(b"\r")) for n, line in enumerate(text.split(b"\n"), start=1) if line.strip()]
+    assert list(cio.jsonl_lines(str(p))) == want
+    pieces = cio.jsonl_chunks(str(p), target=40)
+    assert len(pieces) > 3
+    assert [x for piece in pieces for x in cio.jsonl_lines(str(p), *piece)] == want

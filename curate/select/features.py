@@ -31,24 +31,6 @@ def feature_row(record: dict) -> dict:
     return row
 
 
-def features_batch(records: list[dict]) -> pa.Table:
-    """``feature_row`` for a batch of records (all with the same keys, as ``records.to_record``
-    makes them), as a features table built column by column."""
-    prompt = pa.array([len(r["prompt"]) for r in records], pa.int64())
-    response = pa.array([len(r["response"]) for r in records], pa.int64())
-    tokens = pa.array(approx_tokens(pc.add(prompt, response).to_numpy()), pa.int64())
-    made = {"prompt_chars": prompt, "response_chars": response, "approx_tokens": tokens}
-    cols = []
-    for f in FEATURES:
-        if f.name in made:
-            cols.append(made[f.name])
-        elif f.name in records[0]:
-            cols.append(pa.array([r.get(f.name) for r in records], f.type))
-        else:
-            cols.append(pa.nulls(len(records), f.type))
-    return pa.Table.from_arrays(cols, schema=FEATURES)
-
-
 def features_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in FEATURES} for r in rows], schema=FEATURES)
 
@@ -58,7 +40,12 @@ def pool_of(annotated: pa.Table) -> pa.Table:
     policy's decision does not count), as a features table."""
     reason = annotated.column("drop_reason")
     candidate = pc.or_(pc.is_null(reason), pc.invert(pc.is_in(reason, pa.array(DEDUP_REASONS))))
-    t = annotated.filter(pc.fill_null(candidate, True))
+    return features_of(annotated.filter(pc.fill_null(candidate, True)))
+
+
+def features_of(t: pa.Table) -> pa.Table:
+    """The features of rows in columns (``prompt``, ``response`` and whichever feature columns
+    ``t`` has; the others null), as ``feature_row`` gives them."""
     prompt_chars = pc.utf8_length(t.column("prompt")).cast(pa.int64())
     response_chars = pc.utf8_length(t.column("response")).cast(pa.int64())
     cols = {"prompt_chars": prompt_chars, "response_chars": response_chars,
