@@ -53,11 +53,11 @@ def test_rows_a_per_row_rule_decides_are_left_to_it():
         {"instruction": "q", "input": "", "output": " \n ", "topic": 1, "flag": True},  # empty_response
         {"instruction": "q", "output": "x", "topic": 1, "flag": True},  # no input: a null in the block
         {"instruction": "q", "input": None, "output": "x", "topic": 1, "flag": True},  # null input
-        {"instruction": "q", "input": "", "output": "ctl \u0001", "topic": 1, "flag": True},  # odd control
+        {"instruction": "q\x00", "input": "\x1f", "output": "ctl \u0001\x7f", "topic": 1, "flag": True},  # taken
         {"instruction": "q" * 50, "input": "", "output": "y" * 60, "topic": 1, "flag": True},  # too_long at 100
     ]
     spec = RowSpec("src", max_chars=100)
-    assert check_equal(lines_of(rows), spec) == [0, 1]
+    assert check_equal(lines_of(rows), spec) == [0, 1, 6]
     for pos in (2, 3, 7):
         assert per_row(lines_of(rows)[pos], spec)[0] == "reject"
 
