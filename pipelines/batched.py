@@ -5,9 +5,10 @@ every shuffle and keeps each materialized collection in memory, about 30 KB a ro
 in-process runner. Here a row never crosses a shuffle:
 
     units (pieces of the input files, numbered)
-      Scan:  read + validate each unit in batches; per batch, compact arrays only: ids, 16-byte
-             exact keys, LSH band keys with each row's locator (``pipelines.locators``), the near
-             text (compressed), the selection features
+      Scan:  read + validate each unit in batches (``unit_batches``: JSON lines become records as
+             Arrow columns, ``curate.json_rows``, the rows it leaves one by one); per batch, compact
+             arrays only: ids, 16-byte exact keys, LSH band keys with each row's locator
+             (``pipelines.locators``), the near text (compressed), the selection features
       Ids:   (id, locator) arrays by id shard -> repeated ids numbered or rejected
       Exact: (key, id, locator) arrays by key shard -> one kept per key
       Near:  ``pipelines.batched_near`` (buckets, candidates, edges, clusters in arrays)
@@ -16,7 +17,7 @@ in-process runner. Here a row never crosses a shuffle:
              decisions and leave as Arrow tables for ``WriteToParquetBatched``.
 
 A unit is read twice (Apply, its second reading included, took 42 of the 168 s at a million
-rows on 2 cores of an AMD EPYC with AVX-512); in exchange no collection holds the rows, only a few numbers a row and the near text until
+rows on 2 cores of an AMD EPYC with AVX-512, before records were built as columns); in exchange no collection holds the rows, only a few numbers a row and the near text until
 the candidates' signatures are made. Decisions that later steps need (renamed or rejected ids,
 rows already dropped) reach them as side inputs: they cover the rows that changed, a small share
 of the pool.
