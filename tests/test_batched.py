@@ -278,3 +278,19 @@ def test_a_batch_of_lines_mixes_the_arrow_lane_and_the_per_row_path_in_line_orde
                 want_rejects.append(100 + j)
         assert table.equals(batched.records_table(np.array(places), want))
         assert [p for p, _ in rejects] == want_rejects and rejects[0][1]["reason"] == "empty_response"
+
+
+def test_a_broken_input_file_stops_the_batch_scan_with_one_line_naming_it(tmp_path):
+    """A gzip cut short half way: one error naming the file (the job stops; no batch of it counts)."""
+    import gzip
+    from types import SimpleNamespace
+
+    from curate.records import RowSpec
+
+    lines = "".join(json.dumps({"instruction": f"q{i}", "output": "%x" % random.Random(i).getrandbits(800)}) + "\n"
+                    for i in range(2000)).encode()
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(lines)[:20000])
+    unit = {"source": "s", "files": [SimpleNamespace(path=str(cut), format="jsonl")], "range": None}
+    with pytest.raises(io.SourceReadError, match=re.escape(T.INPUT_ERROR) + ".*cut.jsonl.gz"):
+        list(batched.unit_batches(unit, RowSpec("s"), SimpleNamespace(mode="none"), 64))
