@@ -57,6 +57,7 @@ from pipelines.stage import STATS, StageFn
 
 log = logging.getLogger("curate")
 KEY_SHARDS = 64  # id and exact-key arrays are grouped in this many parts
+SIGNATURE_PART = 1024  # texts per part of a batch's signatures (``ScanFn._bands``)
 MODEL_STAGES = ("embed", "cluster", "score", "rds", "less", "degradation", "rewrite")
 IDS, EXACT, BANDS, NEAR_ROWS, FEATS, REJECTS = "ids", "exact", "bands", "near_rows", "feats", "rejects"
 # the columns a row has before any decision (the record's own)
@@ -244,19 +245,31 @@ class ScanFn(StageFn):
         yield from super().finish_bundle()
 
     def _bands(self, source, locs, texts):
-        """Start the batch's signatures in a thread (numpy lets go of the GIL for most of the work,
-        so the next batch's reading and validation go on beside it); the returned function gives
-        the band-key entries by shard once they are done."""
+        """Start the batch's signatures in a thread, in parts (numpy lets go of the GIL for most of
+        the work, so the next batch's reading goes on beside it); the returned function gives the
+        band-key entries by shard once they are done. When it is called, the parts the thread has
+        not started are made in the calling thread instead of waiting: the signatures are the
+        scan's critical path, and the reading has nothing else to do then."""
         from concurrent.futures import ThreadPoolExecutor
 
         p = self.near
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="curate-signatures")
-        future = self._pool.submit(minhash.signatures, texts, p.num_perm, p.seed, p.ngram, p.unit)
+        args = (p.num_perm, p.seed, p.ngram, p.unit)
+        parts = [texts[i:i + SIGNATURE_PART] for i in range(0, len(texts), SIGNATURE_PART)]
+        futures = [self._pool.submit(minhash.signatures, part, *args) for part in parts]
+
+        def signatures():
+            done = [None] * len(parts)
+            for k in reversed(range(len(parts))):  # the thread takes the parts in order
+                if not futures[k].cancel():
+                    break
+                done[k] = minhash.signatures(parts[k], *args)
+            return np.concatenate([d if d is not None else f.result() for d, f in zip(done, futures)])
 
         def entries():
             salts = np.full(len(texts), source_salt(source), dtype=np.uint64) if p.scope == "source" else None
-            keys = band_keys(future.result(), p.bands, p.rows, salts)
+            keys = band_keys(signatures(), p.bands, p.rows, salts)
             flat = keys.ravel()
             owner = np.repeat(np.arange(len(texts)), keys.shape[1])
             for shard, part in positions_by_shard((flat % np.uint64(N_SHARDS)).astype(np.int64)):

@@ -294,3 +294,30 @@ def test_a_broken_input_file_stops_the_batch_scan_with_one_line_naming_it(tmp_pa
     unit = {"source": "s", "files": [SimpleNamespace(path=str(cut), format="jsonl")], "range": None}
     with pytest.raises(io.SourceReadError, match=re.escape(T.INPUT_ERROR) + ".*cut.jsonl.gz"):
         list(batched.unit_batches(unit, RowSpec("s"), SimpleNamespace(mode="none"), 64))
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_signature_parts_made_by_the_reader_or_the_thread_give_the_same_band_keys(blocked):
+    """``ScanFn._bands`` with its thread held up (every part made by the caller) and free (parts made
+    by the thread): the band keys of a straight ``minhash.signatures`` call, in the same order."""
+    import threading
+    from types import SimpleNamespace
+
+    from curate.dedup import minhash
+    from curate.dedup.near import band_keys
+
+    p = SimpleNamespace(num_perm=32, seed=3, ngram=2, unit="word", bands=8, rows=4, scope="global")
+    fn = batched.ScanFn.__new__(batched.ScanFn)
+    fn.near, fn._pool = p, None
+    texts = [f"text number {i} " + "word " * (i % 7) for i in range(2500)]
+    locs = np.arange(len(texts), dtype=np.int64) * 3
+    fn._bands("s", locs[:1], texts[:1])  # starts the thread
+    gate = threading.Event()
+    if blocked:
+        fn._pool.submit(gate.wait)
+    got = list(fn._bands("s", locs, texts)())
+    gate.set()
+    keys = band_keys(minhash.signatures(texts, p.num_perm, p.seed, p.ngram, p.unit), p.bands, p.rows, None)
+    want = sorted(zip(keys.ravel().tolist(), np.repeat(locs, p.bands).tolist()))
+    assert sorted((k, loc) for out in got for k, loc in zip(*(a.tolist() for a in out.value[1]))) == want
+    fn.teardown()
