@@ -270,14 +270,21 @@ def iter_json(path: str) -> Iterator[RawRow]:
 
 
 def iter_parquet(path: str, batch_size: int = 4096) -> Iterator[RawRow]:
+    number = 0
+    for table in parquet_batches(path, batch_size):
+        for row in table.to_pylist():
+            number += 1
+            yield RawRow(path, number, value=row)
+
+
+def parquet_batches(path: str, batch_size: int = 4096):
+    """A Parquet file's rows as tables of up to ``batch_size`` rows, in order."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(storage.open_file(path) if storage.is_remote(path) else path)
-        number = 0
         for batch in pf.iter_batches(batch_size=batch_size):
-            for row in batch.to_pylist():
-                number += 1
-                yield RawRow(path, number, value=row)
+            yield pa.Table.from_batches([batch])
     except OSError as err:
         raise SourceReadError(f"{path}: cannot read Parquet ({_one_line(err)})") from None
 

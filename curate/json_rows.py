@@ -13,6 +13,9 @@ does not write (floats, nested values, timestamps), or when the row form is not 
 goes alone when it has a null (pyarrow cannot tell ``null`` from an absent key), a blank prompt
 or response, is too long, or has an empty user id: each of those is a per-row rule's business.
 
+Parquet batches take the same lane (``convert_table``): there every row has every column, so a
+null is a null, which still sends the row to the per-row path.
+
 ``tests/test_json_rows.py`` compares this lane with ``records.convert`` row for row on rows that
 take every branch.
 """
@@ -58,11 +61,11 @@ def _json_values(column: pa.Array) -> pa.Array:
         return _json_string(column.cast(pa.string()))
     if pa.types.is_boolean(column.type):
         return pc.if_else(column, "true", "false")
-    return column.cast(pa.string())  # int64: the same digits as Python's int
+    return column.cast(pa.string())  # an integer: the same digits as Python's int
 
 
 def canonical_json(table: pa.Table) -> pa.Array:
-    """``records.canonical_json`` of each row of a table whose columns are text, int64 or bool
+    """``records.canonical_json`` of each row of a table whose columns are text, integers or bool
     and hold no null: keys sorted as Python sorts them, compact separators."""
     parts = []
     for i, name in enumerate(sorted(table.column_names)):
@@ -74,7 +77,7 @@ def canonical_json(table: pa.Table) -> pa.Array:
 
 
 def _supported(t: pa.DataType) -> bool:
-    return t in _TEXT_TYPES or pa.types.is_boolean(t) or t == pa.int64()
+    return t in _TEXT_TYPES or pa.types.is_boolean(t) or pa.types.is_integer(t)
 
 
 def _read(lines: list[bytes]) -> pa.Table | None:
@@ -94,14 +97,21 @@ def _read(lines: list[bytes]) -> pa.Table | None:
 def convert_block(lines: list[bytes], spec: RowSpec) -> tuple[np.ndarray, dict[str, pa.Array] | None]:
     """(positions of the lines converted here, their record columns: id, source, prompt,
     response, instruction, input, messages, original); every other line is the per-row path's."""
+    if not lines or spec.form not in ("auto", "alpaca"):
+        return np.zeros(0, np.int64), None
+    return convert_table(_read(lines), spec)
+
+
+def convert_table(table: pa.Table | None, spec: RowSpec) -> tuple[np.ndarray, dict[str, pa.Array] | None]:
+    """``convert_block`` for rows already in a table (a block of JSON lines as pyarrow read it, or
+    a batch of a Parquet file): (positions converted here, their record columns)."""
     none = np.zeros(0, np.int64), None
     f = spec.fields
-    if not lines or spec.form not in ("auto", "alpaca"):
-        return none
-    table = _read(lines)
-    if table is None:
+    if table is None or table.num_rows == 0 or spec.form not in ("auto", "alpaca"):
         return none
     names = table.column_names
+    if len(set(names)) < len(names):
+        return none  # a name twice: which value a row has is the per-row path's business
     if spec.form == "auto" and (f.messages in names or f.conversations in names):
         return none
     if not all(_supported(t) for t in table.schema.types):
@@ -111,7 +121,8 @@ def convert_block(lines: list[bytes], spec: RowSpec) -> tuple[np.ndarray, dict[s
     if any(table.schema.field(n).type not in _TEXT_TYPES for n in (f.instruction, f.input, f.output) if n in names):
         return none  # a wrong type: the per-row path says which
     if spec.id_field is not None and (spec.id_field not in names
-                                      or table.schema.field(spec.id_field).type not in (*_TEXT_TYPES, pa.int64())):
+                                      or not (table.schema.field(spec.id_field).type in _TEXT_TYPES
+                                              or pa.types.is_integer(table.schema.field(spec.id_field).type))):
         return none
     ok = np.ones(table.num_rows, bool)
     for name in names:

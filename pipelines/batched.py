@@ -5,8 +5,8 @@ every shuffle and keeps each materialized collection in memory, about 30 KB a ro
 in-process runner. Here a row never crosses a shuffle:
 
     units (pieces of the input files, numbered)
-      Scan:  read + validate each unit in batches (``unit_batches``: JSON lines become records as
-             Arrow columns, ``curate.json_rows``, the rows it leaves one by one); per batch, compact
+      Scan:  read + validate each unit in batches (``unit_batches``: JSON lines and Parquet become
+             records as Arrow columns, ``curate.json_rows``, the rows it leaves one by one); per batch, compact
              arrays only: ids, 16-byte exact keys, LSH band keys with each row's locator
              (``pipelines.locators``), the near text (compressed), the selection features
       Ids:   (id, locator) arrays by id shard -> repeated ids numbered or rejected
@@ -39,8 +39,9 @@ import pyarrow.compute as pc
 from curate.dedup import minhash
 from curate.dedup.exact import dedup_keys
 from curate.dedup.near import band_keys, source_salt
-from curate.io import SourceReadError, iter_file, jsonl_lines, parse_line, read_errors, sample_rows
-from curate.json_rows import convert_block
+from curate.io import (RawRow, SourceReadError, iter_file, jsonl_lines, parquet_batches, parse_line, read_errors,
+                       sample_rows)
+from curate.json_rows import convert_block, convert_table
 from curate.records import convert, make_reject
 from curate.select import keyed as K
 from curate.select.features import features_of
@@ -95,9 +96,9 @@ def unit_batches(unit: dict, spec, sample, size: int, on_file=None):
     ``_BATCH_SCHEMA``, in place order; [(place, reject), ...]), a row's place being its position
     among the unit's rows. ``on_file(file)`` is told each file started.
 
-    JSON lines without sampling go through ``curate.json_rows`` (Arrow columns; the rows it
-    leaves, one by one through ``records.convert``); every other input row by row."""
-    if sample.mode != "none" or any(f.format != "jsonl" for f in unit["files"]):
+    JSON lines and Parquet files without sampling go through ``curate.json_rows`` (Arrow columns;
+    the rows it leaves, one by one through ``records.convert``); every other input row by row."""
+    if sample.mode != "none" or any(f.format not in ("jsonl", "parquet") for f in unit["files"]):
         yield from _row_batches(unit, spec, sample, size, on_file)
         return
     piece, place = unit.get("range") or (0, -1, 1), 0
@@ -105,6 +106,12 @@ def unit_batches(unit: dict, spec, sample, size: int, on_file=None):
         if on_file is not None and piece[0] == 0:
             on_file(f)
         try:
+            if f.format == "parquet":
+                row = 0
+                for table in read_errors(f.path, parquet_batches(f.path, size)):
+                    yield _table_batch(table, f.path, spec, place, row)
+                    place, row = place + table.num_rows, row + table.num_rows
+                continue
             for block in chunks(read_errors(f.path, jsonl_lines(f.path, *piece)), size):
                 yield _lines_batch(block, f.path, spec, place)
                 place += len(block)
@@ -115,20 +122,36 @@ def unit_batches(unit: dict, spec, sample, size: int, on_file=None):
 def _lines_batch(block: list, path: str, spec, first: int) -> tuple[pa.Table, list]:
     """One batch of (line number, line): the lines ``convert_block`` takes as columns, the rest
     parsed and converted one by one, put together in line order."""
-    keep, cols = convert_block([line for _, line in block], spec)
-    places = np.arange(first, first + len(block), dtype=np.int64)
     numbers = np.array([n for n, _ in block], np.int64)
+    return _combine(*convert_block([line for _, line in block], spec), numbers, first, path, spec,
+                    lambda js: [parse_line(path, *block[j]) for j in js])
+
+
+def _table_batch(table: pa.Table, path: str, spec, first: int, row: int) -> tuple[pa.Table, list]:
+    """``_lines_batch`` for a batch of a Parquet file whose first row is the file's ``row + 1``th
+    (a Parquet row's number is its position in the file)."""
+    numbers = np.arange(row + 1, row + 1 + table.num_rows, dtype=np.int64)
+    return _combine(*convert_table(table, spec), numbers, first, path, spec,
+                    lambda js: [RawRow(path, int(numbers[j]), value=v)
+                                for j, v in zip(js, table.take(pa.array(js, pa.int64())).to_pylist())])
+
+
+def _combine(keep, cols, numbers: np.ndarray, first: int, path: str, spec, raws_of) -> tuple[pa.Table, list]:
+    """The rows the Arrow lane converted (``keep``, ``cols``) and the others (``raws_of(positions)``
+    gives them as read) through ``records.convert``, as one batch table in row order and the
+    rejects."""
+    places = np.arange(first, first + len(numbers), dtype=np.int64)
     tables, rejects, records, rec_pos = [], [], [], []
     if cols is not None and len(keep):
         n = len(keep)
         tables.append(pa.Table.from_arrays(
             [pa.array(places[keep]), *(cols[c] for c in BASE_COLUMNS), pa.array([path] * n, pa.string()),
              pa.array(numbers[keep])], schema=_BATCH_SCHEMA))
-    done = np.zeros(len(block), bool)
+    done = np.zeros(len(numbers), bool)
     done[keep] = True
-    for j in np.flatnonzero(~done):
-        number, line = block[j]
-        raw = parse_line(path, number, line)
+    rest = np.flatnonzero(~done)
+    for j, raw in zip(rest, raws_of(rest) if len(rest) else []):
+        number = raw.row_number
         if raw.bad_reason:
             rejects.append((int(places[j]), make_reject(spec.source, path, number, raw.bad_reason, raw.bad_detail,
                                                         raw.raw_text)))
@@ -149,7 +172,7 @@ def _lines_batch(block: list, path: str, spec, first: int) -> tuple[pa.Table, li
 
 
 def _row_batches(unit: dict, spec, sample, size: int, on_file):
-    """``unit_batches`` row by row: sampling, and formats other than JSON lines."""
+    """``unit_batches`` row by row: sampling, and formats other than JSON lines and Parquet."""
     piece = unit.get("range")
 
     def raws():

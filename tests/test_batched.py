@@ -321,3 +321,49 @@ def test_signature_parts_made_by_the_reader_or_the_thread_give_the_same_band_key
     want = sorted(zip(keys.ravel().tolist(), np.repeat(locs, p.bands).tolist()))
     assert sorted((k, loc) for out in got for k, loc in zip(*(a.tolist() for a in out.value[1]))) == want
     fn.teardown()
+
+
+def _read_all(batches):
+    tables, rejects = [], []
+    for table, rej in batches:
+        tables.append(table)
+        rejects += rej
+    return pa.concat_tables(tables), rejects
+
+
+@pytest.mark.parametrize("kind", ["parquet", "parquet_chat", "jsonl"])
+def test_a_units_batches_are_its_rows_converted_one_by_one(tmp_path, kind):
+    """``unit_batches`` (the Arrow lane where it can) against ``_row_batches`` (every row through
+    ``records.convert``) on a Parquet file with integer columns of another width, bools, a null and
+    a blank response across batches, a Parquet file of chat rows, and JSON lines with the same rows."""
+    import pyarrow.parquet as pq
+    from types import SimpleNamespace
+
+    from curate.records import RowSpec
+
+    rows = [{"instruction": f"q {i}", "input": "" if i % 3 else f"ctx\t{i}", "output": f"a \"{i}\"\n",
+             "topic": i % 5, "ok": i % 2 == 0} for i in range(23)]
+    rows[4]["input"] = None
+    rows[9]["output"] = "  "
+    if kind == "parquet_chat":
+        rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+                for i in range(23)]
+    path = tmp_path / ("f.jsonl" if kind == "jsonl" else "f.parquet")
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        table = pa.Table.from_pylist(rows)
+        if "topic" in table.column_names:
+            table = table.set_column(table.schema.get_field_index("topic"), "topic", table.column("topic").cast(pa.int32()))
+        pq.write_table(table, path, row_group_size=7)
+    unit = {"source": "s", "files": [SimpleNamespace(path=str(path), format=kind.split("_")[0])], "range": None}
+    spec, none = RowSpec("s"), SimpleNamespace(mode="none", n=None, fraction=None, seed=0)
+    got, got_rejects = _read_all(batched.unit_batches(unit, spec, none, 8))
+    want, want_rejects = _read_all(batched._row_batches(unit, spec, none, 8, None))
+    assert got.equals(want) and got.num_rows == (22 if kind != "parquet_chat" else 23)
+    assert [(p, r["reason"], r["row_number"]) for p, r in got_rejects] == [
+        (p, r["reason"], r["row_number"]) for p, r in want_rejects]
+    if kind == "parquet":
+        assert got_rejects == [(9, got_rejects[0][1])] and got_rejects[0][1]["row_number"] == 10
+        from curate.json_rows import convert_table
+        assert list(convert_table(pq.read_table(path).slice(0, 8), spec)[0]) == [0, 1, 2, 3, 5, 6, 7]
