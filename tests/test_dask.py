@@ -482,3 +482,34 @@ def test_the_progress_lines_count_tasks_run_and_survive_a_scheduler_that_does_no
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dask: ")]
     assert [line.split(" (")[0] for line in lines] == ["dask: 1 of 4 tasks run", "dask: 1 of 4 tasks run",
                                                       "dask: 3 of 4 tasks run"]
+
+
+class _Mark(beam.DoFn):
+    """Writes each element it processes to a file (worker processes share the machine's disk)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def process(self, x):
+        with open(self.path, "a") as fh:
+            fh.write(f"{x}\n")
+        yield x
+        yield beam.pvalue.TaggedOutput("twice", 2 * x)
+
+
+def test_a_step_whose_outputs_go_three_ways_runs_once_per_element(tmp_path):
+    """Optimizing each sink's graph on its own fused a shared step into every sink that starts
+    from it: the batch path's Apply (a second reading of each unit) ran three times."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.dask_runner import DaskRunner
+
+    marks = tmp_path / "marks.txt"
+    with beam.Pipeline(runner=DaskRunner(), options=PipelineOptions(["--dask_workers=2"])) as p:
+        out = p | beam.Create(list(range(12))) | beam.ParDo(_Mark(str(marks))).with_outputs("twice", main="main")
+        _write(out.main, str(tmp_path / "main.json"), "Main")
+        _write(out.twice, str(tmp_path / "twice.json"), "Twice")
+        _write(out.main | beam.Map(lambda x: x + 1), str(tmp_path / "plus.json"), "Plus")
+    assert sorted(int(x) for x in marks.read_text().split()) == list(range(12))
+    assert json.loads((tmp_path / "twice.json").read_text()) == [2 * x for x in range(12)]
+    assert json.loads((tmp_path / "plus.json").read_text()) == [x + 1 for x in range(12)]
