@@ -151,17 +151,11 @@ def _combine(keep, cols, numbers: np.ndarray, first: int, path: str, spec, raws_
     done[keep] = True
     rest = np.flatnonzero(~done)
     for j, raw in zip(rest, raws_of(rest) if len(rest) else []):
-        number = raw.row_number
-        if raw.bad_reason:
-            rejects.append((int(places[j]), make_reject(spec.source, path, number, raw.bad_reason, raw.bad_detail,
-                                                        raw.raw_text)))
-            continue
-        kind, item = convert(raw.value, spec, path, number)
-        if kind == "reject":
-            rejects.append((int(places[j]), item))
+        rej, rec = _one_by_one(raw, spec)
+        if rej is not None:
+            rejects.append((int(places[j]), rej))
         else:
-            item["_file"], item["_row"] = path, number
-            records.append(item)
+            records.append(rec)
             rec_pos.append(places[j])
     if records:
         tables.append(records_table(np.array(rec_pos, np.int64), records))
@@ -169,6 +163,18 @@ def _combine(keep, cols, numbers: np.ndarray, first: int, path: str, spec, raws_
     if len(tables) > 1:
         table = table.take(pc.sort_indices(table.column("_loc")))
     return table, rejects
+
+
+def _one_by_one(raw: RawRow, spec) -> tuple[dict | None, dict | None]:
+    """A row as read through the per-row rules: (its reject, None) or (None, its record with
+    ``_file``/``_row``)."""
+    if raw.bad_reason:
+        return make_reject(spec.source, raw.file, raw.row_number, raw.bad_reason, raw.bad_detail, raw.raw_text), None
+    kind, item = convert(raw.value, spec, raw.file, raw.row_number)
+    if kind == "reject":
+        return item, None
+    item["_file"], item["_row"] = raw.file, raw.row_number
+    return None, item
 
 
 def _row_batches(unit: dict, spec, sample, size: int, on_file):
@@ -185,16 +191,7 @@ def _row_batches(unit: dict, spec, sample, size: int, on_file):
 
     def rows():
         for i, raw in enumerate(sample_rows(raws(), unit["source"], s.mode, s.n, s.fraction, s.seed)):
-            if raw.bad_reason:
-                yield i, make_reject(unit["source"], raw.file, raw.row_number, raw.bad_reason, raw.bad_detail,
-                                     raw.raw_text), None
-                continue
-            kind, item = convert(raw.value, spec, raw.file, raw.row_number)
-            if kind == "record":
-                item["_file"], item["_row"] = raw.file, raw.row_number
-                yield i, None, item
-            else:
-                yield i, item, None
+            yield i, *_one_by_one(raw, spec)
 
     try:
         for chunk in chunks(rows(), size):

@@ -109,3 +109,16 @@ def test_the_scale_pools_rows_take_the_lane():
     wanted = [i for i, line in enumerate(lines) if per_row(line, RowSpec("s"))[0] == "record"]
     assert len(keep) >= 0.9 * len(wanted) > 0
     assert np.all(np.isin(keep, wanted))
+
+
+def test_a_table_the_lane_cannot_do_exactly_goes_whole_to_the_per_row_path():
+    """A Parquet batch with a column name twice (which value a row has is the per-row rules'
+    business), and an empty batch."""
+    from curate.json_rows import convert_table
+
+    text = pa.array(["q"])
+    twice = pa.Table.from_arrays([text, pa.array(["a"]), pa.array(["b"])], names=["instruction", "output", "output"])
+    assert convert_table(twice, RowSpec("s"))[1] is None
+    once = pa.Table.from_arrays([text, pa.array(["a"])], names=["instruction", "output"])
+    assert list(convert_table(once, RowSpec("s"))[0]) == [0]
+    assert convert_table(once.slice(0, 0), RowSpec("s"))[1] is None
