@@ -496,16 +496,41 @@ def _set_threads(threads_on_host: dict, dask_worker=None) -> None:
         sys.modules["torch"].set_num_threads(n)
 
 
-def _libc_trim():
-    """glibc's ``malloc_trim``, or None where there is none (musl, macOS, Windows)."""
+def _libc(name: str):
+    """A glibc function (``malloc_trim``, ``mallopt``), or None where there is none (musl, macOS,
+    Windows)."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
+        return getattr(libc, name)
     except (OSError, AttributeError):
         return None
+
+
+def _libc_trim():
+    return _libc("malloc_trim")
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+HEAP_BLOCKS = 32 * 2**20  # blocks up to this size come from the heap, not a fresh mmap
+HEAP_SLACK = 64 * 2**20  # free memory at the heap's top kept for the next task
+
+
+def keep_heap_blocks(mallopt) -> bool:
+    """Let a worker reuse freed blocks of up to 32 MB instead of mapping fresh pages for each.
+
+    Why: a Dask Nanny starts its worker with ``MALLOC_TRIM_THRESHOLD_=65536``, and setting any
+    malloc threshold turns off glibc's adaptive one for mmap, which stays at 128 KB: every numpy
+    array above it (the MinHash blocks are 4 MB) is a new mapping, zeroed page by page by the
+    kernel and unmapped when freed. 10,000 signatures took 1.37 s under that setting against 0.24 s
+    with these two thresholds (2 cores of an AMD EPYC with AVX-512; 0.37 s at glibc's defaults);
+    a 100k-row Dask run spent 13.8 s in the kernel against 1.7 s in-process. What the heap keeps
+    is given back by ``trim_if_over`` once a worker passes half its limit."""
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_SLACK))
 
 
 def trim_if_over(rss: int, limit: int | None, trim, share: float = 0.5) -> bool:
@@ -522,7 +547,8 @@ def trim_if_over(rss: int, limit: int | None, trim, share: float = 0.5) -> bool:
 
 
 class TrimMemory(WorkerPlugin):
-    """A Dask worker plugin: every second, ``trim_if_over`` on the worker's own memory limit."""
+    """A Dask worker plugin: glibc's heap thresholds set once (``keep_heap_blocks``), then every
+    second ``trim_if_over`` on the worker's own memory limit."""
 
     name = "curate-trim-memory"
 
@@ -532,6 +558,7 @@ class TrimMemory(WorkerPlugin):
 
         proc, trim, limit = psutil.Process(), _libc_trim(), worker.memory_manager.memory_limit
         self.trims = 0
+        self.heap_blocks = keep_heap_blocks(_libc("mallopt"))
 
         def check():
             self.trims += trim_if_over(proc.memory_info().rss, limit, trim)

@@ -275,12 +275,26 @@ def test_a_worker_hands_freed_heap_back_once_past_half_its_limit():
                       memory_limit="200MB") as cluster, Client(cluster) as client:
         client.register_plugin(TrimMemory())
         plugin = next(iter(cluster.workers.values())).plugins[TrimMemory.name]
+        assert plugin.heap_blocks  # glibc's thresholds were set on the worker
         deadline = time.monotonic() + 10
         while plugin.trims < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert plugin.trims >= 2
         client.unregister_worker_plugin(TrimMemory.name)
         assert not plugin._callback.is_running()
+
+
+def test_a_worker_keeps_freed_blocks_rather_than_mapping_fresh_pages():
+    """Dask's Nanny sets ``MALLOC_TRIM_THRESHOLD_``, which fixes glibc's mmap threshold at 128 KB;
+    the plugin raises both thresholds (the mmap one first) and says whether glibc took them."""
+    from pipelines.dask_runner import HEAP_BLOCKS, HEAP_SLACK, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, _libc, keep_heap_blocks
+
+    calls = []
+    assert keep_heap_blocks(lambda param, value: calls.append((param, value)) or 1)
+    assert calls == [(M_MMAP_THRESHOLD, HEAP_BLOCKS), (M_TRIM_THRESHOLD, HEAP_SLACK)]
+    assert not keep_heap_blocks(lambda param, value: 0)  # glibc refused: said, not assumed
+    assert not keep_heap_blocks(None)  # no glibc (macOS, musl): nothing to set
+    assert _libc("mallopt") is not None and _libc("no_such_function") is None
 
 
 def test_a_task_that_kills_every_worker_is_one_line_on_memory():
