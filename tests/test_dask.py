@@ -527,3 +527,66 @@ def test_a_step_whose_outputs_go_three_ways_runs_once_per_element(tmp_path):
     assert sorted(int(x) for x in marks.read_text().split()) == list(range(12))
     assert json.loads((tmp_path / "twice.json").read_text()) == [2 * x for x in range(12)]
     assert json.loads((tmp_path / "plus.json").read_text()) == [x + 1 for x in range(12)]
+
+
+def _gbk_labels(build) -> dict:
+    """{GroupByKey label: whether the runner groups it in one task}, on the graph the runner walks
+    (after Beam's round trip through its runner API, which drops the composites' classes)."""
+    from apache_beam.pipeline import Pipeline, PipelineVisitor
+    from apache_beam.runners.dask.overrides import _GroupByKeyOnly, dask_overrides
+
+    from pipelines.dask_runner import DaskRunner, _LiftCombines, _one_key
+
+    p = beam.Pipeline(runner=DaskRunner())
+    build(p)
+    walked = Pipeline.from_runner_api(p.to_runner_api(), p.runner, p._options)
+    walked.replace_all([_LiftCombines()] + list(dask_overrides()))
+    found = {}
+
+    class Visit(PipelineVisitor):
+        def visit_transform(self, node):
+            if isinstance(node.transform, _GroupByKeyOnly):
+                found[node.full_label] = _one_key(node)
+
+    walked.visit(Visit())
+    return found
+
+
+def test_global_combines_and_sink_results_are_grouped_in_one_task_and_keyed_data_is_shuffled(tmp_path):
+    """A 100k-row job sent 6,301 tasks, 4,036 of them shuffle pieces, mostly for groups of one key
+    (CombineGlobally, ToList, a sink's written files); those are now one task over every partition.
+    A CombinePerKey, a GroupByKey, a Distinct and a sink with a fixed shard count (its rows grouped
+    by shard) still shuffle: their keys can be as many as the rows (the row path's label rounds)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.dask_runner import DaskRunner
+
+    def build(p):
+        rows = p | "Rows" >> beam.Create(range(8)) | "Spread" >> beam.FlatMap(lambda i: range(50 * i, 50 * i + 50))
+        total = rows | "Total" >> beam.CombineGlobally(sum)
+        keyed = rows | "Key" >> beam.Map(lambda x: (x % 5, x))
+        per_key = keyed | "PerKey" >> beam.CombinePerKey(sum)
+        grouped = keyed | "Group" >> beam.GroupByKey() | "Sizes" >> beam.MapTuple(lambda k, vs: (k, len(list(vs))))
+        distinct = rows | "Mod" >> beam.Map(lambda x: x % 7) | "Distinct" >> beam.Distinct()
+        listed = (per_key, grouped) | "Both" >> beam.Flatten() | "AllPairs" >> beam.combiners.ToList()
+        (total | "T" >> beam.Map(str) | "WriteTotal" >> beam.io.WriteToText(str(tmp_path / "total")))
+        (listed | "L" >> beam.Map(lambda xs: json.dumps(sorted(xs)))
+         | "WriteListed" >> beam.io.WriteToText(str(tmp_path / "listed"), num_shards=1, shard_name_template=""))
+        (distinct | "D" >> beam.Map(str) | "WriteDistinct" >> beam.io.WriteToText(str(tmp_path / "distinct")))
+
+    labels = _gbk_labels(build)
+    one = sorted(k.split("/")[0] for k, v in labels.items() if v)
+    shuffled = sorted(k.split("/")[0] for k, v in labels.items() if not v)
+    assert one == ["AllPairs", "Total", "WriteDistinct", "WriteTotal"]
+    assert shuffled == ["Distinct", "Group", "PerKey", "WriteListed"]
+
+    with beam.Pipeline(runner=DaskRunner(), options=PipelineOptions(["--dask_workers=2"])) as p:
+        build(p)
+
+    def lines(prefix):
+        return [x for f in sorted(tmp_path.glob(prefix + "*")) for x in f.read_text().split()]
+
+    assert lines("total") == [str(sum(range(400)))]
+    assert json.loads((tmp_path / "listed").read_text()) == sorted(
+        [[k, sum(x for x in range(400) if x % 5 == k)] for k in range(5)] + [[k, 80] for k in range(5)])
+    assert sorted(int(x) for x in lines("distinct")) == list(range(7))
