@@ -14,7 +14,8 @@ in-process runner. Here a row never crosses a shuffle:
       Near:  ``pipelines.batched_near`` (buckets, candidates, edges, clusters in arrays)
       Select: ``pipelines.batched_select`` (a keyed policy, per batch and per range)
       Apply: every decision grouped by unit; each unit is read again, its rows get their
-             decisions and leave as Arrow tables for ``WriteToParquetBatched``.
+             decisions and are written by the step itself, one annotated and one selected
+             Parquet file per unit (``ApplyFn``).
 
 A unit is read twice (Apply, its second reading included, took 42 of the 168 s at a million
 rows on 2 cores of an AMD EPYC with AVX-512, before records were built as columns); in exchange no collection holds the rows, only a few numbers a row and the near text until
@@ -403,41 +404,50 @@ class ExactFn(StageFn):
 
 class ApplyFn(StageFn):
     """A unit read again (the same rows in the same order, ``unit_batches``); its rows get their
-    decisions and leave as Arrow tables (annotated on the main output, the selected rows' columns
-    on ``selected``). Why read again: carrying the rows from Scan to here held them in the
-    runner's memory (9.1 GB peak at a million rows, against 3.4 GB), and writing them beside the
-    output for Apply measured no faster (both tried on 2 cores of an AMD EPYC with AVX-512,
-    ``CHANGELOG.md``)."""
+    decisions and are written, a batch a row group, to ``annotated/part-<unit>.parquet`` and (the
+    selected rows' columns) ``selected/part-<unit>.parquet`` under ``folder``. Why read again:
+    carrying the rows from Scan to here held them in the runner's memory (9.1 GB peak at a million
+    rows, against 3.4 GB), and writing them beside the output for Apply measured no faster (both
+    tried on 2 cores of an AMD EPYC with AVX-512, ``CHANGELOG.md``). Why write here rather than
+    through Beam's Parquet sinks: on Dask a step's whole output for a partition is one task result,
+    kept until each of its consumers has run, and the two sinks' tables piled up on the workers at
+    the end of a run (the largest at 2.9 GB at 1M rows); a unit's file has the unit's number, so a
+    task run again writes the same file again."""
 
     stage = "write"
     metrics = ("selected", "dropped")
 
-    def __init__(self, cfg: Job, selected_schema: pa.Schema):
+    def __init__(self, cfg: Job, folder: str, selected_schema: pa.Schema):
         from curate import schema
 
         self.specs, self.sample = T.row_specs(cfg), cfg.sample
         self.size = max(cfg.batch_size, SIGNATURE_BATCH)
-        self.annotated, self.selected_schema = schema.ANNOTATED, selected_schema
+        self.folder, self.annotated, self.selected_schema = folder, schema.ANNOTATED, selected_schema
 
     def handle(self, element):
+        from curate import storage
+
         _, joined = element
         unit = joined["unit"][0]
         dec = defaultdict(dict)
         for kind, pairs in joined["dec"]:
             dec[kind].update(pairs)
         base = unit["index"] << SHIFT
-        for table, _ in unit_batches(unit, self.specs[unit["source"]], self.sample, self.size):
-            if table.num_rows == 0:
-                continue
-            table = self._decide(table.drop_columns(["_file", "_row"]).set_column(
-                0, "_loc", pa.array(base | table.column("_loc").to_numpy())), dec)
-            if table.num_rows == 0:
-                continue
-            yield table
-            chosen = table.filter(table.column("selected"))
-            if chosen.num_rows:
-                yield beam.pvalue.TaggedOutput("selected",
-                                               chosen.select(self.selected_schema.names).cast(self.selected_schema))
+        name = f"part-{unit['index']:05d}.parquet"
+        with (_ParquetFile(storage.join(self.folder, "annotated", name), self.annotated) as annotated,
+              _ParquetFile(storage.join(self.folder, "selected", name), self.selected_schema) as selected):
+            for table, _ in unit_batches(unit, self.specs[unit["source"]], self.sample, self.size):
+                if table.num_rows == 0:
+                    continue
+                table = self._decide(table.drop_columns(["_file", "_row"]).set_column(
+                    0, "_loc", pa.array(base | table.column("_loc").to_numpy())), dec)
+                if table.num_rows == 0:
+                    continue
+                annotated.write(table)
+                chosen = table.filter(table.column("selected"))
+                if chosen.num_rows:
+                    selected.write(chosen.select(self.selected_schema.names).cast(self.selected_schema))
+        return iter(())
 
     def _decide(self, base: pa.Table, dec: dict) -> pa.Table:
         ids, exact, near, chosen = dec["id"], dec["exact"], dec["near"], dec["select"]
@@ -478,6 +488,34 @@ class ApplyFn(StageFn):
             else:
                 arrays.append(pa.nulls(base.num_rows, f.type))
         return pa.Table.from_arrays(arrays, schema=self.annotated)
+
+
+class _ParquetFile:
+    """One Parquet file written a table at a time (each a row group, zstd, as Beam's batched sink
+    writes them); a file with no table has the schema and no rows."""
+
+    def __init__(self, path: str, schema: pa.Schema):
+        self.path, self.schema = path, schema
+
+    def __enter__(self):
+        import pyarrow.parquet as pq
+
+        from curate import storage
+
+        storage.makedirs(self.path.rsplit("/", 1)[0])
+        self._fh = storage.open_file(self.path, "wb")
+        self._writer = pq.ParquetWriter(self._fh, self.schema, compression="zstd")
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table)
+
+    def __exit__(self, *exc):
+        try:
+            self._writer.close()
+        finally:
+            self._fh.close()
+        return False
 
 
 def _kind(kind):
@@ -525,14 +563,10 @@ def build(p: beam.Pipeline, cfg: Job, folder: str) -> dict:
     applied = ({"unit": p | "ApplyUnits" >> beam.Create([(u["index"], u) for u in units]),
                 "dec": decisions | "AllDecisions" >> beam.Flatten()}
                | "ByUnit" >> beam.CoGroupByKey()
-               | "Apply" >> beam.ParDo(ApplyFn(cfg, schema.selected_schema(cfg))).with_outputs(
-                   STATS, "selected", main="annotated"))
+               | "Apply" >> beam.ParDo(ApplyFn(cfg, folder, schema.selected_schema(cfg))).with_outputs(
+                   STATS, main="written"))
     stats.append(applied[STATS])
     batched = dict(file_name_suffix=".parquet", codec="zstd")
-    applied.annotated | "WriteAnnotated" >> beam.io.WriteToParquetBatched(
-        f"{folder}/annotated/part", schema.ANNOTATED, **batched)
-    applied.selected | "WriteSelected" >> beam.io.WriteToParquetBatched(
-        f"{folder}/selected/part", schema.selected_schema(cfg), **batched)
     rejects = ((scan[REJECTS], ids[REJECTS]) | "AllRejects" >> beam.Flatten()
                | "TallyRejects" >> beam.ParDo(T.TallyFn("rejects")).with_outputs(STATS, main="rows"))
     stats.append(rejects[STATS])

@@ -367,3 +367,38 @@ def test_a_units_batches_are_its_rows_converted_one_by_one(tmp_path, kind):
         assert got_rejects == [(9, got_rejects[0][1])] and got_rejects[0][1]["row_number"] == 10
         from curate.json_rows import convert_table
         assert list(convert_table(pq.read_table(path).slice(0, 8), spec)[0]) == [0, 1, 2, 3, 5, 6, 7]
+
+
+def test_apply_writes_one_file_per_unit_and_a_second_run_of_a_unit_writes_the_same_file(tmp_path, monkeypatch):
+    """Apply writes its unit's rows itself (on Dask the sinks' tables piled up as task results): a
+    task run again (a Dask retry) rewrites the same two files, and a unit whose rows are all gone
+    still leaves both files, with the schema and no rows."""
+    import pyarrow.parquet as pq
+
+    from curate import config, schema
+    from pipelines.locators import SHIFT
+
+    monkeypatch.chdir(tmp_path)
+    _pool(tmp_path)
+    cfg = config.load(_job(tmp_path, str(tmp_path / "out"), "batch"))
+    units = [{**u, "index": i} for i, u in enumerate(T.read_units(cfg))]
+    fn = batched.ApplyFn(cfg, str(tmp_path / "out"), schema.selected_schema(cfg))
+    fn.setup()
+    fn.start_bundle()
+    a, d = units[0], next(u for u in units if u["source"] == "d")
+    rows = sum(1 for _ in io.iter_file(a["files"][0].path, a["files"][0].format))
+    keep = {(a["index"] << SHIFT) | i: (i, None) if i % 2 else (None, "random:over_budget") for i in range(rows)}
+    for _ in range(2):
+        assert list(fn.process((a["index"], {"unit": [a], "dec": [("select", list(keep.items()))]}))) == []
+        assert list(fn.process((d["index"], {"unit": [d], "dec": [("id", [((d["index"] << SHIFT) | 1, None)])]}))) == []
+    names = {p: sorted(x.name for x in (tmp_path / "out" / p).iterdir()) for p in ("annotated", "selected")}
+    expected = sorted(f"part-{u['index']:05d}.parquet" for u in (a, d))
+    assert names == {"annotated": expected, "selected": expected}
+    ann = pq.read_table(tmp_path / "out" / "annotated" / expected[0])
+    sel = pq.read_table(tmp_path / "out" / "selected" / expected[0])
+    assert ann.schema == schema.ANNOTATED and sel.schema == schema.selected_schema(cfg)
+    assert ann.num_rows > 10 and sel.num_rows == sum(ann.column("selected").to_pylist())
+    assert sorted(sel.column("id").to_pylist()) == sorted(
+        r["id"] for r in ann.to_pylist() if r["drop_reason"] is None)
+    empty = pq.read_table(tmp_path / "out" / "annotated" / expected[1])
+    assert empty.num_rows == 0 and empty.schema == schema.ANNOTATED
