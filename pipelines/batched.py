@@ -504,7 +504,8 @@ class _ParquetFile:
 
         storage.makedirs(self.path.rsplit("/", 1)[0])
         self._fh = storage.open_file(self.path, "wb")
-        self._writer = pq.ParquetWriter(self._fh, self.schema, compression="zstd")
+        # list items named "item", as Beam's sinks write them (the documented schema, schemas/)
+        self._writer = pq.ParquetWriter(self._fh, self.schema, compression="zstd", use_compliant_nested_type=False)
         return self
 
     def write(self, table: pa.Table) -> None:

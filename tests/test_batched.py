@@ -397,6 +397,7 @@ def test_apply_writes_one_file_per_unit_and_a_second_run_of_a_unit_writes_the_sa
     ann = pq.read_table(tmp_path / "out" / "annotated" / expected[0])
     sel = pq.read_table(tmp_path / "out" / "selected" / expected[0])
     assert ann.schema == schema.ANNOTATED and sel.schema == schema.selected_schema(cfg)
+    assert str(ann.schema.field("messages").type) == "list<item: struct<role: string, content: string>>"
     assert ann.num_rows > 10 and sel.num_rows == sum(ann.column("selected").to_pylist())
     assert sorted(sel.column("id").to_pylist()) == sorted(
         r["id"] for r in ann.to_pylist() if r["drop_reason"] is None)
