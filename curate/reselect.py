@@ -24,8 +24,9 @@ from curate.select.shortlist import describe as describe_shortlist
 
 
 def _write_parquet(table: pa.Table, path: str) -> None:
+    """zstd, and list items named "item", as a run's own outputs and ``schemas/`` name them."""
     with storage.open_file(path, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd")
+        pq.write_table(table, fh, compression="zstd", use_compliant_nested_type=False)
 
 
 def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str | None = None,

@@ -129,7 +129,10 @@ def test_curate_select_runs_every_builtin_on_a_finished_run(scored_run, tmp_path
     rep = json.loads((outs[0] / "selection.json").read_text())
     assert rep["selected"] == len(chosen) and sum(rep["dropped"].values()) == rep["pool"] - len(chosen)
     assert sum(v["selected"] for v in rep["by_cluster"].values()) == len(chosen)
-    sel = pq.read_table(outs[0] / "selected").to_pylist()
+    sel = pq.read_table(outs[0] / "selected")
+    assert sel.schema.field("messages").type == read_table(scored_run, "selected").schema.field("messages").type
+    assert str(sel.schema.field("messages").type).startswith("list<item: ")  # as schemas/ documents it
+    sel = sel.to_pylist()
     assert [r["rank"] for r in sel] == list(range(1, len(sel) + 1))
     assert _digests(scored_run / "annotated") == files_before  # the run itself is untouched
 
