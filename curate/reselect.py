@@ -13,7 +13,6 @@ import uuid
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from curate import leftovers, runs, schema, storage
 from curate.select.base import Budget, Policy
@@ -24,9 +23,8 @@ from curate.select.shortlist import describe as describe_shortlist
 
 
 def _write_parquet(table: pa.Table, path: str) -> None:
-    """zstd, and list items named "item", as a run's own outputs and ``schemas/`` name them."""
-    with storage.open_file(path, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd", use_compliant_nested_type=False)
+    with storage.ParquetFile(path, table.schema) as out:
+        out.write(table)
 
 
 def select_run(folder: str, policy: Policy, budget: Budget, seed: int, out: str | None = None,

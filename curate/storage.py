@@ -170,6 +170,33 @@ def publish(tmp: str, out: str, marker: str = "manifest.json") -> None:
     fs.rm(tmp_path, recursive=True)
 
 
+class ParquetFile:
+    """A Parquet output written a table at a time (each a row group), local or on a store: zstd,
+    and list items named "item", as Beam's sinks write them and ``schemas/`` documents them
+    (pyarrow's own default is "element"). A file given no table has the schema and no rows."""
+
+    def __init__(self, path: str, schema):
+        self.path, self.schema = path, schema
+
+    def __enter__(self):
+        import pyarrow.parquet as pq
+
+        makedirs(os.path.dirname(self.path))
+        self._fh = open_file(self.path, "wb")
+        self._writer = pq.ParquetWriter(self._fh, self.schema, compression="zstd", use_compliant_nested_type=False)
+        return self
+
+    def write(self, table) -> None:
+        self._writer.write_table(table)
+
+    def __exit__(self, *exc):
+        try:
+            self._writer.close()
+        finally:
+            self._fh.close()
+        return False
+
+
 def download_folder(url: str, local: str) -> None:
     """Copy every object under ``url`` into the local folder ``local``, whole or not at all
     (written beside it, then renamed into place; a folder already there is kept)."""

@@ -434,8 +434,8 @@ class ApplyFn(StageFn):
             dec[kind].update(pairs)
         base = unit["index"] << SHIFT
         name = f"part-{unit['index']:05d}.parquet"
-        with (_ParquetFile(storage.join(self.folder, "annotated", name), self.annotated) as annotated,
-              _ParquetFile(storage.join(self.folder, "selected", name), self.selected_schema) as selected):
+        with (storage.ParquetFile(storage.join(self.folder, "annotated", name), self.annotated) as annotated,
+              storage.ParquetFile(storage.join(self.folder, "selected", name), self.selected_schema) as selected):
             for table, _ in unit_batches(unit, self.specs[unit["source"]], self.sample, self.size):
                 if table.num_rows == 0:
                     continue
@@ -488,35 +488,6 @@ class ApplyFn(StageFn):
             else:
                 arrays.append(pa.nulls(base.num_rows, f.type))
         return pa.Table.from_arrays(arrays, schema=self.annotated)
-
-
-class _ParquetFile:
-    """One Parquet file written a table at a time (each a row group, zstd, as Beam's batched sink
-    writes them); a file with no table has the schema and no rows."""
-
-    def __init__(self, path: str, schema: pa.Schema):
-        self.path, self.schema = path, schema
-
-    def __enter__(self):
-        import pyarrow.parquet as pq
-
-        from curate import storage
-
-        storage.makedirs(self.path.rsplit("/", 1)[0])
-        self._fh = storage.open_file(self.path, "wb")
-        # list items named "item", as Beam's sinks write them (the documented schema, schemas/)
-        self._writer = pq.ParquetWriter(self._fh, self.schema, compression="zstd", use_compliant_nested_type=False)
-        return self
-
-    def write(self, table: pa.Table) -> None:
-        self._writer.write_table(table)
-
-    def __exit__(self, *exc):
-        try:
-            self._writer.close()
-        finally:
-            self._fh.close()
-        return False
 
 
 def _kind(kind):

@@ -162,6 +162,33 @@ def test_input_output_and_cache_on_s3_round_trip(job_dir, s3, capsys):
     assert len(got) == 27 and {r["source"] for r in got} == {"math"} and got[0]["prompt"] == rows[0]["instruction"]
 
 
+def test_the_batch_path_writes_its_outputs_onto_s3_as_it_does_locally(job_dir, s3, caplog):
+    """A job with no model stage runs on the batch path, whose last step writes its own Parquet
+    files (``curate.storage.ParquetFile``): on a store, the same rows, schemas and file names."""
+    import logging
+
+    import pyarrow.parquet as pq
+
+    from tests.conftest import without_models
+
+    caplog.set_level(logging.INFO, logger="curate")
+    rows = [json.loads(x) for x in open(f"{EXAMPLES}/gsm8k_sample.jsonl", encoding="utf-8")][:30]
+    (job_dir / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:4]))
+    for name, out in (("remote", f"s3://{BUCKET}/runs/batch"), ("here", "here")):
+        cfg = without_models({"name": name, "output": out, "inputs": [{"source": "g", "path": "in.jsonl"}],
+                              "dedup": {"exact": {"enabled": True}, "near": {"enabled": True}},
+                              "select": {"policy": "random", "budget": {"fraction": 0.5}}})
+        assert run_cli("run", write_job(job_dir, cfg, f"{name}.yaml")) == 0
+    assert "the batch path" in caplog.text
+    for part in ("annotated", "selected"):
+        remote = sorted(k.rsplit("/", 1)[1] for k in s3.find(f"{BUCKET}/runs/batch/{part}"))
+        assert remote == sorted(os.listdir(job_dir / "here" / part)) == ["part-00000.parquet"]
+        with s3.open(f"{BUCKET}/runs/batch/{part}/part-00000.parquet", "rb") as fh:
+            there = pq.read_table(fh)
+        assert there.equals(pq.read_table(job_dir / "here" / part / "part-00000.parquet"))
+    assert there.num_rows == len(rows) // 2 and "list<item: " in str(there.schema.field("messages").type)
+
+
 def test_input_output_and_cache_on_gcs_round_trip(job_dir, gcs, capsys):
     """The same storage layer on gs:// URLs: a globbed, partly gzipped input, the output committed
     without a rename (manifest last), the embeddings cache reused, a half-written folder refused."""
