@@ -108,7 +108,7 @@ def _fn_once(key: str, fn: DoFn):
     """One set-up instance per worker thread, as Beam gives each bundle-processing thread its own
     (a DoFn keeps per-bundle state); RunInference shares the model between them. Returns it with
     its ``DoFnSignature``, made once too (it inspects every method's arguments: 4% of the workers'
-    time when made per bundle)."""
+    time when made per bundle, 2 cores of an AMD EPYC with AVX-512)."""
     from apache_beam.internal import pickler
     from apache_beam.runners.common import DoFnSignature
 
