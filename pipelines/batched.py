@@ -30,7 +30,7 @@ rewrite stage is on and the policy is keyed (``eligible``), else the row path ru
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import apache_beam as beam
 import numpy as np
@@ -423,66 +423,86 @@ class ApplyFn(StageFn):
         self.specs, self.sample = T.row_specs(cfg), cfg.sample
         self.size = max(cfg.batch_size, SIGNATURE_BATCH)
         self.folder, self.annotated, self.selected_schema = folder, schema.ANNOTATED, selected_schema
+        self._writer, self._pending = None, []  # the thread that writes the Parquet files, its work
 
     def handle(self, element):
-        from curate import storage
+        from concurrent.futures import ThreadPoolExecutor
 
         _, joined = element
         unit = joined["unit"][0]
-        dec = defaultdict(dict)
-        for kind, pairs in joined["dec"]:
-            dec[kind].update(pairs)
+        dec = UnitDecisions(joined["dec"])
         base = unit["index"] << SHIFT
-        name = f"part-{unit['index']:05d}.parquet"
-        with (storage.ParquetFile(storage.join(self.folder, "annotated", name), self.annotated) as annotated,
-              storage.ParquetFile(storage.join(self.folder, "selected", name), self.selected_schema) as selected):
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="curate-write")
+        files = _UnitFiles(self.folder, f"part-{unit['index']:05d}.parquet", self.annotated, self.selected_schema)
+        self._submit(files.open)
+        try:
             for table, _ in unit_batches(unit, self.specs[unit["source"]], self.sample, self.size):
                 if table.num_rows == 0:
                     continue
                 table = self._decide(table.drop_columns(["_file", "_row"]).set_column(
                     0, "_loc", pa.array(base | table.column("_loc").to_numpy())), dec)
-                if table.num_rows == 0:
-                    continue
-                annotated.write(table)
-                chosen = table.filter(table.column("selected"))
-                if chosen.num_rows:
-                    selected.write(chosen.select(self.selected_schema.names).cast(self.selected_schema))
+                if table.num_rows:
+                    self._submit(files.write, table)
+        finally:
+            self._submit(files.close)
         return iter(())
 
-    def _decide(self, base: pa.Table, dec: dict) -> pa.Table:
-        ids, exact, near, chosen = dec["id"], dec["exact"], dec["near"], dec["select"]
-        locs = base.column("_loc").to_pylist()
-        keep = [j for j, loc in enumerate(locs) if not (loc in ids and ids[loc] is None)]  # rejects/ has the rest
-        if len(keep) < len(locs):
-            base = base.take(pa.array(keep, pa.int64()))
-            locs = [locs[j] for j in keep]
-        sources = base.column("source").to_pylist()
-        new_ids = [ids.get(loc, rid) for loc, rid in zip(locs, base.column("id").to_pylist())]
-        cols = {"id": new_ids, "exact_dup_of": [], "near_dup_cluster": [], "near_dup_of": [], "rank": [],
-                "drop_reason": [], "selected": []}
-        tally = Counter()
-        for loc, source in zip(locs, sources):
-            dup = exact.get(loc)
-            cluster, near_of = near.get(loc, (None, None))
-            if dup is not None:
-                rank, reason = None, "exact_duplicate"
-            elif near_of is not None:
-                rank, reason = None, "near_duplicate"
-            else:
-                rank, reason = chosen[loc]
-            for name, value in (("exact_dup_of", dup), ("near_dup_cluster", cluster), ("near_dup_of", near_of),
-                                ("rank", rank), ("drop_reason", reason), ("selected", reason is None)):
-                cols[name].append(value)
-            tally[(reason, source)] += 1
-        for (reason, source), n in tally.items():
-            if reason is None:
+    def _submit(self, fn, *args) -> None:
+        """Run ``fn`` in the writer thread (pyarrow compresses and writes without the GIL, so the
+        files are written while the next batch is read), at most two batches behind."""
+        self._pending.append(self._writer.submit(fn, *args))
+        while len(self._pending) > 2:
+            self._pending.pop(0).result()
+
+    def finish_bundle(self):
+        pending, self._pending = self._pending, []
+        for f in pending:  # the bundle is done when its files are (an error in the thread is raised here)
+            f.result()
+        yield from super().finish_bundle()
+
+    def teardown(self):
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+
+    def _decide(self, base: pa.Table, dec: "UnitDecisions") -> pa.Table:
+        """A batch's rows with their decisions as columns (rows whose id was rejected left out:
+        rejects/ has them), the counts of selected and dropped rows by reason and source."""
+        locs = base.column("_loc").to_numpy()
+        hit, new_id = dec.ids.find(locs)
+        gone = hit & pc.is_null(new_id).to_numpy(zero_copy_only=False)
+        if gone.any():
+            keep = np.flatnonzero(~gone)
+            base, locs, hit, new_id = base.take(keep), locs[keep], hit[keep], new_id.take(keep)
+        cols = {"id": pc.if_else(pa.array(hit), new_id, base.column("id").combine_chunks())}
+        exact_hit, cols["exact_dup_of"] = dec.exact.find(locs)
+        _, cols["near_dup_cluster"] = dec.cluster.find(locs)
+        near_hit, cols["near_dup_of"] = dec.near_of.find(locs)
+        near_hit &= pc.is_valid(cols["near_dup_of"]).to_numpy(zero_copy_only=False)
+        chosen = ~exact_hit & ~near_hit
+        at = np.searchsorted(dec.select_locs, locs[chosen])
+        if chosen.any() and (len(dec.select_locs) == 0 or np.any(
+                dec.select_locs[np.minimum(at, len(dec.select_locs) - 1)] != locs[chosen])):
+            raise RuntimeError("a row reached Apply without a selection decision (a bug: every row left "
+                               "after dedup is selected or dropped by the policy)")
+        code = np.where(exact_hit, 1, 2)  # dec.reasons[1], [2]: the duplicates' reasons
+        code[chosen] = dec.select_codes[at]
+        rank = np.zeros(len(locs), np.int64)
+        rank[chosen] = dec.select_ranks[at]
+        cols["rank"] = pa.array(rank, mask=code != 0)
+        cols["drop_reason"] = dec.reasons.take(pa.array(code))
+        cols["selected"] = pa.array(code == 0)
+        tally = pa.table({"code": code, "source": base.column("source")}).group_by(["code", "source"]).aggregate(
+            [([], "count_all")])
+        for c, source, n in zip(*(tally.column(k).to_pylist() for k in ("code", "source", "count_all"))):
+            if c == 0:
                 self.count("selected", n, source=source)
             else:
-                self.count("dropped", n, reason=reason, source=source)
+                self.count("dropped", n, reason=dec.reasons[c].as_py(), source=source)
         arrays = []
         for f in self.annotated:
             if f.name in cols:
-                arrays.append(pa.array(cols[f.name], f.type))
+                arrays.append(cols[f.name].cast(f.type))
             elif f.name in BASE_COLUMNS:
                 arrays.append(base.column(f.name))
             else:
@@ -490,8 +510,89 @@ class ApplyFn(StageFn):
         return pa.Table.from_arrays(arrays, schema=self.annotated)
 
 
+class _UnitFiles:
+    """A unit's two Parquet files, opened, written and closed in the writer thread."""
+
+    def __init__(self, folder: str, name: str, annotated: pa.Schema, selected: pa.Schema):
+        from curate import storage
+
+        self.annotated = storage.ParquetFile(storage.join(folder, "annotated", name), annotated)
+        self.selected = storage.ParquetFile(storage.join(folder, "selected", name), selected)
+        self.schema, self.opened = selected, []
+
+    def open(self) -> None:
+        for f in (self.annotated, self.selected):
+            self.opened.append(f.__enter__())
+
+    def write(self, table: pa.Table) -> None:
+        self.annotated.write(table)
+        chosen = table.filter(table.column("selected"))
+        if chosen.num_rows:
+            self.selected.write(chosen.select(self.schema.names).cast(self.schema))
+
+    def close(self) -> None:
+        while self.opened:
+            self.opened.pop().__exit__(None, None, None)
+
+
+class _Lookup:
+    """(loc, value) decisions of some rows as a sorted locator array and an Arrow array of values:
+    ``find`` answers a whole batch in one search."""
+
+    def __init__(self, pairs: dict, type_):
+        self.locs = np.fromiter(pairs, np.int64, len(pairs))
+        order = np.argsort(self.locs)
+        self.locs = self.locs[order]
+        values = list(pairs.values())
+        self.values = pa.array([values[j] for j in order] + [None], type_)  # the last: rows without one
+
+    def find(self, locs: np.ndarray) -> tuple[np.ndarray, pa.Array]:
+        """Which rows have a decision, and each row's value (null for the others)."""
+        if len(self.locs) == 0:
+            return np.zeros(len(locs), bool), pa.nulls(len(locs), self.values.type)
+        at = np.minimum(np.searchsorted(self.locs, locs), len(self.locs) - 1)
+        hit = self.locs[at] == locs
+        return hit, self.values.take(np.where(hit, at, len(self.locs)))
+
+
+class UnitDecisions:
+    """A unit's decisions as Apply receives them, ready for whole batches: ids renumbered (a null
+    one: rejected), exact duplicates' kept id, near clusters and kept id, and every other row's
+    selection (``batched_select``'s (locs, ranks or None, reason) arrays) as sorted arrays."""
+
+    def __init__(self, joined):
+        pairs, selects = defaultdict(dict), []
+        for kind, part in joined:
+            if kind == "select":
+                selects.append(part)
+            else:
+                pairs[kind].update(part)
+        self.ids = _Lookup(pairs["id"], pa.string())
+        self.exact = _Lookup(pairs["exact"], pa.string())
+        self.cluster = _Lookup({loc: v[0] for loc, v in pairs["near"].items()}, pa.string())
+        self.near_of = _Lookup({loc: v[1] for loc, v in pairs["near"].items()}, pa.string())
+        names = [None, "exact_duplicate", "near_duplicate"]
+        names += sorted({why for _, _, why in selects} - set(names))
+        self.reasons = pa.array(names, pa.string())
+        locs = [loc for loc, _, _ in selects]
+        self.select_locs = np.concatenate(locs) if locs else np.zeros(0, np.int64)
+        order = np.argsort(self.select_locs, kind="stable")
+        self.select_locs = self.select_locs[order]
+        self.select_ranks = np.concatenate([r if r is not None else np.full(len(loc), -1, np.int64)
+                                            for loc, r, _ in selects] or [np.zeros(0, np.int64)])[order]
+        self.select_codes = np.concatenate([np.full(len(loc), names.index(why), np.int64)
+                                            for loc, _, why in selects] or [np.zeros(0, np.int64)])[order]
+
+
 def _kind(kind):
     return lambda pairs: [(unit, (kind, part)) for unit, part in by_unit(pairs)]
+
+
+def _selected_by_unit(decided: tuple) -> list:
+    """A (locs, ranks or None, reason) selection element cut into one element per unit."""
+    locs, ranks, why = decided
+    return [(unit, ("select", (locs[part], None if ranks is None else ranks[part], why)))
+            for unit, part in positions_by_shard(locs >> SHIFT)]
 
 
 def build(p: beam.Pipeline, cfg: Job, folder: str) -> dict:
@@ -531,7 +632,7 @@ def build(p: beam.Pipeline, cfg: Job, folder: str) -> dict:
                                                      beam.pvalue.AsList(gone_all))
     selection = live | "Select" >> KeyedSelect(cfg)
     reports.append(selection["report"])
-    decisions.append(selection["decisions"] | "SelectDecisions" >> beam.FlatMap(_kind("select")))
+    decisions.append(selection["decisions"] | "SelectDecisions" >> beam.FlatMap(_selected_by_unit))
     applied = ({"unit": p | "ApplyUnits" >> beam.Create([(u["index"], u) for u in units]),
                 "dec": decisions | "AllDecisions" >> beam.Flatten()}
                | "ByUnit" >> beam.CoGroupByKey()

@@ -10,9 +10,8 @@ import pyarrow as pa
 
 from curate.select import keyed as K
 from curate.select import scope as S
-from curate.select.features import FEATURES, cluster_name
 from curate.settings import Job
-from pipelines.locators import chunks, member, sorted_side_input
+from pipelines.locators import member, sorted_side_input
 from pipelines.select import _Report, policy_from
 
 
@@ -35,8 +34,8 @@ class LiveFeaturesFn(beam.DoFn):
 class KeyedSelect(beam.PTransform):
     """``pipelines.select._KeyedCut`` and ``_NumberInOrder`` on batches: the same keys, quotas, cut
     points, ranges and numbering (``curate.select.keyed``), with one element per batch or range
-    instead of one per row. Live feature batches -> {"decisions": (loc, (rank, reason)) lists,
-    "report": ("select", report)}."""
+    instead of one per row. Live feature batches -> {"decisions": (locs, ranks or None, reason)
+    arrays (``Decided``), "report": ("select", report)}."""
 
     def __init__(self, cfg: Job):
         super().__init__()
@@ -47,24 +46,25 @@ class KeyedSelect(beam.PTransform):
         name = lambda why: K.reason(policy, why)  # noqa: E731
         per_range = S.RANK_BUCKET_ROWS
         required = tuple(policy.required_columns())
-        absent = {f.name: None for f in FEATURES}
 
         def row_keys(element):
             locs, table = element
-            rows = [{**absent, **r} for r in table.to_pylist()]
-            out = {"n": len(rows), "drops": [], "eligible": [], "sizes": Counter(), "present": set(), "samples": []}
-            for loc, r in zip(locs.tolist(), rows):
-                about = (r["source"], cluster_name(r))
-                got = policy.row_key(r, seed)
+            n = table.num_rows
+            cluster = table.column("cluster_id").to_pylist() if "cluster_id" in table.column_names else [None] * n
+            out = {"n": n, "drops": [], "eligible": [], "sizes": Counter(), "samples": [],
+                   "present": {c for c in required if c in table.column_names and table.column(c).null_count < n}}
+            for loc, rid, source, c, got in zip(locs.tolist(), table.column("id").to_pylist(),
+                                                table.column("source").to_pylist(), cluster,
+                                                policy.row_keys(table, seed)):
+                about = (source, "none" if c is None else str(c))  # features.cluster_name
                 if isinstance(got, str):
                     out["drops"].append((loc, name(got), about))
                 else:
-                    key = (got[1], r["id"])
+                    key = (got[1], rid)
                     out["eligible"].append((got[0], key, loc, about))
                     out["sizes"][got[0]] += 1
-                    if K.sampled(r["id"], per_range):
+                    if K.sampled(rid, per_range):
                         out["samples"].append((got[0], key))
-                out["present"].update(c for c in required if r.get(c) is not None)
             return out
 
         def quotas(n, sizes, present):
@@ -93,10 +93,11 @@ class KeyedSelect(beam.PTransform):
             dropped = []
             for rid in over:
                 loc, about = where[rid]
-                dropped.append((loc, (None, why)))
+                dropped.append(loc)
                 outcomes[(*about, why)] += 1
             yield beam.pvalue.TaggedOutput("kept", kept_keys)
-            yield beam.pvalue.TaggedOutput("over", dropped)
+            if dropped:
+                yield beam.pvalue.TaggedOutput("over", (np.array(dropped, np.int64), None, why))
             yield from outcomes.items()
 
         keys = feats | "RowKeys" >> beam.Map(row_keys)
@@ -118,7 +119,7 @@ class KeyedSelect(beam.PTransform):
                                                    beam.pvalue.AsSingleton(quota)).with_outputs("kept", "over",
                                                                                                   main="outcomes"))
         ranks = decided.kept | "Number" >> _NumberBatches(quota)
-        drops = keys | "Drops" >> beam.Map(lambda k: [(loc, (None, why)) for loc, why, _ in k["drops"]])
+        drops = keys | "Drops" >> beam.FlatMap(lambda k: _by_reason(k["drops"]))
         drop_outcomes = keys | "DropOutcomes" >> beam.FlatMap(
             lambda k: Counter((*about, why) for _, why, about in k["drops"]).items())
         report = ((decided.outcomes, drop_outcomes) | "Outcomes" >> beam.Flatten()
@@ -128,7 +129,7 @@ class KeyedSelect(beam.PTransform):
 
 
 class _NumberBatches(beam.PTransform):
-    """Lists of (order key, loc) of selected rows -> lists of (loc, (global rank, None)), numbered
+    """Lists of (order key, loc) of selected rows -> (locs, global ranks, None), numbered
     range by range as ``pipelines.select._NumberInOrder`` numbers single rows."""
 
     def __init__(self, quota):
@@ -150,7 +151,19 @@ class _NumberBatches(beam.PTransform):
                    | "BucketSizes" >> beam.CombinePerKey(sum) | "AllBuckets" >> beam.combiners.ToList()
                    | "BucketOffsets" >> beam.Map(S.bucket_offsets))
         return (keyed | "GroupBuckets" >> beam.GroupByKey()
-                | "Ranks" >> beam.FlatMap(lambda kv, off: chunks(
-                    [(loc, (rank, None)) for loc, rank in S.ranks_in_bucket(
-                        [item for part in kv[1] for item in part], off[kv[0]])], 65536),
-                    beam.pvalue.AsSingleton(offsets)))
+                | "Ranks" >> beam.Map(lambda kv, off: _ranked(S.ranks_in_bucket(
+                    [item for part in kv[1] for item in part], off[kv[0]])), beam.pvalue.AsSingleton(offsets)))
+
+
+def _ranked(pairs: list) -> tuple:
+    """(loc, rank) pairs of selected rows as one ``Decided`` element."""
+    locs, ranks = zip(*pairs) if pairs else ((), ())
+    return np.array(locs, np.int64), np.array(ranks, np.int64), None
+
+
+def _by_reason(drops: list) -> list[tuple]:
+    """(loc, reason, about) drops as one ``Decided`` element per reason."""
+    locs = defaultdict(list)
+    for loc, why, _ in drops:
+        locs[why].append(loc)
+    return [(np.array(v, np.int64), None, why) for why, v in locs.items()]

@@ -387,10 +387,12 @@ def test_apply_writes_one_file_per_unit_and_a_second_run_of_a_unit_writes_the_sa
     fn.start_bundle()
     a, d = units[0], next(u for u in units if u["source"] == "d")
     rows = sum(1 for _ in io.iter_file(a["files"][0].path, a["files"][0].format))
-    keep = {(a["index"] << SHIFT) | i: (i, None) if i % 2 else (None, "random:over_budget") for i in range(rows)}
+    locs = (a["index"] << SHIFT) | np.arange(rows, dtype=np.int64)
+    keep = [("select", (locs[1::2], np.arange(1, rows, 2), None)), ("select", (locs[::2], None, "random:over_budget"))]
     for _ in range(2):
-        assert list(fn.process((a["index"], {"unit": [a], "dec": [("select", list(keep.items()))]}))) == []
+        assert list(fn.process((a["index"], {"unit": [a], "dec": keep}))) == []
         assert list(fn.process((d["index"], {"unit": [d], "dec": [("id", [((d["index"] << SHIFT) | 1, None)])]}))) == []
+        list(fn.finish_bundle())  # the files are written in a thread, done when the bundle is
     names = {p: sorted(x.name for x in (tmp_path / "out" / p).iterdir()) for p in ("annotated", "selected")}
     expected = sorted(f"part-{u['index']:05d}.parquet" for u in (a, d))
     assert names == {"annotated": expected, "selected": expected}

@@ -272,6 +272,14 @@ class Policy:
         """A drop reason, or (group, sort value: smaller first; ties by id), from one features row."""
         raise NotImplementedError
 
+    def row_keys(self, table: pa.Table, seed: int) -> list:
+        """``row_key`` of each row of a features table (a column it lacks is null); a policy may
+        answer by column instead, with the same values."""
+        from curate.select.features import FEATURES
+
+        absent = {f.name: None for f in FEATURES}
+        return [self.row_key({**absent, **r}, seed) for r in table.to_pylist()]
+
     def quotas(self, candidates: int, sizes: dict, budget: Budget) -> dict:
         """Rows each group keeps, from the count of candidates and of each group's eligible rows:
         one group, capped by the budget (of the candidates)."""

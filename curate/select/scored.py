@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 
 from curate.cluster import sample_rank
 from curate.select.base import Budget, Param, Policy, PolicyError, Pool, Selection, ranked
@@ -67,6 +68,9 @@ class Random(Policy):
 
     def row_key(self, row: dict, seed: int):
         return 0, sample_rank(seed, row["id"]) / 2.0 ** 64  # hash_keys' value
+
+    def row_keys(self, table: pa.Table, seed: int) -> list:
+        return [(0, v) for v in hash_keys(table.column("id").to_pylist(), seed).tolist()]
 
     def choose(self, pool: Pool) -> Selection:
         return pool.take_in_order(np.argsort(hash_keys(pool.ids, pool.seed), kind="stable"))
