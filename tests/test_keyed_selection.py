@@ -76,6 +76,20 @@ def test_keyed_decisions_equal_the_policy_over_one_list(name, params):
     assert tried >= 15
 
 
+@pytest.mark.parametrize("name,params", KEYED, ids=[f"{n}-{i}" for i, (n, _) in enumerate(KEYED)])
+def test_row_keys_by_column_are_row_key_row_by_row(name, params):
+    """A policy that answers its keys by column (random) gives ``row_key``'s values exactly,
+    on a table that lacks some feature columns as the batch path's tables do."""
+    rows = _pool(np.random.default_rng(3), 120)
+    table = features_table(rows)
+    table = table.select([c for c in table.column_names if c not in ("cluster_id", "approx_tokens")])
+    policy = make(name, dict(params))
+    want = [policy.row_key({**r, "cluster_id": None, "approx_tokens": None}, 4) for r in table.to_pylist()]
+    got = policy.row_keys(table, 4)
+    assert [g if isinstance(g, str) else (g[0], repr(g[1])) for g in got] == [
+        w if isinstance(w, str) else (w[0], repr(w[1])) for w in want]
+
+
 def test_what_is_not_a_sort_is_not_keyed():
     assert not K.applies(make("random"), Budget(tokens=500))  # a row that does not fit is skipped
     assert not K.applies(make("targeted", {"max_per_cluster": 2}), Budget(rows=5))

@@ -137,8 +137,7 @@ def run_keyed(policy: Policy, table: pa.Table, budget: Budget, seed: int,
     rows = table.to_pylist()
     missing_columns(policy, len(rows), {c for r in rows for c, v in r.items() if v is not None})
     dropped, eligible = {}, []
-    for r in rows:
-        got = policy.row_key(r, seed)
+    for r, got in zip(rows, policy.row_keys(table, seed)):  # by column where the policy can
         if isinstance(got, str):
             dropped[r["id"]] = reason(policy, got)
         else:
