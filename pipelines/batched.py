@@ -30,7 +30,7 @@ rewrite stage is on and the policy is keyed (``eligible``), else the row path ru
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import apache_beam as beam
 import numpy as np
@@ -338,17 +338,16 @@ class IdsFn(StageFn):
 
     def handle(self, element):
         _, parts = element
-        members = defaultdict(list)
-        n = 0
-        for source, ids, locs, extra in parts:
-            n += len(ids)
-            for j, (rid, loc) in enumerate(zip(ids, locs)):
-                members[(source, rid)].append((extra[0][j] if extra else "", int(loc), j, extra, source))
+        parts = list(parts)
+        n = sum(len(ids) for _, ids, _, _ in parts)
         self.count("rows", n)
+        members = defaultdict(list)
+        for at in _repeated(parts):  # rows whose (source, id) another row has too, in their order
+            k, j = at
+            source, ids, locs, extra = parts[k]
+            members[(source, ids[j])].append((extra[0][j] if extra else "", int(locs[j]), j, extra, source))
         changes = []
         for (source, rid), group in members.items():
-            if len(group) == 1:
-                continue
             group.sort(key=lambda m: (m[0], m[1]))  # content first, then place: identical rows interchange
             first, kept = group[0][0], []
             for original, loc, j, extra, src in group:
@@ -363,6 +362,18 @@ class IdsFn(StageFn):
             self.count("renumbered", len(kept) - 1)
             changes += [(loc, f"{rid}#{k}") for k, loc in enumerate(kept[1:], start=2)]
         yield from changes
+
+
+def _repeated(parts: list) -> list[tuple[int, int]]:
+    """(part, position) of each row whose (source, id) is some other row's too, in the parts'
+    order: the ids are counted per source by ``Counter`` (in C), and only the few repeated ones
+    are looked at row by row."""
+    counts = defaultdict(Counter)
+    for source, ids, _, _ in parts:
+        counts[source].update(ids)
+    twice = {source: {i for i, n in c.items() if n > 1} for source, c in counts.items()}
+    return [(k, j) for k, (source, ids, _, _) in enumerate(parts) if twice[source]
+            for j, rid in enumerate(ids) if rid in twice[source]]
 
 
 class ExactFn(StageFn):
