@@ -423,7 +423,10 @@ class ApplyFn(StageFn):
     through Beam's Parquet sinks: on Dask a step's whole output for a partition is one task result,
     kept until each of its consumers has run, and the two sinks' tables piled up on the workers at
     the end of a run (the largest at 2.9 GB at 1M rows); a unit's file has the unit's number, so a
-    task run again writes the same file again."""
+    task run again writes the same file again. The decisions of a batch are applied by column
+    (``UnitDecisions``), and its files are written by a thread while the next batch is read (Apply
+    took 19 s instead of 30 s at a million rows, same CPU); a bundle ends when its files are
+    written."""
 
     stage = "write"
     metrics = ("selected", "dropped")
