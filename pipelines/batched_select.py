@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from curate.select import keyed as K
 from curate.select import scope as S
+from curate.select.features import complete
 from curate.settings import Job
 from pipelines.locators import member, sorted_side_input
 from pipelines.select import _Report, policy_from
@@ -55,7 +56,7 @@ class KeyedSelect(beam.PTransform):
                    "present": {c for c in required if c in table.column_names and table.column(c).null_count < n}}
             for loc, rid, source, c, got in zip(locs.tolist(), table.column("id").to_pylist(),
                                                 table.column("source").to_pylist(), cluster,
-                                                policy.row_keys(table, seed)):
+                                                policy.row_keys(complete(table), seed)):
                 about = (source, "none" if c is None else str(c))  # features.cluster_name
                 if isinstance(got, str):
                     out["drops"].append((loc, name(got), about))

@@ -10,7 +10,7 @@ import pytest
 
 from curate.select import Budget, PolicyError
 from curate.select import keyed as K
-from curate.select.features import features_table
+from curate.select.features import complete, features_table
 from curate.select.registry import make
 
 KEYED = [
@@ -85,7 +85,7 @@ def test_row_keys_by_column_are_row_key_row_by_row(name, params):
     table = table.select([c for c in table.column_names if c not in ("cluster_id", "approx_tokens")])
     policy = make(name, dict(params))
     want = [policy.row_key({**r, "cluster_id": None, "approx_tokens": None}, 4) for r in table.to_pylist()]
-    got = policy.row_keys(table, 4)
+    got = policy.row_keys(complete(table), 4)
     assert [g if isinstance(g, str) else (g[0], repr(g[1])) for g in got] == [
         w if isinstance(w, str) else (w[0], repr(w[1])) for w in want]
 

@@ -273,12 +273,9 @@ class Policy:
         raise NotImplementedError
 
     def row_keys(self, table: pa.Table, seed: int) -> list:
-        """``row_key`` of each row of a features table (a column it lacks is null); a policy may
-        answer by column instead, with the same values."""
-        from curate.select.features import FEATURES
-
-        absent = {f.name: None for f in FEATURES}
-        return [self.row_key({**absent, **r}, seed) for r in table.to_pylist()]
+        """``row_key`` of each row of a features table with every feature column
+        (``features.complete``); a policy may answer by column instead, with the same values."""
+        return [self.row_key(r, seed) for r in table.to_pylist()]
 
     def quotas(self, candidates: int, sizes: dict, budget: Budget) -> dict:
         """Rows each group keeps, from the count of candidates and of each group's eligible rows:

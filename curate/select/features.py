@@ -35,6 +35,15 @@ def features_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in FEATURES} for r in rows], schema=FEATURES)
 
 
+def complete(table: pa.Table) -> pa.Table:
+    """A features table with every ``FEATURES`` column, null where ``table`` lacks it (the batch
+    path's tables carry only the columns that have a value)."""
+    have = set(table.column_names)
+    fields = [table.schema.field(f.name) if f.name in have else f for f in FEATURES]
+    return pa.Table.from_arrays([table.column(f.name) if f.name in have else pa.nulls(table.num_rows, f.type)
+                                 for f in fields], schema=pa.schema(fields))
+
+
 def pool_of(annotated: pa.Table) -> pa.Table:
     """The candidate rows of a finished run: every row no dedup stage dropped (a previous
     policy's decision does not count), as a features table."""

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from curate.select import scope as S
 from curate.select.base import Budget, Policy, PolicyError, Selection
-from curate.select.features import FEATURES
+from curate.select.features import FEATURES, complete
 
 _SAMPLE_KEY = b"curate.select.keyed"
 
@@ -137,7 +137,7 @@ def run_keyed(policy: Policy, table: pa.Table, budget: Budget, seed: int,
     rows = table.to_pylist()
     missing_columns(policy, len(rows), {c for r in rows for c, v in r.items() if v is not None})
     dropped, eligible = {}, []
-    for r, got in zip(rows, policy.row_keys(table, seed)):  # by column where the policy can
+    for r, got in zip(rows, policy.row_keys(complete(table), seed)):  # by column where the policy can
         if isinstance(got, str):
             dropped[r["id"]] = reason(policy, got)
         else:
