@@ -369,6 +369,35 @@ def test_a_units_batches_are_its_rows_converted_one_by_one(tmp_path, kind):
         assert list(convert_table(pq.read_table(path).slice(0, 8), spec)[0]) == [0, 1, 2, 3, 5, 6, 7]
 
 
+def test_apply_says_when_a_row_has_no_decision_or_its_files_cannot_be_written(tmp_path, monkeypatch):
+    """Apply's two failures are errors, never a unit silently written short: a row that reaches it
+    with no selection decision (a bug upstream), and a file the writer thread cannot create
+    (raised when the bundle ends, not lost in the thread)."""
+    from curate import config, schema
+    from pipelines.locators import SHIFT
+
+    monkeypatch.chdir(tmp_path)
+    _pool(tmp_path)
+    cfg = config.load(_job(tmp_path, str(tmp_path / "out"), "batch"))
+    unit = {**T.read_units(cfg)[0], "index": 0}
+    fn = batched.ApplyFn(cfg, str(tmp_path / "out"), schema.selected_schema(cfg))
+    fn.setup()
+    fn.start_bundle()
+    with pytest.raises(RuntimeError, match="without a selection decision"):
+        list(fn.process((0, {"unit": [unit], "dec": [("select", (np.array([1 << SHIFT]), None, "x"))]})))
+    list(fn.finish_bundle())
+    (tmp_path / "blocked").write_text("a file where the output folder should be")
+    fn = batched.ApplyFn(cfg, str(tmp_path / "blocked"), schema.selected_schema(cfg))
+    fn.setup()
+    fn.start_bundle()
+    rows = sum(1 for _ in io.iter_file(unit["files"][0].path, unit["files"][0].format))
+    locs = np.arange(rows, dtype=np.int64)
+    with pytest.raises(OSError):
+        list(fn.process((0, {"unit": [unit], "dec": [("select", (locs, locs, None))]})))
+        list(fn.finish_bundle())
+    fn.teardown()
+
+
 def test_apply_writes_one_file_per_unit_and_a_second_run_of_a_unit_writes_the_same_file(tmp_path, monkeypatch):
     """Apply writes its unit's rows itself (on Dask the sinks' tables piled up as task results): a
     task run again (a Dask retry) rewrites the same two files, and a unit whose rows are all gone
