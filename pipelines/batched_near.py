@@ -63,18 +63,19 @@ class BucketsFn(StageFn):
         keys, locs = keys[keep], locs[keep]
         order = np.lexsort((locs, keys))
         keys, locs = keys[order], locs[order]
+        once = np.concatenate([[True], (keys[1:] != keys[:-1]) | (locs[1:] != locs[:-1])]) if len(keys) else keys > 0
+        keys, locs = keys[once], locs[once]  # a row twice under one key (two bands alike) counts once
         starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]])) if len(keys) else np.zeros(0, int)
         sizes = np.diff(np.append(starts, len(keys)))
-        buckets = [np.unique(locs[s:s + n]) for s, n in zip(starts[sizes >= 2], sizes[sizes >= 2])]
-        buckets = [m for m in buckets if len(m) >= 2]
-        big = [len(m) for m in buckets if self.max_bucket and len(m) > self.max_bucket]
-        for size in big:
+        in_bucket = np.repeat(sizes >= 2, sizes)  # buckets of one row have no edge
+        sizes = sizes[sizes >= 2]
+        for size in sizes[sizes > self.max_bucket] if self.max_bucket else ():
             log.warning("near_dedup: a bucket of %d documents (above max_bucket_size %d)", size, self.max_bucket)
-        if big:
-            self.count("big_buckets", len(big))
-        if buckets:
-            members = np.concatenate(buckets)
-            yield members, np.array([len(m) for m in buckets], np.int64)  # two arrays, not one per bucket
+        if self.max_bucket and (sizes > self.max_bucket).any():
+            self.count("big_buckets", int((sizes > self.max_bucket).sum()))
+        if len(sizes):
+            members = locs[in_bucket]  # each bucket's locators, sorted, buckets in key order
+            yield members, sizes.astype(np.int64)  # two arrays, not one per bucket
             yield beam.pvalue.TaggedOutput("ends", np.unique(members))
 
 
