@@ -590,3 +590,32 @@ def test_global_combines_and_sink_results_are_grouped_in_one_task_and_keyed_data
     assert json.loads((tmp_path / "listed").read_text()) == sorted(
         [[k, sum(x for x in range(400) if x % 5 == k)] for k in range(5)] + [[k, 80] for k in range(5)])
     assert sorted(int(x) for x in lines("distinct")) == list(range(7))
+
+
+def test_a_side_input_is_made_ready_once_per_worker_for_the_list_dask_hands_every_task():
+    """Each task of a step gets the same list from Dask on a worker; its view (wrapped values, the
+    dict or list) is made once for it and again only for another list; a worker keeps a few (the
+    most recently used), and the end of the run drops its own."""
+    from apache_beam.transforms.window import GlobalWindow
+
+    from pipelines import dask_runner as dr
+
+    p = beam.Pipeline()
+    pairs = beam.pvalue.AsDict(p | "Pairs" >> beam.Create([(1, "a")]))
+    items = beam.pvalue.AsList(p | "Items" >> beam.Create([1]))
+    spec = lambda si: (type(si), si._view_options(), si._window_mapping_fn)  # noqa: E731 - as par_do keeps it
+    values = [(1, "a"), (2, "b")]
+    first = dr._side_once("r1:Step", 0, *spec(pairs), values)
+    assert first[GlobalWindow()] == {1: "a", 2: "b"}
+    assert dr._side_once("r1:Step", 0, *spec(pairs), values) is first  # the next task of the step
+    again = dr._side_once("r1:Step", 0, *spec(pairs), list(values))  # another list: made again
+    assert again is not first and again[GlobalWindow()] == {1: "a", 2: "b"}
+    other = [np.arange(3)]
+    listed = dr._side_once("r1:Other", 1, *spec(items), other)
+    assert [list(a) for a in listed[GlobalWindow()]] == [[0, 1, 2]]
+    for k in range(dr._SIDES_KEPT):  # newer steps push the oldest out
+        dr._side_once(f"r1:More{k}", 0, *spec(items), [k])
+    assert dr._side_once("r1:Step", 0, *spec(pairs), values) is not again
+    assert any(key[0] == "r1:Step" for key in dr._SIDES)
+    dr._forget("r1")
+    assert not any(key[0].startswith("r1:") for key in dr._SIDES)
