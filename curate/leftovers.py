@@ -50,10 +50,17 @@ def owner() -> dict:
 
 
 def claim(tmp: str) -> None:
-    """Mark ``tmp`` as this process's temporary output."""
+    """Mark ``tmp`` as this process's temporary output. A local mark appears whole (written beside,
+    then renamed): a run killed while writing it would leave an empty file, which proves nothing,
+    and its folder would stay (seen once in CI, the kill landing in that window). An object store
+    shows an object only once it is written."""
     storage.makedirs(tmp)
-    with storage.open_file(storage.join(tmp, OWNER), "w", encoding="utf-8") as fh:
+    path = storage.join(tmp, OWNER)
+    part = path if storage.is_remote(tmp) else path + ".part"
+    with storage.open_file(part, "w", encoding="utf-8") as fh:
         fh.write(json.dumps(owner()) + "\n")
+    if part != path:
+        os.replace(part, path)
 
 
 def release(tmp: str) -> None:

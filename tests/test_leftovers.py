@@ -34,6 +34,7 @@ def test_only_folders_of_dead_owners_on_this_host_are_removed(tmp_path, caplog):
     proc.wait()
 
     leftovers.claim(out + ".tmp-mine")  # this process: running
+    assert os.listdir(out + ".tmp-mine") == [leftovers.OWNER]  # written whole, then renamed: no part left
     os.makedirs(out + ".tmp-nomark")  # a folder from before owner files
     for name, who in (("elsewhere", {"host": socket.gethostname() + "-other", "pid": 1, "started": None}),
                       ("reused", {**leftovers.owner(), "started": "1"}),  # our pid, another start time
