@@ -36,7 +36,7 @@ class KeyedSelect(beam.PTransform):
     """``pipelines.select._KeyedCut`` and ``_NumberInOrder`` on batches: the same keys, quotas, cut
     points, ranges and numbering (``curate.select.keyed``), with one element per batch or range
     instead of one per row. Live feature batches -> {"decisions": (locs, ranks or None, reason)
-    arrays (``Decided``), "report": ("select", report)}."""
+    elements, one per range or drop reason, "report": ("select", report)}."""
 
     def __init__(self, cfg: Job):
         super().__init__()
@@ -157,13 +157,13 @@ class _NumberBatches(beam.PTransform):
 
 
 def _ranked(pairs: list) -> tuple:
-    """(loc, rank) pairs of selected rows as one ``Decided`` element."""
+    """(loc, rank) pairs of selected rows as one (locs, ranks, None) decisions element."""
     locs, ranks = zip(*pairs) if pairs else ((), ())
     return np.array(locs, np.int64), np.array(ranks, np.int64), None
 
 
 def _by_reason(drops: list) -> list[tuple]:
-    """(loc, reason, about) drops as one ``Decided`` element per reason."""
+    """(loc, reason, about) drops as one (locs, None, reason) decisions element per reason."""
     locs = defaultdict(list)
     for loc, why, _ in drops:
         locs[why].append(loc)
