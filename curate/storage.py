@@ -183,7 +183,11 @@ class ParquetFile:
 
         makedirs(os.path.dirname(self.path))
         self._fh = open_file(self.path, "wb")
-        self._writer = pq.ParquetWriter(self._fh, self.schema, compression="zstd", use_compliant_nested_type=False)
+        try:
+            self._writer = pq.ParquetWriter(self._fh, self.schema, compression="zstd", use_compliant_nested_type=False)
+        except BaseException:  # a schema the writer refuses: the file handle is not left open
+            self._fh.close()
+            raise
         return self
 
     def write(self, table) -> None:

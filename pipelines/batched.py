@@ -425,8 +425,8 @@ class ApplyFn(StageFn):
     the end of a run (the largest at 2.9 GB at 1M rows); a unit's file has the unit's number, so a
     task run again writes the same file again. The decisions of a batch are applied by column
     (``UnitDecisions``), and its files are written by a thread while the next batch is read (Apply
-    took 19 s instead of 30 s at a million rows, same CPU); a bundle ends when its files are
-    written."""
+    took 19 s instead of 30 s at a million rows, 2 cores of an AMD EPYC with AVX-512); a bundle
+    ends when its files are written."""
 
     stage = "write"
     metrics = ("selected", "dropped")
@@ -483,15 +483,14 @@ class ApplyFn(StageFn):
         """A batch's rows with their decisions as columns (rows whose id was rejected left out:
         rejects/ has them), the counts of selected and dropped rows by reason and source."""
         locs = base.column("_loc").to_numpy()
-        hit, new_id = dec.ids.find(locs)
+        hit, (new_id,) = dec.ids.find(locs)
         gone = hit & pc.is_null(new_id).to_numpy(zero_copy_only=False)
         if gone.any():
             keep = np.flatnonzero(~gone)
             base, locs, hit, new_id = base.take(keep), locs[keep], hit[keep], new_id.take(keep)
         cols = {"id": pc.if_else(pa.array(hit), new_id, base.column("id").combine_chunks())}
-        exact_hit, cols["exact_dup_of"] = dec.exact.find(locs)
-        _, cols["near_dup_cluster"] = dec.cluster.find(locs)
-        near_hit, cols["near_dup_of"] = dec.near_of.find(locs)
+        exact_hit, (cols["exact_dup_of"],) = dec.exact.find(locs)
+        near_hit, (cols["near_dup_cluster"], cols["near_dup_of"]) = dec.near.find(locs)
         near_hit &= pc.is_valid(cols["near_dup_of"]).to_numpy(zero_copy_only=False)
         chosen = ~exact_hit & ~near_hit
         at = np.searchsorted(dec.select_locs, locs[chosen])
@@ -550,23 +549,25 @@ class _UnitFiles:
 
 
 class _Lookup:
-    """(loc, value) decisions of some rows as a sorted locator array and an Arrow array of values:
-    ``find`` answers a whole batch in one search."""
+    """(loc, value) decisions of some rows (a value may be a tuple, one item per column) as a
+    sorted locator array and Arrow columns of values: ``find`` answers a whole batch in one search."""
 
-    def __init__(self, pairs: dict, type_):
-        self.locs = np.fromiter(pairs, np.int64, len(pairs))
-        order = np.argsort(self.locs)
-        self.locs = self.locs[order]
-        values = list(pairs.values())
-        self.values = pa.array([values[j] for j in order] + [None], type_)  # the last: rows without one
+    def __init__(self, pairs: dict, *types):
+        locs = np.fromiter(pairs, np.int64, len(pairs))
+        order = np.argsort(locs)
+        self.locs = locs[order]
+        values = [v if len(types) > 1 else (v,) for v in pairs.values()]
+        self.columns = [pa.array([values[j][c] for j in order] + [None], t)  # the last: rows without one
+                        for c, t in enumerate(types)]
 
-    def find(self, locs: np.ndarray) -> tuple[np.ndarray, pa.Array]:
-        """Which rows have a decision, and each row's value (null for the others)."""
+    def find(self, locs: np.ndarray) -> tuple[np.ndarray, list[pa.Array]]:
+        """Which rows have a decision, and each column's values (null for the others)."""
         if len(self.locs) == 0:
-            return np.zeros(len(locs), bool), pa.nulls(len(locs), self.values.type)
+            return np.zeros(len(locs), bool), [pa.nulls(len(locs), c.type) for c in self.columns]
         at = np.minimum(np.searchsorted(self.locs, locs), len(self.locs) - 1)
         hit = self.locs[at] == locs
-        return hit, self.values.take(np.where(hit, at, len(self.locs)))
+        where = np.where(hit, at, len(self.locs))
+        return hit, [c.take(where) for c in self.columns]
 
 
 class UnitDecisions:
@@ -583,8 +584,7 @@ class UnitDecisions:
                 pairs[kind].update(part)
         self.ids = _Lookup(pairs["id"], pa.string())
         self.exact = _Lookup(pairs["exact"], pa.string())
-        self.cluster = _Lookup({loc: v[0] for loc, v in pairs["near"].items()}, pa.string())
-        self.near_of = _Lookup({loc: v[1] for loc, v in pairs["near"].items()}, pa.string())
+        self.near = _Lookup(pairs["near"], pa.string(), pa.string())  # (cluster, kept id or None)
         names = [None, "exact_duplicate", "near_duplicate"]
         names += sorted({why for _, _, why in selects} - set(names))
         self.reasons = pa.array(names, pa.string())

@@ -197,3 +197,25 @@ def test_lines_read_in_blocks_are_the_files_lines(tmp_path, monkeypatch, block):
     pieces = cio.jsonl_chunks(str(p), target=40)
     assert len(pieces) > 3
     assert [x for piece in pieces for x in cio.jsonl_lines(str(p), *piece)] == want
+
+
+def test_a_parquet_output_refused_by_the_writer_leaves_no_file_handle_open(tmp_path, monkeypatch):
+    """``storage.ParquetFile``: a schema pyarrow's writer refuses raises, and the file it opened
+    is closed (a thread writing many units would otherwise leak one per failure); a good one
+    writes each table as a row group, list items named "item"."""
+    from curate import storage
+
+    opened = []
+    real = storage.open_file
+    monkeypatch.setattr(storage, "open_file", lambda *a, **k: opened.append(real(*a, **k)) or opened[-1])
+    with pytest.raises(TypeError):
+        with storage.ParquetFile(str(tmp_path / "bad" / "x.parquet"), "not a schema"):
+            pass
+    assert opened and opened[0].closed
+    schema = pa.schema([pa.field("xs", pa.list_(pa.int64()))])
+    with storage.ParquetFile(str(tmp_path / "good" / "x.parquet"), schema) as out:
+        out.write(pa.table({"xs": [[1], [2, 3]]}, schema=schema))
+        out.write(pa.table({"xs": [[4]]}, schema=schema))
+    got = pq.ParquetFile(tmp_path / "good" / "x.parquet")
+    assert got.metadata.num_row_groups == 2 and str(got.schema_arrow.field("xs").type) == "list<item: int64>"
+    assert opened[-1].closed
